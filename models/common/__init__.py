@@ -1,0 +1,7 @@
+"""Building blocks shared by every model family, and the hybrid LM itself."""
+
+from .config import ModelConfig, ModelConfigError
+from .lm import Block, HybridLM, build_model
+from .pattern import MIXERS, MixerSpec
+
+__all__ = ["MIXERS", "Block", "HybridLM", "MixerSpec", "ModelConfig", "ModelConfigError", "build_model"]

@@ -1,0 +1,97 @@
+"""Norms, rotary embedding and channel mixers shared by every family.
+
+The linear layers are megatron-core's tensor-parallel bricks; everything else holds no
+process-group state. Column-parallel layers split their output dimension across TP ranks,
+row-parallel ones their input dimension and all-reduce the output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from .config import ModelConfig
+
+
+def normal_init(std: float):
+    def init_(w: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(w, mean=0.0, std=std)
+
+    return init_
+
+
+def output_init(cfg: ModelConfig):
+    """Scaled init for projections that write into the residual stream (GPT-2 / Megatron)."""
+    return normal_init(cfg.init_std / math.sqrt(2.0 * cfg.num_layers))
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight; ``learnable=False`` gives SRMSNorm (no weight).
+
+    Computed in float32 and cast back: the mean of squares is the first thing to overflow
+    or lose precision in bf16.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, learnable: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if learnable else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or cfg.hidden_size, cfg.norm_eps, learnable=cfg.norm == "rmsnorm")
+
+
+def rotary_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float):
+    """cos and sin tables [B, 1, T, head_dim/2] for the given (possibly per-document) positions."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device).float() / head_dim)
+    )
+    angles_BTF = positions_BT.float()[..., None] * inv_freq
+    return angles_BTF.cos()[:, None], angles_BTF.sin()[:, None]
+
+
+def apply_rotary(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the GPT-NeoX / LLaMA convention, also what HF export will expect)."""
+    x1, x2 = x_BHTD.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x_BHTD.dtype)
+
+
+class GatedMLP(nn.Module):
+    """W3(act(W1 x) * W2 x): SwiGLU (act = SiLU) or SGLU (act = identity).
+
+    W1 and W2 are two column-parallel layers rather than one fused [W1; W2]: a contiguous
+    TP split of a fused weight would hand rank 0 all of W1, and the separate layers keep
+    checkpoint and HF-export mappings one tensor to one tensor.
+    """
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        h, f = cfg.hidden_size, cfg.ffn_size
+        common = dict(config=mp, bias=False, gather_output=False)
+        self.w1 = ColumnParallelLinear(h, f, init_method=normal_init(cfg.init_std), **common)
+        self.w2 = ColumnParallelLinear(h, f, init_method=normal_init(cfg.init_std), **common)
+        self.w3 = RowParallelLinear(
+            f, h, config=mp, init_method=output_init(cfg), bias=False,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+        self.act = F.silu if cfg.mlp == "swiglu" else (lambda t: t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, _ = self.w1(x)
+        b, _ = self.w2(x)
+        out, _ = self.w3(self.act(a) * b)
+        return out

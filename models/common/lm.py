@@ -1,0 +1,109 @@
+"""The hybrid language model: embedding, one block per pattern letter, norm, output layer.
+
+Layout [B, T, C] throughout. The vocabulary is split across TP ranks (vocab-parallel
+embedding, column-parallel output layer, vocab-parallel cross entropy), so full-vocabulary
+logits never exist on one rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from torch import nn
+
+from .config import ModelConfig
+from .layers import GatedMLP, make_norm, normal_init
+from .pattern import MIXERS
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int):
+        super().__init__()
+        self.letter = cfg.pattern[layer_idx]
+        self.mixer_norm = make_norm(cfg)
+        self.mixer = MIXERS[self.letter].build(cfg, mp, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = GatedMLP(cfg, mp)
+
+    def forward(self, x: torch.Tensor, positions_BT: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), positions_BT)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class HybridLM(nn.Module):
+    """Decoder-only hybrid LM.
+
+    ``forward(tokens)`` returns this rank's vocab shard of the logits [B, T, V/tp];
+    ``forward(tokens, labels, loss_mask)`` returns the mean token loss (a scalar, identical on
+    every TP rank).
+    """
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, vocab_size: int | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.vocab_size = cfg.padded_vocab_size(vocab_size)
+        tp = mp.tensor_model_parallel_size
+        if self.vocab_size % tp:
+            raise ValueError(
+                f"model.vocab_multiple: padded vocab {self.vocab_size} is not divisible by "
+                f"tensor_parallel={tp}"
+            )
+        self.embedding = VocabParallelEmbedding(
+            self.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mp
+        )
+        self.blocks = nn.ModuleList(Block(cfg, mp, i) for i in range(cfg.num_layers))
+        self.final_norm = make_norm(cfg)
+        self.output = ColumnParallelLinear(
+            cfg.hidden_size, self.vocab_size, config=mp, bias=False, gather_output=False,
+            init_method=normal_init(cfg.init_std), skip_weight_param_allocation=cfg.tie_embeddings,
+        )
+
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        labels_BT: torch.Tensor | None = None,
+        loss_mask_BT: torch.Tensor | None = None,
+        positions_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if positions_BT is None:
+            T = tokens_BT.shape[1]
+            positions_BT = torch.arange(T, device=tokens_BT.device).expand_as(tokens_BT)
+        x = self.embedding(tokens_BT)
+        for block in self.blocks:
+            x = block(x, positions_BT)
+        x = self.final_norm(x)
+        weight = self.embedding.weight if self.cfg.tie_embeddings else None
+        logits, _ = self.output(x, weight=weight)
+        if labels_BT is None:
+            return logits
+        loss_BT = vocab_parallel_cross_entropy(logits.float(), labels_BT)
+        if loss_mask_BT is None:
+            return loss_BT.mean()
+        mask = loss_mask_BT.to(loss_BT.dtype)
+        return (loss_BT * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def build_model(
+    cfg: ModelConfig, tensor_parallel: int, vocab_size: int | None = None
+) -> HybridLM:
+    """Build the model for this rank's TP shard.
+
+    Weights are initialised from the full (unsplit) master tensor on CPU and then split
+    (megatron's use_cpu_initialization), so the same seed gives the same logical weights at
+    every TP size. Parameters are float32; DeepSpeed casts for bf16 training.
+    """
+    mp = ModelParallelConfig(
+        tensor_model_parallel_size=tensor_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=torch.float32,
+    )
+    return HybridLM(cfg, mp, vocab_size)

@@ -1,0 +1,48 @@
+"""Typed parallel layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ParallelConfigError(ValueError):
+    """A parallel field is invalid; the message names the field."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    """TP degree: heads, MLP inner dims and vocabulary are split across this many ranks."""
+    pipeline_parallel: int = 1
+    """PP degree (stage wiring comes with the pipeline issue; 1 until then)."""
+    context_parallel: int = 1
+    """Sequence-parallel (LASP-2 / ring) degree; the group exists now, the schemes come later."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0 (none), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+
+    def validate(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            if getattr(self, name) < 1:
+                raise ParallelConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ParallelConfigError(
+                f"zero_stage: {self.zero_stage} is not one of the allowed values 0, 1, 2, 3"
+            )
+        if self.pipeline_parallel != 1:
+            raise ParallelConfigError(
+                "pipeline_parallel: only 1 is supported until pipeline stages land "
+                "(the process groups are already built for it)"
+            )
+        if self.context_parallel != 1:
+            raise ParallelConfigError(
+                "context_parallel: only 1 is supported until the sequence-parallel schemes land"
+            )
+
+    def data_parallel(self, world_size: int) -> int:
+        model_ranks = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+        if world_size % model_ranks:
+            raise ParallelConfigError(
+                f"tensor_parallel x pipeline_parallel x context_parallel = {model_ranks} does not "
+                f"divide the world size {world_size}"
+            )
+        return world_size // model_ranks

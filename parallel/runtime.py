@@ -1,0 +1,190 @@
+"""Distributed start-up: launcher environment, backend, megatron-core groups, seeds.
+
+One call, ``initialize``, serves torchrun, the deepspeed launcher, Slurm's srun and a plain
+single process alike: it reads the launcher's environment, picks nccl on CUDA and gloo on
+CPU, initialises torch.distributed and megatron-core's parallel_state (TP, PP, CP, DP),
+installs the CPU adaptations where CUDA is absent, and seeds every RNG.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import cpu_compat
+from .config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Who this process is, as the launcher told it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+    """"torchrun" (also the deepspeed launcher), "slurm" or "single"."""
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First hostname of a Slurm node list such as ``gpu[003-005,010],cpu1`` (-> ``gpu003``)."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"SLURM_JOB_NODELIST: cannot parse {nodelist!r}")
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from e
+
+
+def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under
+    ``srun`` without them, SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the first host of the
+    node list are used (MASTER_PORT, if unset, is derived from the job id so that every task
+    of a job agrees without talking)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=_int_env(env, "RANK"),
+            world_size=_int_env(env, "WORLD_SIZE"),
+            local_rank=_int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job = _int_env(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
+        return LaunchEnv(
+            rank=_int_env(env, "SLURM_PROCID"),
+            world_size=_int_env(env, "SLURM_NTASKS"),
+            local_rank=_int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            master_addr=env.get("MASTER_ADDR")
+            or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            master_port=_int_env(env, "MASTER_PORT")
+            if "MASTER_PORT" in env
+            else 20000 + job % 20000,
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The parallel layout this process lives in."""
+
+    env: LaunchEnv
+    device: torch.device
+    backend: str
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    cp_rank: int
+    dp_rank: int
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+
+def seed_everything(seed: int, pp_rank: int = 0) -> None:
+    """Seed python, numpy, torch (CPU and CUDA) and megatron's model-parallel RNG tracker.
+
+    Every TP and DP rank gets the same default seed (weights are initialised from the same
+    master tensor and DeepSpeed checks DP replicas agree); pipeline stages differ (they own
+    different layers). The tracker gives each TP rank its own stream for dropout inside
+    tensor-parallel regions.
+    """
+    from megatron.core import tensor_parallel
+
+    s = seed + 100 * pp_rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    tensor_parallel.model_parallel_cuda_manual_seed(s, force_reset_rng=True)
+
+
+def initialize(parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None) -> Runtime:
+    from megatron.core import parallel_state as ps
+
+    parallel.validate()
+    env = env or read_launch_env()
+    dp = parallel.data_parallel(env.world_size)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        cpu_compat.apply()
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_parallel,
+            pipeline_model_parallel_size=parallel.pipeline_parallel,
+            context_parallel_size=parallel.context_parallel,
+        )
+    rt = Runtime(
+        env=env,
+        device=device,
+        backend=backend,
+        tp=parallel.tensor_parallel,
+        pp=parallel.pipeline_parallel,
+        cp=parallel.context_parallel,
+        dp=dp,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+    seed_everything(seed, rt.pp_rank)
+    return rt
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
