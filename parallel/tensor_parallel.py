@@ -1,0 +1,65 @@
+"""Moving between full (logical) tensors and this rank's tensor-parallel shards.
+
+megatron-core marks every TP-split parameter with ``tensor_model_parallel=True`` and its
+``partition_dim``; every other parameter is replicated. Because each layer lays its fused
+weights out so that a contiguous split hands a rank whole heads (see models/common), the
+shard of a logical tensor is simply its ``tp_rank``-th chunk along ``partition_dim``. Used by
+the tests (TP=n equals TP=1) and, later, by checkpoint resharding and HF export.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from torch import nn
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+@torch.no_grad()
+def load_full_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Copy full logical tensors into this rank's (possibly sharded) parameters."""
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for name, p in model.named_parameters():
+        if name not in full:
+            raise KeyError(f"load_full_state: no tensor named {name!r} in the given state")
+        src = full[name]
+        if _is_sharded(p):
+            src = src.chunk(tp, dim=p.partition_dim)[rank]
+        if src.shape != p.shape:
+            raise ValueError(
+                f"load_full_state: {name!r} has shape {tuple(src.shape)} for this rank, "
+                f"parameter is {tuple(p.shape)}"
+            )
+        p.copy_(src)
+
+
+@torch.no_grad()
+def gather_full(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Full logical tensors (parameters, or their ``.grad`` if ``grads``) on every TP rank."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    group = ps.get_tensor_model_parallel_group()
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.grad if grads else p.data
+        if t is None:
+            continue
+        if _is_sharded(p) and tp > 1:
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            t = torch.cat(parts, dim=p.partition_dim)
+        out[name] = t.detach().clone()
+    return out
+
+
+def gather_vocab_logits(logits_local: torch.Tensor) -> torch.Tensor:
+    """Concatenate the vocab-parallel logits shards [..., V/tp] into [..., V]."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return logits_local
+    parts = [torch.empty_like(logits_local) for _ in range(tp)]
+    dist.all_gather(parts, logits_local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
