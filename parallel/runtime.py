@@ -142,6 +142,13 @@ def initialize(parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None
 
     parallel.validate()
     env = env or read_launch_env()
+    # Publish the torchrun-style variables whatever launched us: DeepSpeed asserts LOCAL_RANK
+    # and reads RANK / WORLD_SIZE itself (under srun or a single process nobody set them).
+    for name, value in (
+        ("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
+        ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port),
+    ):
+        os.environ[name] = str(value)
     dp = parallel.data_parallel(env.world_size)
     if torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank)
@@ -188,3 +195,22 @@ def shutdown() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """All ranks wait here (a no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def data_parallel_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over the data-parallel (and context-parallel) replicas, e.g. of logged losses."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    n = dist.get_world_size(group)
+    if n == 1:
+        return values
+    out = values.detach().clone()
+    dist.all_reduce(out, group=group)
+    return out / n

@@ -1,0 +1,240 @@
+"""Typed run configuration: dataclasses loaded from YAML, with ``--set a.b=c`` overrides.
+
+Each section is a dataclass owned by the package it configures (model -> plait.models,
+parallel -> plait.parallel, data -> plait.data); the sections for the optimizer, training,
+checkpoints and logging live here. Loading checks every key and type against the
+dataclasses and then calls each section's ``validate``; any error names the file, the
+dotted field and, for choices, the allowed values. YAML is parsed with ``safe_load``:
+configs are data, never code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from plait.data.config import DataConfig
+from plait.models.common.config import ModelConfig
+from plait.parallel.config import ParallelConfig
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the source and the field."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["lamb", "adamw"] = "lamb"
+    """lamb: plait.parallel.lamb (trust ratio over whole tensors); adamw: torch.optim.AdamW."""
+    lr: float = 3e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warmup from 0, in optimizer steps."""
+    decay_steps: int = 0
+    """Length of warmup + cosine decay; 0 means training.steps."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to 1-D tensors (norms, biases)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 turns clipping off (passed to DeepSpeed explicitly,
+    whose own default is to clip at 1.0 when nothing is set)."""
+    min_trust: float = 0.01
+    """LAMB trust-ratio clamp (DeepSpeed's fused LAMB uses [0.01, 10])."""
+    max_trust: float = 10.0
+
+    def validate(self) -> None:
+        for name in ("lr", "eps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("min_lr", "weight_decay", "grad_clip", "warmup_steps", "decay_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr: {self.min_lr} is above lr {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.min_trust <= self.max_trust:
+            raise ConfigError("min_trust/max_trust: need 0 < min_trust <= max_trust")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 200
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per data-parallel rank per micro step."""
+    grad_accum: int = 1
+    """Micro steps per optimizer step. Global batch = micro_batch_size * grad_accum * DP."""
+    eval_every: int = 50
+    """Validation loss every this many steps (and at the end); 0 turns it off."""
+    eval_batches: int = 4
+    """Micro batches per validation pass (per data-parallel rank)."""
+    seed: int = 1234
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on CUDA, fp32 on CPU (where bf16 matmul is ~100x slower)."""
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every: must be >= 0, got {self.eval_every}")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Where DeepSpeed checkpoints go; empty means <out_dir>/checkpoints."""
+    save_every: int = 0
+    """Save every this many steps (and at the end of the run); 0 saves only at the end."""
+    resume: bool = True
+    """Resume from the latest checkpoint in ``dir`` if there is one."""
+
+    def validate(self) -> None:
+        if self.save_every < 0:
+            raise ConfigError(f"save_every: must be >= 0, got {self.save_every}")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files to <out_dir>/tensorboard."""
+    log_every: int = 1
+    """Console/TensorBoard scalars every this many steps."""
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        if self.log_every < 1:
+            raise ConfigError(f"log_every: must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/tiny"
+    """Run directory: tensorboard/, checkpoints/, the tokenizer and token cache."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, source: str = "config") -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                try:
+                    section.validate()
+                except ValueError as e:
+                    raise ConfigError(f"{source}: {f.name}.{e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{where}: {value!r} is not one of the allowed values "
+                + ", ".join(repr(a) for a in allowed)
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown field {where!r}; known fields here: {', '.join(names)}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{where}.", source)
+        else:
+            try:
+                setattr(obj, key, _coerce(value, hints[key], where))
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``a.b=c`` -> {"a": {"b": c}}, the value parsed as YAML (so 3, 1e-3, true, LLAL work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"--set {item!r}: give one scalar per --set")
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        source = str(path)
+        _apply(cfg, data, "", source)
+    for item in overrides or []:
+        _apply(cfg, parse_override(item), "", f"--set {item}")
+    cfg.validate(source if not overrides else f"{source} (with --set overrides)")
+    return cfg

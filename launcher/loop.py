@@ -1,0 +1,138 @@
+"""The training loop: steps, validation, logging. Nothing else lives here.
+
+Per optimizer step it runs ``grad_accum`` micro steps through the DeepSpeed engine and
+reports loss (mean over micro steps and data-parallel replicas), learning rate, global
+gradient norm, step time and tokens per second to the console (a progress bar on rank 0),
+to TensorBoard and to ``metrics.jsonl`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from plait.data.loader import PackedSequences, SequenceLoader
+from plait.parallel.runtime import Runtime, data_parallel_mean
+
+from .config import Config
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    step_time_s: float
+    tokens_per_s: float
+
+
+class MetricsSink:
+    """Rank 0's outputs: TensorBoard scalars and a JSON-lines log. Other ranks write nothing."""
+
+    def __init__(self, cfg: Config, rt: Runtime):
+        self.active = rt.is_main
+        self.writer = None
+        self.jsonl = None
+        if not self.active:
+            return
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        self.jsonl = open(out / "metrics.jsonl", "a")
+
+    def scalars(self, step: int, values: dict[str, float], kind: str) -> None:
+        if not self.active:
+            return
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{kind}/{k}", v, step)
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: Config, rt: Runtime, val: PackedSequences) -> float:
+    """Mean loss over the first ``eval_batches`` micro batches of every DP rank (fixed order)."""
+    engine.eval()
+    loader = SequenceLoader(val, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
+    losses = []
+    for _ in range(cfg.training.eval_batches):
+        b = _to_device(loader.next_micro_batch(), rt.device)
+        losses.append(engine(b["tokens"], b["labels"]).float())
+    engine.train()
+    return data_parallel_mean(torch.stack(losses).mean()).item()
+
+
+def train_step(engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoader) -> StepStats:
+    t0 = time.perf_counter()
+    lr = scheduler.get_last_lr()[0]
+    losses = []
+    for _ in range(cfg.training.grad_accum):
+        b = _to_device(loader.next_micro_batch(), rt.device)
+        loss = engine(b["tokens"], b["labels"])
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().float())
+    loss = data_parallel_mean(torch.stack(losses).mean()).item()
+    gn = engine.get_global_grad_norm()
+    gn = float(gn.item() if torch.is_tensor(gn) else (gn if gn is not None else float("nan")))
+    dt = time.perf_counter() - t0
+    t = cfg.training
+    tokens = t.micro_batch_size * t.grad_accum * rt.dp * cfg.data.seq_len
+    return StepStats(engine.global_steps, loss, lr, gn, dt, tokens / dt)
+
+
+def run(
+    engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoader, val: PackedSequences | None,
+    on_step=None,
+) -> list[StepStats]:
+    """Train from ``engine.global_steps`` to ``training.steps``. ``on_step(step)`` runs after
+    each step (checkpointing hooks in there)."""
+    sink = MetricsSink(cfg, rt)
+    history: list[StepStats] = []
+    start = engine.global_steps
+    bar = tqdm(
+        total=cfg.training.steps, initial=start, desc="train", unit="step",
+        disable=not (rt.is_main and cfg.logging.progress_bar), dynamic_ncols=True,
+    )
+    try:
+        while engine.global_steps < cfg.training.steps:
+            s = train_step(engine, scheduler, cfg, rt, loader)
+            history.append(s)
+            if s.step % cfg.logging.log_every == 0 or s.step == cfg.training.steps:
+                sink.scalars(s.step, {k: v for k, v in asdict(s).items() if k != "step"}, "train")
+            bar.update(1)
+            bar.set_postfix(loss=f"{s.loss:.3f}", lr=f"{s.lr:.2e}", gnorm=f"{s.grad_norm:.2f}",
+                            tok_s=f"{s.tokens_per_s:.0f}")
+            every = cfg.training.eval_every
+            if val is not None and every and (s.step % every == 0 or s.step == cfg.training.steps):
+                vl = evaluate(engine, cfg, rt, val)
+                sink.scalars(s.step, {"loss": vl}, "val")
+                if rt.is_main:
+                    bar.write(f"step {s.step}: train loss {s.loss:.4f}  val loss {vl:.4f}")
+            if on_step is not None:
+                on_step(s.step)
+    finally:
+        bar.close()
+        sink.close()
+    return history
