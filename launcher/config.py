@@ -185,7 +185,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {data!r}")
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():

@@ -23,14 +23,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, parallel, seed, fn, args, queue):
+def _raw_initialize(env, parallel):
+    """torch.distributed + megatron groups only: no CPU adaptations, no seeding (canaries)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{env.master_port}", rank=env.rank,
+        world_size=env.world_size,
+    )
+    ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel)
+
+
+def _worker(rank, world, port, parallel, seed, fn, args, queue, raw):
     try:
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
         from plait.parallel import runtime
 
         env = runtime.LaunchEnv(rank, world, rank, "127.0.0.1", port, "test")
-        rt = runtime.initialize(parallel, seed=seed, env=env)
+        if raw:
+            _raw_initialize(env, parallel)
+            rt = None
+        else:
+            rt = runtime.initialize(parallel, seed=seed, env=env)
         try:
             result = fn(rt, *args)
         finally:
@@ -44,8 +60,12 @@ def _worker(rank, world, port, parallel, seed, fn, args, queue):
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_distributed(fn, world_size: int, *args, parallel=None, seed: int = 1234, timeout=300):
-    """Run ``fn(rt, *args)`` on ``world_size`` forked ranks; return the results by rank."""
+def run_distributed(
+    fn, world_size: int, *args, parallel=None, seed: int = 1234, timeout=300, raw=False
+):
+    """Run ``fn(rt, *args)`` on ``world_size`` forked ranks; return the results by rank.
+
+    ``raw=True`` skips plait's runtime (no CPU adaptations; ``rt`` is None): for canaries."""
     from plait.parallel.config import ParallelConfig
 
     parallel = parallel or ParallelConfig()
@@ -53,7 +73,7 @@ def run_distributed(fn, world_size: int, *args, parallel=None, seed: int = 1234,
     queue = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, parallel, seed, fn, args, queue))
+        ctx.Process(target=_worker, args=(r, world_size, port, parallel, seed, fn, args, queue, raw))
         for r in range(world_size)
     ]
     for p in procs:

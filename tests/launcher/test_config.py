@@ -1,0 +1,81 @@
+"""Config loading: YAML + --set overrides, and errors that name the source and the field."""
+
+from pathlib import Path
+
+import pytest
+
+from plait.launcher.config import ConfigError, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert len(cfg.model.pattern) == cfg.model.num_layers
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        ["training.steps=7", "optimizer.lr=1e-3", "model.pattern=LLLA", "model.tie_embeddings=false",
+         "optimizer.name=adamw"],
+    )
+    assert cfg.training.steps == 7
+    assert cfg.optimizer.lr == pytest.approx(1e-3) and isinstance(cfg.optimizer.lr, float)
+    assert cfg.model.pattern == "LLLA"
+    assert cfg.model.tie_embeddings is False
+    assert cfg.optimizer.name == "adamw"
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("model:\n  pattern: LAXL\n", "model.pattern: 'LAXL' has unknown letter(s) ['X']; allowed: L ("),
+        ("model:\n  pattern: LAL\n", "model.pattern: 'LAL' has 3 letters but num_layers is 4"),
+        ("model:\n  hiden_size: 64\n", "unknown field 'model.hiden_size'"),
+        ("optimizer:\n  name: sgd\n", "optimizer.name: 'sgd' is not one of the allowed values 'lamb', 'adamw'"),
+        ("parallel:\n  zero_stage: 5\n", "parallel.zero_stage: 5 is not one of the allowed values 0, 1, 2, 3"),
+        ("training:\n  steps: many\n", "training.steps: expected an integer, got 'many'"),
+        ("training:\n  precision: fp16\n", "training.precision: 'fp16' is not one of the allowed"),
+        ("model:\n  hidden_size: 100\n  num_heads: 3\n", "model.num_heads: hidden_size 100 is not divisible by 3"),
+        ("optimizer:\n  lr: 1e-4\n  min_lr: 1e-3\n", "optimizer.min_lr: 0.001 is above lr 0.0001"),
+        ("model: 3\n", "model: expected a mapping"),
+    ],
+)
+def test_errors_name_file_and_field(tmp_path, text, needle):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ConfigError, match=r"with --set overrides\): model.pattern: 'LQ' has unknown letter"):
+        load_config(REPO / "configs" / "tiny.yaml", ["model.pattern=LQ", "model.num_layers=2"])
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        parse_override("training.steps")
+    with pytest.raises(ConfigError, match="unknown field 'training.stepz'"):
+        load_config(None, ["training.stepz=3"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "model: [unclosed\n"))
+
+
+def test_cli_reports_config_error(tmp_path, capsys):
+    from plait.launcher.train import main
+
+    rc = main(["--config", str(_write(tmp_path, "model:\n  pattern: LZ\n"))])
+    assert rc == 2
+    assert "config error" in capsys.readouterr().err
