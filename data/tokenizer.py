@@ -50,6 +50,18 @@ def train_tokenizer(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
+    try:
+        _train(texts, buf, vocab_size, model_type, user_symbols)
+    except RuntimeError as e:
+        raise ValueError(f"data.vocab_size={vocab_size}: sentencepiece training failed: {e}") from None
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out_path)
+    return Tokenizer(out_path)
+
+
+def _train(texts, buf, vocab_size, model_type, user_symbols) -> None:
+    # byte_fallback reserves 256 byte pieces on top of the characters seen.
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=buf,
@@ -63,7 +75,3 @@ def train_tokenizer(
         num_threads=1,
         minloglevel=2,
     )
-    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out_path)
-    return Tokenizer(out_path)

@@ -1,0 +1,83 @@
+"""The main job end to end, as a user runs it: the CLI, the bundled corpus, TensorBoard output,
+checkpoint resume, and a two-process torchrun launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], timeout=600, nproc: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "plait.launcher.train"]
+    else:
+        cmd = [sys.executable, "-m", "plait.launcher.train"]
+    proc = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _metrics(out: Path, kind: str = "train") -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["kind"] == kind}
+
+
+def _tiny(out: Path, *extra: str) -> list[str]:
+    return ["--config", "configs/tiny.yaml", "--set", f"out_dir={out}",
+            "--set", "logging.progress_bar=false", *[a for e in extra for a in ("--set", e)]]
+
+
+def test_demo_learns_and_logs_tensorboard(tmp_path):
+    out = tmp_path / "run"
+    _run(_tiny(out, "training.steps=80", "training.eval_every=40"))
+    train = _metrics(out)
+    assert sorted(train) == list(range(1, 81))
+    first = sum(train[s]["loss"] for s in range(1, 6)) / 5
+    last = sum(train[s]["loss"] for s in range(76, 81)) / 5
+    assert last < first - 0.8, (first, last)
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train.values())
+    val = _metrics(out, "val")
+    assert sorted(val) == [40, 80] and val[80]["loss"] < val[40]["loss"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/step_time_s", "val/loss"):
+        assert tag in tags, tags
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == list(range(1, 81))
+    assert events[-1].value == pytest.approx(train[80]["loss"], rel=1e-6)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stop at step 6, resume to 12: the per-step losses equal an uninterrupted run's."""
+    common = ("training.eval_every=0", "model.num_layers=2", "model.pattern=LA")
+    _run(_tiny(tmp_path / "full", "training.steps=12", *common))
+    part = tmp_path / "part"
+    _run(_tiny(part, "training.steps=6", *common))
+    _run(_tiny(part, "training.steps=12", *common))
+    full, resumed = _metrics(tmp_path / "full"), _metrics(part)
+    assert sorted(resumed) == list(range(1, 13))
+    for s in range(1, 13):
+        assert resumed[s]["loss"] == full[s]["loss"], (s, resumed[s]["loss"], full[s]["loss"])
+
+
+def test_torchrun_two_ranks_tensor_parallel(tmp_path):
+    out = tmp_path / "tp2"
+    proc = _run(_tiny(out, "training.steps=4", "training.eval_every=0", "parallel.tensor_parallel=2"),
+                nproc=2)
+    assert "world 2 (tp 2 dp 1)" in proc.stdout
+    assert sorted(_metrics(out)) == [1, 2, 3, 4]
