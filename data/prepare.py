@@ -108,7 +108,11 @@ def prepare(cfg: DataConfig, work_dir: str | Path, show_progress: bool = True) -
     _save_npy(val_path, np.asarray(streams[True], dtype=dtype))
     meta = {
         "key": key,
-        "documents": {"train": int((~is_val).sum()), "val": int(is_val.sum()), "empty_dropped": empty},
+        "documents": {
+            "train": int((~is_val).sum()),
+            "val": int(is_val.sum()),
+            "empty_dropped": empty,
+        },
         "tokens": {"train": len(streams[False]), "val": len(streams[True])},
         "vocab_size": tok.vocab_size,
         "tokenizer": str(tok.path),

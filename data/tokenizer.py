@@ -53,7 +53,9 @@ def train_tokenizer(
     try:
         _train(texts, buf, vocab_size, model_type, user_symbols)
     except RuntimeError as e:
-        raise ValueError(f"data.vocab_size={vocab_size}: sentencepiece training failed: {e}") from None
+        raise ValueError(
+            f"data.vocab_size={vocab_size}: sentencepiece training failed: {e}"
+        ) from None
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, out_path)
@@ -70,7 +72,10 @@ def _train(texts, buf, vocab_size, model_type, user_symbols) -> None:
         byte_fallback=True,
         character_coverage=1.0,
         split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
         user_defined_symbols=list(user_symbols),
         num_threads=1,
         minloglevel=2,

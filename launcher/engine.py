@@ -56,14 +56,23 @@ def build_optimizer(model: nn.Module, cfg: Config, mpu: MegatronMpu) -> torch.op
         g["lr"] = o.lr * g["lr_scale"]
     if o.name == "lamb":
         return Lamb(
-            groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-            min_trust=o.min_trust, max_trust=o.max_trust,
+            groups,
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            min_trust=o.min_trust,
+            max_trust=o.max_trust,
             partition_group=mpu.get_data_parallel_group() if cfg.parallel.zero_stage else None,
             tensor_parallel_group=mpu.get_tensor_model_parallel_group(),
         )
     # foreach=False: the flat ZeRO partitions are single tensors; nothing to batch.
     return torch.optim.AdamW(
-        groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+        groups,
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
         foreach=False,
     )
 

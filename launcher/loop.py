@@ -103,7 +103,12 @@ def train_step(engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoad
 
 
 def run(
-    engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoader, val: PackedSequences | None,
+    engine,
+    scheduler,
+    cfg: Config,
+    rt: Runtime,
+    loader: SequenceLoader,
+    val: PackedSequences | None,
     on_step=None,
 ) -> list[StepStats]:
     """Train from ``engine.global_steps`` to ``training.steps``. ``on_step(step)`` runs after
@@ -112,8 +117,12 @@ def run(
     history: list[StepStats] = []
     start = engine.global_steps
     bar = tqdm(
-        total=cfg.training.steps, initial=start, desc="train", unit="step",
-        disable=not (rt.is_main and cfg.logging.progress_bar), dynamic_ncols=True,
+        total=cfg.training.steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not (rt.is_main and cfg.logging.progress_bar),
+        dynamic_ncols=True,
     )
     try:
         while engine.global_steps < cfg.training.steps:
@@ -122,8 +131,12 @@ def run(
             if s.step % cfg.logging.log_every == 0 or s.step == cfg.training.steps:
                 sink.scalars(s.step, {k: v for k, v in asdict(s).items() if k != "step"}, "train")
             bar.update(1)
-            bar.set_postfix(loss=f"{s.loss:.3f}", lr=f"{s.lr:.2e}", gnorm=f"{s.grad_norm:.2f}",
-                            tok_s=f"{s.tokens_per_s:.0f}")
+            bar.set_postfix(
+                loss=f"{s.loss:.3f}",
+                lr=f"{s.lr:.2e}",
+                gnorm=f"{s.grad_norm:.2f}",
+                tok_s=f"{s.tokens_per_s:.0f}",
+            )
             every = cfg.training.eval_every
             if val is not None and every and (s.step % every == 0 or s.step == cfg.training.steps):
                 vl = evaluate(engine, cfg, rt, val)

@@ -18,6 +18,7 @@ from plait.data.loader import PackedSequences, SequenceLoader
 from plait.data.prepare import prepare
 from plait.models.common import build_model
 from plait.parallel import runtime
+from plait.parallel.tensor_parallel import logical_numel
 
 from .config import Config, ConfigError, load_config
 from .engine import build_engine
@@ -27,8 +28,14 @@ from .loop import StepStats, run
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m plait.launcher.train", description=__doc__)
     p.add_argument("--config", required=True, help="YAML file (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field, e.g. --set training.steps=50 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set training.steps=50 (repeatable)",
+    )
     return p.parse_args(argv)
 
 
@@ -59,15 +66,18 @@ def train(cfg: Config) -> list[StepStats]:
         if cfg.checkpoint.resume and (ckpt_dir / "latest").is_file():
             path, client = engine.load_checkpoint(str(ckpt_dir))
             if path is None:
-                raise RuntimeError(f"checkpoint.dir: could not load the latest checkpoint in {ckpt_dir}")
+                raise RuntimeError(
+                    f"checkpoint.dir: could not load the latest checkpoint in {ckpt_dir}"
+                )
             loader.load_state_dict(client["loader"])
             if rt.is_main:
                 print(f"resumed from {path} at step {engine.global_steps}", flush=True)
 
         if rt.is_main:
-            n_params = sum(p.numel() for p in model.parameters()) * rt.tp  # approx for TP>1
+            n_params = logical_numel(model)
             print(
-                f"plait: {cfg.model.pattern} ({cfg.model.num_layers} layers, d={cfg.model.hidden_size}), "
+                f"plait: {cfg.model.pattern} ({cfg.model.num_layers} layers, "
+                f"d={cfg.model.hidden_size}), "
                 f"~{n_params / 1e6:.2f}M params, vocab {data.tokenizer.vocab_size}, "
                 f"{len(train_set)} train sequences of {cfg.data.seq_len} tokens; "
                 f"world {rt.world_size} (tp {rt.tp} dp {rt.dp}), {rt.device}, "
@@ -81,7 +91,8 @@ def train(cfg: Config) -> list[StepStats]:
             every = cfg.checkpoint.save_every
             if (every and step % every == 0) or step == cfg.training.steps:
                 engine.save_checkpoint(
-                    str(ckpt_dir), tag=f"step{step}",
+                    str(ckpt_dir),
+                    tag=f"step{step}",
                     client_state={"loader": loader.state_dict()},
                 )
 
@@ -101,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     history = train(cfg)
     if history:
-        print(f"done: step {history[-1].step}, loss {history[0].loss:.4f} -> {history[-1].loss:.4f}")
+        print(
+            f"done: step {history[-1].step}, loss {history[0].loss:.4f} -> {history[-1].loss:.4f}"
+        )
     return 0
 
 

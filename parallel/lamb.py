@@ -24,9 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, no_decay_1d: bool = True
-) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool = True) -> list[dict]:
     """One group per trainable tensor, carrying what LAMB and the schedules need.
 
     Keys besides ``params``: ``name``; ``tp_sharded`` (megatron's ``tensor_model_parallel``
@@ -69,8 +67,13 @@ class Lamb(torch.optim.Optimizer):
         data-parallel group under ZeRO >= 1; None when every rank holds whole tensors).
         ``tensor_parallel_group``: the TP group (None or size 1 when TP is off)."""
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            min_trust=min_trust, max_trust=max_trust, tp_sharded=False,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            min_trust=min_trust,
+            max_trust=max_trust,
+            tp_sharded=False,
         )
         super().__init__(params, defaults)
         self.partition_group = partition_group

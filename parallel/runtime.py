@@ -145,8 +145,11 @@ def initialize(parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None
     # Publish the torchrun-style variables whatever launched us: DeepSpeed asserts LOCAL_RANK
     # and reads RANK / WORLD_SIZE itself (under srun or a single process nobody set them).
     for name, value in (
-        ("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
-        ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port),
+        ("RANK", env.rank),
+        ("WORLD_SIZE", env.world_size),
+        ("LOCAL_RANK", env.local_rank),
+        ("MASTER_ADDR", env.master_addr),
+        ("MASTER_PORT", env.master_port),
     ):
         os.environ[name] = str(value)
     dp = parallel.data_parallel(env.world_size)

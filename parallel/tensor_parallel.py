@@ -19,6 +19,12 @@ def _is_sharded(p: torch.Tensor) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False))
 
 
+def logical_numel(model: nn.Module) -> int:
+    """Parameter count of the whole (unsharded) model, from one TP rank's shard."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    return sum(p.numel() * (tp if _is_sharded(p) else 1) for p in model.parameters())
+
+
 @torch.no_grad()
 def load_full_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Copy full logical tensors into this rank's (possibly sharded) parameters."""

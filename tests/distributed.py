@@ -29,7 +29,9 @@ def _raw_initialize(env, parallel):
     from megatron.core import parallel_state as ps
 
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{env.master_port}", rank=env.rank,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{env.master_port}",
+        rank=env.rank,
         world_size=env.world_size,
     )
     ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel)
@@ -73,7 +75,9 @@ def run_distributed(
     queue = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, parallel, seed, fn, args, queue, raw))
+        ctx.Process(
+            target=_worker, args=(r, world_size, port, parallel, seed, fn, args, queue, raw)
+        )
         for r in range(world_size)
     ]
     for p in procs:

@@ -38,6 +38,7 @@ def lightning_attention(
         )
     if slopes_H.shape != (q_BHTD.shape[1],):
         raise ValueError(
-            f"lightning_attention: slopes shape {tuple(slopes_H.shape)}, expected ({q_BHTD.shape[1]},)"
+            f"lightning_attention: slopes shape {tuple(slopes_H.shape)}, "
+            f"expected ({q_BHTD.shape[1]},)"
         )
     return lightning_attention_chunk(q_BHTD, k_BHTD, v_BHTE, slopes_H, block=block)

@@ -27,7 +27,7 @@ def decay_mask(slopes_H: torch.Tensor, T: int, dtype: torch.dtype = torch.float3
 def lightning_attention_naive(
     q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTE: torch.Tensor, slopes_H: torch.Tensor
 ) -> torch.Tensor:
-    """Causal decayed linear attention, quadratic form; computed in float32 (or float64 if given)."""
+    """Causal decayed linear attention, quadratic form, in float32 (float64 if given)."""
     dtype = torch.promote_types(q_BHTD.dtype, torch.float32)
     q, k, v = (x.to(dtype) for x in (q_BHTD, k_BHTD, v_BHTE))
     D_HTT = decay_mask(slopes_H, q.shape[2], dtype)

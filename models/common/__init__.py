@@ -4,4 +4,12 @@ from .config import ModelConfig, ModelConfigError
 from .lm import Block, HybridLM, build_model
 from .pattern import MIXERS, MixerSpec
 
-__all__ = ["MIXERS", "Block", "HybridLM", "MixerSpec", "ModelConfig", "ModelConfigError", "build_model"]
+__all__ = [
+    "MIXERS",
+    "Block",
+    "HybridLM",
+    "MixerSpec",
+    "ModelConfig",
+    "ModelConfigError",
+    "build_model",
+]

@@ -85,8 +85,13 @@ class GatedMLP(nn.Module):
         self.w1 = ColumnParallelLinear(h, f, init_method=normal_init(cfg.init_std), **common)
         self.w2 = ColumnParallelLinear(h, f, init_method=normal_init(cfg.init_std), **common)
         self.w3 = RowParallelLinear(
-            f, h, config=mp, init_method=output_init(cfg), bias=False,
-            input_is_parallel=True, skip_bias_add=False,
+            f,
+            h,
+            config=mp,
+            init_method=output_init(cfg),
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
         )
         self.act = F.silu if cfg.mlp == "swiglu" else (lambda t: t)
 

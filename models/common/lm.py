@@ -62,8 +62,13 @@ class HybridLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, mp, i) for i in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
         self.output = ColumnParallelLinear(
-            cfg.hidden_size, self.vocab_size, config=mp, bias=False, gather_output=False,
-            init_method=normal_init(cfg.init_std), skip_weight_param_allocation=cfg.tie_embeddings,
+            cfg.hidden_size,
+            self.vocab_size,
+            config=mp,
+            bias=False,
+            gather_output=False,
+            init_method=normal_init(cfg.init_std),
+            skip_weight_param_allocation=cfg.tie_embeddings,
         )
 
     def forward(
@@ -91,9 +96,7 @@ class HybridLM(nn.Module):
         return (loss_BT * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def build_model(
-    cfg: ModelConfig, tensor_parallel: int, vocab_size: int | None = None
-) -> HybridLM:
+def build_model(cfg: ModelConfig, tensor_parallel: int, vocab_size: int | None = None) -> HybridLM:
     """Build the model for this rank's TP shard.
 
     Weights are initialised from the full (unsplit) master tensor on CPU and then split

@@ -41,12 +41,21 @@ class _HeadProjections(nn.Module):
         self.heads = _local_heads(cfg, mp)
         self.head_dim = cfg.head_dim
         self.in_proj = ColumnParallelLinear(
-            cfg.hidden_size, roles * cfg.hidden_size, config=mp, bias=False,
-            gather_output=False, init_method=normal_init(cfg.init_std),
+            cfg.hidden_size,
+            roles * cfg.hidden_size,
+            config=mp,
+            bias=False,
+            gather_output=False,
+            init_method=normal_init(cfg.init_std),
         )
         self.out_proj = RowParallelLinear(
-            cfg.hidden_size, cfg.hidden_size, config=mp, bias=False, input_is_parallel=True,
-            skip_bias_add=False, init_method=output_init(cfg),
+            cfg.hidden_size,
+            cfg.hidden_size,
+            config=mp,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            init_method=output_init(cfg),
         )
 
     def split(self, x_BTC: torch.Tensor) -> list[torch.Tensor]:

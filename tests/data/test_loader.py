@@ -78,8 +78,11 @@ def test_prepare_caches_and_reuses(tmp_path):
     first = train[: int(np.argmax(train == eos))].tolist()
     assert p1.tokenizer.decode(first) in docs
     # a changed split setting rebuilds
-    p3 = prepare(DataConfig(corpus=str(corpus), vocab_size=320, val_fraction=0.5, seed=1),
-                 tmp_path / "w", show_progress=False)
+    p3 = prepare(
+        DataConfig(corpus=str(corpus), vocab_size=320, val_fraction=0.5, seed=1),
+        tmp_path / "w",
+        show_progress=False,
+    )
     assert p3.meta["documents"]["val"] != p1.meta["documents"]["val"]
 
 

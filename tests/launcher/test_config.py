@@ -24,8 +24,13 @@ def test_shipped_configs_load():
 def test_overrides_are_typed():
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
-        ["training.steps=7", "optimizer.lr=1e-3", "model.pattern=LLLA", "model.tie_embeddings=false",
-         "optimizer.name=adamw"],
+        [
+            "training.steps=7",
+            "optimizer.lr=1e-3",
+            "model.pattern=LLLA",
+            "model.tie_embeddings=false",
+            "optimizer.name=adamw",
+        ],
     )
     assert cfg.training.steps == 7
     assert cfg.optimizer.lr == pytest.approx(1e-3) and isinstance(cfg.optimizer.lr, float)
@@ -37,14 +42,26 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     "text,needle",
     [
-        ("model:\n  pattern: LAXL\n", "model.pattern: 'LAXL' has unknown letter(s) ['X']; allowed: L ("),
+        (
+            "model:\n  pattern: LAXL\n",
+            "model.pattern: 'LAXL' has unknown letter(s) ['X']; allowed: L (",
+        ),
         ("model:\n  pattern: LAL\n", "model.pattern: 'LAL' has 3 letters but num_layers is 4"),
         ("model:\n  hiden_size: 64\n", "unknown field 'model.hiden_size'"),
-        ("optimizer:\n  name: sgd\n", "optimizer.name: 'sgd' is not one of the allowed values 'lamb', 'adamw'"),
-        ("parallel:\n  zero_stage: 5\n", "parallel.zero_stage: 5 is not one of the allowed values 0, 1, 2, 3"),
+        (
+            "optimizer:\n  name: sgd\n",
+            "optimizer.name: 'sgd' is not one of the allowed values 'lamb', 'adamw'",
+        ),
+        (
+            "parallel:\n  zero_stage: 5\n",
+            "parallel.zero_stage: 5 is not one of the allowed values 0, 1, 2, 3",
+        ),
         ("training:\n  steps: many\n", "training.steps: expected an integer, got 'many'"),
         ("training:\n  precision: fp16\n", "training.precision: 'fp16' is not one of the allowed"),
-        ("model:\n  hidden_size: 100\n  num_heads: 3\n", "model.num_heads: hidden_size 100 is not divisible by 3"),
+        (
+            "model:\n  hidden_size: 100\n  num_heads: 3\n",
+            "model.num_heads: hidden_size 100 is not divisible by 3",
+        ),
         ("optimizer:\n  lr: 1e-4\n  min_lr: 1e-3\n", "optimizer.min_lr: 0.001 is above lr 0.0001"),
         ("model: 3\n", "model: expected a mapping"),
     ],
@@ -58,7 +75,9 @@ def test_errors_name_file_and_field(tmp_path, text, needle):
 
 
 def test_override_errors_name_the_override():
-    with pytest.raises(ConfigError, match=r"with --set overrides\): model.pattern: 'LQ' has unknown letter"):
+    with pytest.raises(
+        ConfigError, match=r"with --set overrides\): model.pattern: 'LQ' has unknown letter"
+    ):
         load_config(REPO / "configs" / "tiny.yaml", ["model.pattern=LQ", "model.num_layers=2"])
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         parse_override("training.steps")

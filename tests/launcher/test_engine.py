@@ -19,7 +19,11 @@ VOCAB, T, GLOBAL_BATCH, STEPS = 200, 24, 4, 4
 def _cfg(optimizer: str, zero: int, tp: int = 1, micro: int = GLOBAL_BATCH) -> Config:
     cfg = Config()
     cfg.model = ModelConfig(
-        pattern="LA", num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64,
+        pattern="LA",
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        ffn_hidden_size=64,
         lightning_block=8,
     )
     cfg.parallel = ParallelConfig(tensor_parallel=tp, zero_stage=zero)
@@ -101,8 +105,15 @@ def _train_reference(rt, cfg: Config):
                 for name, p in model.named_parameters():
                     wd = 0.0 if p.dim() < 2 else o.weight_decay
                     _reference_lamb_step(
-                        p, states.setdefault(name, {}), o.lr, o.beta1, o.beta2, o.eps, wd,
-                        o.min_trust, o.max_trust,
+                        p,
+                        states.setdefault(name, {}),
+                        o.lr,
+                        o.beta1,
+                        o.beta2,
+                        o.eps,
+                        wd,
+                        o.min_trust,
+                        o.max_trust,
                     )
         model.zero_grad(set_to_none=True)
     return {"weights": gather_full(model), "losses": losses}
@@ -140,8 +151,11 @@ def test_dp2_zero_equals_single_process(zero, optimizer, single_process_adamw, s
     training on the whole batch."""
     ref = single_process_adamw if optimizer == "adamw" else single_process_lamb
     out = run_distributed(
-        _train_deepspeed, 2, _cfg(optimizer, zero, micro=GLOBAL_BATCH // 2),
-        parallel=ParallelConfig(zero_stage=zero), seed=11,
+        _train_deepspeed,
+        2,
+        _cfg(optimizer, zero, micro=GLOBAL_BATCH // 2),
+        parallel=ParallelConfig(zero_stage=zero),
+        seed=11,
     )
     _assert_same(out, ref)
 
@@ -152,7 +166,10 @@ def test_lamb_tp2_equals_reference(world, zero, single_process_lamb):
     dp = world // 2
     cfg = _cfg("lamb", zero, tp=2, micro=GLOBAL_BATCH // dp)
     out = run_distributed(
-        _train_deepspeed, world, cfg, parallel=ParallelConfig(tensor_parallel=2, zero_stage=zero),
+        _train_deepspeed,
+        world,
+        cfg,
+        parallel=ParallelConfig(tensor_parallel=2, zero_stage=zero),
         seed=11,
     )
     _assert_same(out, single_process_lamb)
@@ -179,10 +196,14 @@ def test_per_partition_trust_ratio_is_detected(single_process_lamb):
     """Negative control: without the all-reduce of squared norms, ZeRO-1 LAMB drifts away from
     the reference by far more than the tolerance used above."""
     out = run_distributed(
-        _train_per_partition_lamb, 2, _cfg("lamb", 1, micro=GLOBAL_BATCH // 2),
-        parallel=ParallelConfig(zero_stage=1), seed=11,
+        _train_per_partition_lamb,
+        2,
+        _cfg("lamb", 1, micro=GLOBAL_BATCH // 2),
+        parallel=ParallelConfig(zero_stage=1),
+        seed=11,
     )
     worst = max(
-        (out[0]["weights"][n] - w).abs().max().item() for n, w in single_process_lamb["weights"].items()
+        (out[0]["weights"][n] - w).abs().max().item()
+        for n, w in single_process_lamb["weights"].items()
     )
     assert worst > 1e-3, worst

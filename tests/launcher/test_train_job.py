@@ -17,12 +17,20 @@ REPO = Path(__file__).resolve().parents[2]
 def _run(args: list[str], timeout=600, nproc: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "plait.launcher.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "plait.launcher.train",
+        ]
     else:
         cmd = [sys.executable, "-m", "plait.launcher.train"]
-    proc = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -33,8 +41,15 @@ def _metrics(out: Path, kind: str = "train") -> dict[int, dict]:
 
 
 def _tiny(out: Path, *extra: str) -> list[str]:
-    return ["--config", "configs/tiny.yaml", "--set", f"out_dir={out}",
-            "--set", "logging.progress_bar=false", *[a for e in extra for a in ("--set", e)]]
+    return [
+        "--config",
+        "configs/tiny.yaml",
+        "--set",
+        f"out_dir={out}",
+        "--set",
+        "logging.progress_bar=false",
+        *[a for e in extra for a in ("--set", e)],
+    ]
 
 
 def test_demo_learns_and_logs_tensorboard(tmp_path):
@@ -54,8 +69,14 @@ def test_demo_learns_and_logs_tensorboard(tmp_path):
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-                "train/step_time_s", "val/loss"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/step_time_s",
+        "val/loss",
+    ):
         assert tag in tags, tags
     events = acc.Scalars("train/loss")
     assert [e.step for e in events] == list(range(1, 81))
@@ -77,7 +98,9 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_torchrun_two_ranks_tensor_parallel(tmp_path):
     out = tmp_path / "tp2"
-    proc = _run(_tiny(out, "training.steps=4", "training.eval_every=0", "parallel.tensor_parallel=2"),
-                nproc=2)
+    proc = _run(
+        _tiny(out, "training.steps=4", "training.eval_every=0", "parallel.tensor_parallel=2"),
+        nproc=2,
+    )
     assert "world 2 (tp 2 dp 1)" in proc.stdout
     assert sorted(_metrics(out)) == [1, 2, 3, 4]

@@ -9,8 +9,12 @@ from tests.distributed import run_distributed
 
 def _check(rt, pattern):
     cfg = ModelConfig(
-        pattern=pattern, num_layers=len(pattern), hidden_size=32, num_heads=2,
-        ffn_hidden_size=64, lightning_block=8,
+        pattern=pattern,
+        num_layers=len(pattern),
+        hidden_size=32,
+        num_heads=2,
+        ffn_hidden_size=64,
+        lightning_block=8,
     )
     model = build_model(cfg, 1, vocab_size=100)
     g = torch.Generator().manual_seed(0)
@@ -23,8 +27,11 @@ def _check(rt, pattern):
             changed[:, t] = (changed[:, t] + 1 + torch.arange(2)) % 100
             out = model(changed)
             results.append(
-                (t, (out[:, :t] - base[:, :t]).abs().max().item() if t else 0.0,
-                 (out[:, t:] - base[:, t:]).abs().max().item())
+                (
+                    t,
+                    (out[:, :t] - base[:, :t]).abs().max().item() if t else 0.0,
+                    (out[:, t:] - base[:, t:]).abs().max().item(),
+                )
             )
     return results
 

@@ -13,8 +13,13 @@ VOCAB = 200  # padded to 256: not a multiple of anything the layers split by exc
 
 def _cfg(tie: bool) -> ModelConfig:
     return ModelConfig(
-        pattern="LALA", num_layers=4, hidden_size=64, num_heads=4, ffn_hidden_size=96,
-        lightning_block=16, tie_embeddings=tie,
+        pattern="LALA",
+        num_layers=4,
+        hidden_size=64,
+        num_heads=4,
+        ffn_hidden_size=96,
+        lightning_block=16,
+        tie_embeddings=tie,
     )
 
 

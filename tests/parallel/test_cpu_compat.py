@@ -26,9 +26,8 @@ def _seed_tracker():
 
 
 def _gather_first_dim():
-    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-
     from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
     x = torch.full((2, 3), float(ps.get_tensor_model_parallel_rank()))
     return gather_from_sequence_parallel_region(x)

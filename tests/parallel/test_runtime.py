@@ -8,18 +8,33 @@ from plait.parallel.runtime import _first_slurm_host, read_launch_env
 
 def test_torchrun_env():
     env = read_launch_env(
-        {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "MASTER_ADDR": "n1",
+            "MASTER_PORT": "29400",
+        }
     )
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (
-        3, 8, 1, "n1", 29400,
+        3,
+        8,
+        1,
+        "n1",
+        29400,
     )
     assert env.launcher == "torchrun"
 
 
 def test_slurm_env():
     env = read_launch_env(
-        {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
-         "SLURM_JOB_NODELIST": "gpu[007-010,012],login1"}
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "16",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "gpu[007-010,012],login1",
+        }
     )
     assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 16, 1, "gpu007")
     assert env.master_port == 20000 + 4242
@@ -28,7 +43,9 @@ def test_slurm_env():
 
 def test_torchrun_vars_win_over_slurm():
     """torchrun inside an sbatch script: RANK is the truth, SLURM_PROCID is the node's task."""
-    env = read_launch_env({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    env = read_launch_env(
+        {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    )
     assert env.rank == 1 and env.launcher == "torchrun"
 
 

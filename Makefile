@@ -1,0 +1,31 @@
+# The targets README's quickstart and .ci/run call.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.plait-installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# torch first (pinned), then plait without build isolation: deepspeed ships as an sdist whose
+# setup.py imports torch, and an isolated build environment would resolve an unpinned torch
+# (a CUDA build of several GB) instead of using the one just installed.
+$(STAMP): pyproject.toml requirements/torch-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
+	$(BIN)/python -m pip install -q -r requirements/torch-cpu.txt
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/python -m plait.launcher.train --config configs/tiny.yaml
+
+test: setup lint
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
