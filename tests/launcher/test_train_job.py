@@ -84,8 +84,17 @@ def test_demo_learns_and_logs_tensorboard(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    """Stop at step 6, resume to 12: the per-step losses equal an uninterrupted run's."""
-    common = ("training.eval_every=0", "model.num_layers=2", "model.pattern=LA")
+    """Stop at step 6, resume to 12: the per-step losses equal an uninterrupted run's.
+
+    The LR schedule is pinned to 12 steps (decay_steps) in both runs and warmup ends at step 2,
+    so the resumed half runs on the cosine part restored from the checkpoint."""
+    common = (
+        "training.eval_every=0",
+        "model.num_layers=2",
+        "model.pattern=LA",
+        "optimizer.warmup_steps=2",
+        "optimizer.decay_steps=12",
+    )
     _run(_tiny(tmp_path / "full", "training.steps=12", *common))
     part = tmp_path / "part"
     _run(_tiny(part, "training.steps=6", *common))
@@ -94,6 +103,8 @@ def test_resume_continues_exactly(tmp_path):
     assert sorted(resumed) == list(range(1, 13))
     for s in range(1, 13):
         assert resumed[s]["loss"] == full[s]["loss"], (s, resumed[s]["loss"], full[s]["loss"])
+        assert resumed[s]["lr"] == full[s]["lr"], s
+    assert full[12]["lr"] < full[3]["lr"]  # the decay really was exercised
 
 
 def test_torchrun_two_ranks_tensor_parallel(tmp_path):
