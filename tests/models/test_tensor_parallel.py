@@ -12,6 +12,7 @@ VOCAB = 200  # padded to 256: not a multiple of anything the layers split by exc
 
 
 def _cfg(tie: bool) -> ModelConfig:
+    # The tied variant also switches to TransNormerLLM's SRMSNorm + SGLU.
     return ModelConfig(
         pattern="LALA",
         num_layers=4,
@@ -20,6 +21,8 @@ def _cfg(tie: bool) -> ModelConfig:
         ffn_hidden_size=96,
         lightning_block=16,
         tie_embeddings=tie,
+        norm="srmsnorm" if tie else "rmsnorm",
+        mlp="glu" if tie else "swiglu",
     )
 
 
