@@ -1,13 +1,15 @@
 """Lightning attention: causal linear attention with per-head exponential decay.
 
-``lightning_attention`` is the one entry point the models call. Today it runs the chunked
-PyTorch path on every device; the Triton kernel (forward and backward) and document
-boundaries arrive with the kernels issue and plug in here without changing callers.
+``lightning_attention`` is the one entry point the models call; ``backend="auto"`` takes the
+Triton kernel for CUDA tensors and the chunked PyTorch path otherwise. ``lightning_attention_step``
+is the recurrent form for generation: it continues from the final state of a prefill.
 """
 
 from __future__ import annotations
 
 import torch
+
+from plait.kernels.docs import resolve_doc_ids
 
 from .chunk import lightning_attention_chunk
 from .naive import lightning_attention_naive, lightning_attention_recurrent
@@ -17,7 +19,28 @@ __all__ = [
     "lightning_attention_chunk",
     "lightning_attention_naive",
     "lightning_attention_recurrent",
+    "lightning_attention_step",
 ]
+
+BACKENDS = ("auto", "naive", "chunk", "triton")
+
+
+def _check(q, k, v, slopes, initial_state):
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"lightning_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+            "expected q, k [B,H,T,D] and v [B,H,T,E]"
+        )
+    if slopes.shape != (q.shape[1],):
+        raise ValueError(
+            f"lightning_attention: slopes shape {tuple(slopes.shape)}, expected ({q.shape[1]},)"
+        )
+    B, H, _, D = q.shape
+    if initial_state is not None and initial_state.shape != (B, H, D, v.shape[-1]):
+        raise ValueError(
+            f"lightning_attention: initial_state shape {tuple(initial_state.shape)}, "
+            f"expected {(B, H, D, v.shape[-1])}"
+        )
 
 
 def lightning_attention(
@@ -25,20 +48,54 @@ def lightning_attention(
     k_BHTD: torch.Tensor,
     v_BHTE: torch.Tensor,
     slopes_H: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
     block: int = 64,
-) -> torch.Tensor:
-    """o_t = sum_{j<=t} exp(-s_h (t-j)) (q_t . k_j) v_j for q, k [B,H,T,D], v [B,H,T,E].
+    backend: str = "auto",
+):
+    """o_t = sum_{j<=t, same document} exp(-s_h (t-j)) (q_t . k_j) v_j  (+ the decayed
+    ``initial_state`` [B,H,D,E], which the first document of each row continues).
 
-    ``slopes_H`` holds s_h >= 0 per head (0 = no decay).
+    q, k [B,H,T,D], v [B,H,T,E]; ``slopes_H`` holds s_h >= 0 (0 = no decay). Document
+    boundaries come as ``cu_seqlens`` or ``doc_ids`` (see kernels/docs.py). Returns o, or
+    (o, final state in float32) with ``return_state``.
     """
-    if q_BHTD.dim() != 4 or k_BHTD.shape != q_BHTD.shape or v_BHTE.shape[:3] != q_BHTD.shape[:3]:
-        raise ValueError(
-            f"lightning_attention: q {tuple(q_BHTD.shape)}, k {tuple(k_BHTD.shape)}, "
-            f"v {tuple(v_BHTE.shape)}; expected q, k [B,H,T,D] and v [B,H,T,E]"
-        )
-    if slopes_H.shape != (q_BHTD.shape[1],):
-        raise ValueError(
-            f"lightning_attention: slopes shape {tuple(slopes_H.shape)}, "
-            f"expected ({q_BHTD.shape[1]},)"
-        )
-    return lightning_attention_chunk(q_BHTD, k_BHTD, v_BHTE, slopes_H, block=block)
+    _check(q_BHTD, k_BHTD, v_BHTE, slopes_H, initial_state)
+    B, _, T, _ = q_BHTD.shape
+    docs = resolve_doc_ids(cu_seqlens, doc_ids, B, T)
+    if backend not in BACKENDS:
+        raise ValueError(f"lightning_attention: backend {backend!r} not in {BACKENDS}")
+    if backend == "auto":
+        backend = "triton" if q_BHTD.is_cuda else "chunk"
+    args = (q_BHTD, k_BHTD, v_BHTE, slopes_H, docs, initial_state, return_state)
+    if backend == "naive":
+        return lightning_attention_naive(*args)
+    if backend == "triton":
+        from .triton import lightning_attention_triton
+
+        return lightning_attention_triton(*args, block=max(16, block))
+    return lightning_attention_chunk(*args, block=block)
+
+
+def lightning_attention_step(
+    q_BHD: torch.Tensor,
+    k_BHD: torch.Tensor,
+    v_BHE: torch.Tensor,
+    slopes_H: torch.Tensor,
+    state_BHDE: torch.Tensor | None = None,
+):
+    """One token of the recurrence: S <- lambda S + k^T v, o = q S. Returns (o, S).
+
+    The state stays float32 (the prefill returns it in float32 too).
+    """
+    B, H, D = q_BHD.shape
+    E = v_BHE.shape[-1]
+    acc = torch.promote_types(q_BHD.dtype, torch.float32)
+    S = state_BHDE.to(acc) if state_BHDE is not None else q_BHD.new_zeros(B, H, D, E, dtype=acc)
+    lam = torch.exp(-slopes_H.to(acc))[None, :, None, None]
+    S = lam * S + k_BHD.to(acc)[..., :, None] * v_BHE.to(acc)[..., None, :]
+    o = torch.einsum("bhd,bhde->bhe", q_BHD.to(acc), S)
+    return o.to(q_BHD.dtype), S

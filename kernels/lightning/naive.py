@@ -1,9 +1,12 @@
 """Reference causal linear attention with per-head exponential decay.
 
-    o_t = sum_{j <= t} lambda_h^(t - j) (q_t . k_j) v_j,   lambda_h = exp(-s_h), s_h >= 0
+    o_t = sum_{j <= t, doc(j) = doc(t)} lambda_h^(t - j) (q_t . k_j) v_j
+          + [doc(t) = doc(0)] lambda_h^(t + 1) q_t S_0,          lambda_h = exp(-s_h), s_h >= 0
 
-Written as one masked quadratic product so that it is obviously correct; it costs
-O(T^2) memory and is only for tests and tiny shapes.
+S_0 is an optional initial state [B, H, D, E] that the first document of each row continues
+(the sequence-parallel schemes and generation hand one in); the final state is the state after
+the last token, of the last document. Written as one masked quadratic product so that it is
+obviously correct; O(T^2) memory, for tests and tiny shapes only.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import torch
 def decay_mask(slopes_H: torch.Tensor, T: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """D[h, t, j] = exp(-s_h (t - j)) for j <= t, else 0. Shape [H, T, T].
 
-    The exponent is formed before masking with -inf so that large (t - j) * s never
-    produces exp(+big) for the upper triangle.
+    The exponent is masked with -inf before exp so that the upper triangle never forms
+    exp(+big) under strong decay.
     """
     idx = torch.arange(T, device=slopes_H.device, dtype=dtype)
     dist_TT = idx[:, None] - idx[None, :]
@@ -25,33 +28,79 @@ def decay_mask(slopes_H: torch.Tensor, T: int, dtype: torch.dtype = torch.float3
 
 
 def lightning_attention_naive(
-    q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTE: torch.Tensor, slopes_H: torch.Tensor
-) -> torch.Tensor:
-    """Causal decayed linear attention, quadratic form, in float32 (float64 if given)."""
+    q_BHTD: torch.Tensor,
+    k_BHTD: torch.Tensor,
+    v_BHTE: torch.Tensor,
+    slopes_H: torch.Tensor,
+    doc_ids_BT: torch.Tensor | None = None,
+    initial_state_BHDE: torch.Tensor | None = None,
+    return_state: bool = False,
+):
+    """Quadratic form, in float32 (float64 if given). Returns o, or (o, final_state)."""
     dtype = torch.promote_types(q_BHTD.dtype, torch.float32)
     q, k, v = (x.to(dtype) for x in (q_BHTD, k_BHTD, v_BHTE))
-    D_HTT = decay_mask(slopes_H, q.shape[2], dtype)
-    scores_BHTT = torch.einsum("bhtd,bhjd->bhtj", q, k) * D_HTT
-    out = torch.einsum("bhtj,bhje->bhte", scores_BHTT, v)
-    return out.to(q_BHTD.dtype)
+    B, H, T, _ = q.shape
+    D_HTT = decay_mask(slopes_H, T, dtype)[None]
+    if doc_ids_BT is not None:
+        same_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
+        D_HTT = D_HTT * same_BTT[:, None].to(dtype)
+    scores = torch.einsum("bhtd,bhjd->bhtj", q, k) * D_HTT
+    out = torch.einsum("bhtj,bhje->bhte", scores, v)
+    lam_H = torch.exp(-slopes_H.to(dtype))
+    t = torch.arange(T, device=q.device, dtype=dtype)
+    if doc_ids_BT is not None:
+        first_BT = (doc_ids_BT == doc_ids_BT[:, :1]).to(dtype)
+        last_BT = (doc_ids_BT == doc_ids_BT[:, -1:]).to(dtype)
+    else:
+        first_BT = last_BT = torch.ones(B, T, dtype=dtype, device=q.device)
+    if initial_state_BHDE is not None:
+        S0 = initial_state_BHDE.to(dtype)
+        q_decay = lam_H[:, None] ** (t + 1)  # [H, T]
+        out = (
+            out
+            + torch.einsum("bhtd,bhde->bhte", q * q_decay[None, :, :, None], S0)
+            * first_BT[:, None, :, None]
+        )
+    out = out.to(q_BHTD.dtype)
+    if not return_state:
+        return out
+    k_decay = (lam_H[:, None] ** (T - 1 - t))[None] * last_BT[:, None]  # [B, H, T]
+    state = torch.einsum("bhtd,bhte->bhde", k * k_decay[..., None], v)
+    if initial_state_BHDE is not None:
+        carried = (doc_ids_BT[:, 0] == doc_ids_BT[:, -1]) if doc_ids_BT is not None else None
+        c = lam_H**T
+        c = c[None, :] * (carried[:, None].to(dtype) if carried is not None else 1.0)
+        state = state + c[..., None, None] * initial_state_BHDE.to(dtype)
+    return out, state
 
 
 def lightning_attention_recurrent(
-    q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTE: torch.Tensor, slopes_H: torch.Tensor
-) -> torch.Tensor:
-    """The same operator as a token-by-token recurrence S_t = lambda S_{t-1} + k_t^T v_t.
-
-    A second, independent reference: the tests check the quadratic form against it.
-    """
+    q_BHTD: torch.Tensor,
+    k_BHTD: torch.Tensor,
+    v_BHTE: torch.Tensor,
+    slopes_H: torch.Tensor,
+    doc_ids_BT: torch.Tensor | None = None,
+    initial_state_BHDE: torch.Tensor | None = None,
+    return_state: bool = False,
+):
+    """The same operator as a token-by-token recurrence, S_t = lambda S_{t-1} + k_t^T v_t,
+    with S reset to 0 where a new document starts. A second, independent reference."""
     dtype = torch.promote_types(q_BHTD.dtype, torch.float32)
     B, H, T, D = q_BHTD.shape
     E = v_BHTE.shape[-1]
-    lam_H11 = torch.exp(-slopes_H.to(dtype))[:, None, None]
-    S_BHDE = q_BHTD.new_zeros(B, H, D, E, dtype=dtype)
+    lam = torch.exp(-slopes_H.to(dtype))[None, :, None, None]
+    S = (
+        initial_state_BHDE.to(dtype).clone()
+        if initial_state_BHDE is not None
+        else q_BHTD.new_zeros(B, H, D, E, dtype=dtype)
+    )
     outs = []
-    for q_t, k_t, v_t in zip(
-        q_BHTD.to(dtype).unbind(2), k_BHTD.to(dtype).unbind(2), v_BHTE.to(dtype).unbind(2)
-    ):
-        S_BHDE = lam_H11 * S_BHDE + k_t[..., :, None] * v_t[..., None, :]
-        outs.append(torch.einsum("bhd,bhde->bhe", q_t, S_BHDE))
-    return torch.stack(outs, dim=2).to(q_BHTD.dtype)
+    qs, ks, vs = (x.to(dtype).unbind(2) for x in (q_BHTD, k_BHTD, v_BHTE))
+    for t in range(T):
+        if doc_ids_BT is not None and t > 0:
+            keep = (doc_ids_BT[:, t] == doc_ids_BT[:, t - 1]).to(dtype)[:, None, None, None]
+            S = S * keep
+        S = lam * S + ks[t][..., :, None] * vs[t][..., None, :]
+        outs.append(torch.einsum("bhd,bhde->bhe", qs[t], S))
+    out = torch.stack(outs, dim=2).to(q_BHTD.dtype)
+    return (out, S) if return_state else out
