@@ -1,0 +1,68 @@
+"""The SSM convolution kernels of H3, and their recurrences.
+
+H3 applies two state-space models as long convolutions (Fu et al., 2023):
+  * the shift SSM: A is the shift matrix and B = e_1, so the state is the last N inputs and
+    the kernel is just the learned C, k[n] = C[n] for n < N and 0 after;
+  * the diagonal SSM (S4D): diagonal complex A (in conjugate pairs, of which N/2 are kept),
+    zero-order-hold discretisation with step dt:
+        A_bar = exp(dt A),  B_bar = (exp(dt A) - 1) / A,
+        x_t = A_bar x_{t-1} + B_bar u_t,  y_t = 2 Re(C . x_t),
+    whose convolution kernel is k[l] = 2 Re(sum_s C_s B_bar_s A_bar_s^l).
+The kernels feed ``long_conv`` (FFT); the recurrences are the step forms for generation and
+the references the FFT path is tested against. The parameterisation (how A, C, dt are stored
+and initialised) belongs to the H3 model family.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shift_ssm_kernel(C_CN: torch.Tensor, L: int) -> torch.Tensor:
+    """[C, N] -> [C, L]: the shift SSM's kernel is its C, zero beyond the state size."""
+    N = C_CN.shape[1]
+    if N >= L:
+        return C_CN[:, :L]
+    return torch.nn.functional.pad(C_CN, (0, L - N))
+
+
+def _discretise(log_dt_C, A_CS, C_CS):
+    dt = log_dt_C.exp().to(A_CS.real.dtype)[:, None]
+    dtA = dt * A_CS
+    A_bar = torch.exp(dtA)
+    B_bar = (A_bar - 1) / A_CS
+    return A_bar, B_bar * C_CS
+
+
+def diag_ssm_kernel(
+    log_dt_C: torch.Tensor, A_CS: torch.Tensor, C_CS: torch.Tensor, L: int
+) -> torch.Tensor:
+    """S4D kernel [C, L] from log step sizes [C], complex A and C [C, N/2]."""
+    A_bar, CB = _discretise(log_dt_C, A_CS, C_CS)
+    l = torch.arange(L, device=A_CS.device, dtype=A_CS.real.dtype)
+    powers = torch.exp(torch.log(A_bar)[..., None] * l)  # A_bar^l, [C, S, L]
+    return 2 * torch.einsum("cs,csl->cl", CB, powers).real
+
+
+def diag_ssm_step(
+    u_BC: torch.Tensor,
+    log_dt_C: torch.Tensor,
+    A_CS: torch.Tensor,
+    C_CS: torch.Tensor,
+    state_BCS: torch.Tensor | None = None,
+):
+    """One token of the diagonal SSM: returns (y [B, C], complex state [B, C, S])."""
+    A_bar, B_bar = _discretise(log_dt_C, A_CS, torch.ones_like(C_CS))
+    if state_BCS is None:
+        state_BCS = torch.zeros(u_BC.shape[0], *A_CS.shape, dtype=A_CS.dtype, device=u_BC.device)
+    x = A_bar[None] * state_BCS + B_bar[None] * u_BC.to(A_CS.real.dtype)[..., None]
+    y = 2 * (x * C_CS[None]).sum(-1).real
+    return y.to(u_BC.dtype), x
+
+
+def shift_ssm_step(u_BC: torch.Tensor, C_CN: torch.Tensor, state_BCN: torch.Tensor | None = None):
+    """One token of the shift SSM: the state is the last N inputs, newest first."""
+    if state_BCN is None:
+        state_BCN = u_BC.new_zeros(*u_BC.shape, C_CN.shape[1])
+    x = torch.cat([u_BC[..., None], state_BCN[..., :-1]], dim=-1)
+    return (x * C_CN[None]).sum(-1), x

@@ -1,0 +1,144 @@
+"""Short depthwise and long (FFT) causal convolutions, and H3's SSM kernels: every path equals
+the direct-sum reference (outputs and gradients, fp32 vs float64, rel 1e-5); the FFT path with
+an SSM kernel equals that SSM's recurrence; packed documents equal documents one by one."""
+
+import pytest
+import torch
+
+from plait.kernels.longconv import (
+    diag_ssm_kernel,
+    diag_ssm_step,
+    long_conv,
+    long_conv_naive,
+    shift_ssm_kernel,
+    shift_ssm_step,
+)
+from plait.kernels.shortconv import short_conv, short_conv_naive, short_conv_step
+from tests.helpers import assert_rel_close
+from tests.kernels.conftest import random_doc_ids, requires_triton, triton_device
+
+TOL = 1e-5
+
+
+def _short(backend, seed, T, K, docs, device="cpu", B=2, C=24):
+    g = torch.Generator().manual_seed(seed)
+    x, dy = torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
+    w, b = torch.randn(C, K, generator=g), torch.randn(C, generator=g)
+    doc_ids = random_doc_ids(B, T, 0.05, seed) if docs else None
+    leaves = [t.detach().clone().to(device).requires_grad_() for t in (x, w, b)]
+    y = short_conv(
+        *leaves, doc_ids=None if doc_ids is None else doc_ids.to(device), backend=backend
+    )
+    (y * dy.to(device)).sum().backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = short_conv_naive(*ref_leaves, doc_ids)
+    (ref * dy.double()).sum().backward()
+    assert_rel_close(y.cpu(), ref, TOL, "output")
+    for name, a, r in zip(["x", "w", "bias"], leaves, ref_leaves):
+        assert_rel_close(a.grad.cpu(), r.grad, TOL, f"d{name}")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("T", [1, 63, 64, 257, 1000])
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("docs", [False, True])
+def test_short_conv_chunk(seed, T, K, docs):
+    _short("chunk", seed, T, K, docs)
+
+
+@requires_triton
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("T", [1, 63, 100])
+@pytest.mark.parametrize("docs", [False, True])
+def test_short_conv_triton(seed, T, docs):
+    _short("triton", seed, T, 4, docs, device=triton_device(), C=40)
+
+
+def test_short_conv_matches_torch_conv1d():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 30, 8, generator=g), torch.randn(8, 4, generator=g)
+    conv = torch.nn.Conv1d(8, 8, 4, groups=8, padding=3, bias=False)
+    conv.weight.data = w[:, None, :]
+    expected = conv(x.transpose(1, 2))[..., :30].transpose(1, 2)
+    torch.testing.assert_close(short_conv_naive(x, w), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_short_conv_steps_equal_full():
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(2, 20, 8, generator=g), torch.randn(8, 3, generator=g), torch.randn(8)
+    full = short_conv(x, w, b)
+    state, outs = None, []
+    for t in range(20):
+        y, state = short_conv_step(x[:, t], w, b, state)
+        outs.append(y)
+    torch.testing.assert_close(torch.stack(outs, 1), full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("T", [1, 63, 64, 257, 1000])
+@pytest.mark.parametrize("L", ["T", "short"])
+@pytest.mark.parametrize("docs", [False, True])
+def test_long_conv_fft(seed, T, L, docs):
+    g = torch.Generator().manual_seed(seed)
+    B, C = 2, 3
+    u, dy = torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
+    k = torch.randn(C, T if L == "T" else 7, generator=g) / T**0.5
+    doc_ids = random_doc_ids(B, T, 0.02, seed) if docs else None
+    leaves = [t.detach().clone().requires_grad_() for t in (u, k)]
+    y = long_conv(*leaves, doc_ids=doc_ids)
+    (y * dy).sum().backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (u, k)]
+    ref = long_conv(*ref_leaves, doc_ids=doc_ids, backend="naive")
+    (ref * dy.double()).sum().backward()
+    assert_rel_close(y, ref, TOL, "output")
+    for name, a, r in zip(["u", "k"], leaves, ref_leaves):
+        assert_rel_close(a.grad, r.grad, TOL, f"d{name}")
+
+
+def test_long_conv_packed_equals_one_by_one():
+    g = torch.Generator().manual_seed(3)
+    u, k = torch.randn(1, 40, 2, generator=g), torch.randn(2, 40, generator=g)
+    packed = long_conv(u, k, cu_seqlens=torch.tensor([0, 13, 14, 40]))
+    for a, b in [(0, 13), (13, 14), (14, 40)]:
+        alone = long_conv_naive(u[:, a:b], k[:, : b - a])
+        torch.testing.assert_close(packed[:, a:b], alone, rtol=1e-5, atol=1e-5)
+
+
+def _diag_params(C=3, S=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    log_dt = torch.randn(C, **f64) * 0.5 - 2
+    A = torch.complex(-torch.rand(C, S, **f64) - 0.1, torch.randn(C, S, **f64) * 3)
+    Cc = torch.complex(torch.randn(C, S, **f64), torch.randn(C, S, **f64))
+    return log_dt, A, Cc
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_diag_ssm_fft_equals_recurrence(seed):
+    log_dt, A, Cc = _diag_params(seed=seed)
+    u = torch.randn(2, 70, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    y = long_conv(u, diag_ssm_kernel(log_dt, A, Cc, 70))
+    state, outs = None, []
+    for t in range(70):
+        y_t, state = diag_ssm_step(u[:, t], log_dt, A, Cc, state)
+        outs.append(y_t)
+    assert_rel_close(y, torch.stack(outs, 1), 1e-12, "diag SSM")
+
+
+def test_shift_ssm_fft_equals_recurrence():
+    g = torch.Generator().manual_seed(0)
+    C_shift = torch.randn(3, 8, dtype=torch.float64, generator=g)
+    u = torch.randn(2, 30, 3, dtype=torch.float64, generator=g)
+    y = long_conv(u, shift_ssm_kernel(C_shift, 30))
+    state, outs = None, []
+    for t in range(30):
+        y_t, state = shift_ssm_step(u[:, t], C_shift, state)
+        outs.append(y_t)
+    assert_rel_close(y, torch.stack(outs, 1), 1e-12, "shift SSM")
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="expected x \\[B,T,C\\], w \\[C,K\\]"):
+        short_conv(torch.zeros(1, 4, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="expected u \\[B,T,C\\], k \\[C,L\\]"):
+        long_conv(torch.zeros(1, 4, 3), torch.zeros(2, 3))
