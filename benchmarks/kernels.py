@@ -27,6 +27,7 @@ from plait.kernels.lightning import lightning_attention  # noqa: E402
 from plait.kernels.longconv import long_conv  # noqa: E402
 from plait.kernels.shortconv import short_conv  # noqa: E402
 from plait.kernels.swa import swa  # noqa: E402
+from plait.parallel.runtime import tune_cpu_allocator  # noqa: E402
 
 H, D, FEAT, WINDOW = 8, 64, 16, 256
 
@@ -91,7 +92,9 @@ def run_cpu(lengths: list[int], reps: int) -> str:
             "Command: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/kernels.py`  ",
             f"Machine: {machine()}  ",
             f"Shapes: batch 1, {H} heads, head dim {D}, fp32; Based feature dim {FEAT}; "
-            f"convolutions over {H * D} channels. Best of {reps} runs (SDPA at >= 8K: 1 run).",
+            f"convolutions over {H * D} channels. Best of {reps} runs (SDPA at >= 8K: 1 run). "
+            "The process runs with the trainer's CPU allocator setting "
+            "(`plait.parallel.runtime.tune_cpu_allocator`).",
             "",
             *lines,
             "",
@@ -150,6 +153,7 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     a = p.parse_args()
     if a.device == "cpu":
+        tune_cpu_allocator()  # as the trainer does on CPU (parallel/runtime.py says why)
         body = run_cpu(a.lengths or [1024, 2048, 4096, 8192, 16384], a.reps)
         section = "kernels-cpu"
     else:

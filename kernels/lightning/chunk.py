@@ -88,8 +88,10 @@ class _Tables:
 
 
 def _blocks(x: torch.Tensor, seg: _Segment) -> torch.Tensor:
+    """The segment as [B, H, nb, L, F], contiguous: one copy here instead of one inside every
+    matmul that would otherwise have to flatten the non-mergeable (B, H, nb) batch dims."""
     B, H, _, F = x.shape
-    return x[:, :, seg.t0 : seg.t1].reshape(B, H, seg.nb, seg.L, F)
+    return x[:, :, seg.t0 : seg.t1].reshape(B, H, seg.nb, seg.L, F).contiguous()
 
 
 class _LightningChunk(torch.autograd.Function):
@@ -110,15 +112,15 @@ class _LightningChunk(torch.autograd.Function):
         for seg in segs:
             M, qd, kd, carry = tables(seg)
             Qg, Kg, Vg = _blocks(qa, seg), _blocks(ka, seg), _blocks(va, seg)
-            scores = torch.einsum("bhncd,bhnjd->bhncj", Qg, Kg) * M
-            o = torch.einsum("bhncj,bhnje->bhnce", scores, Vg)
-            kv = torch.einsum("bhncd,bhnce->bhnde", Kg * kd[..., None], Vg)
+            scores = (Qg @ Kg.transpose(-1, -2)).mul_(M)
+            o = scores @ Vg
+            kv = (Kg * kd[..., None]).transpose(-1, -2) @ Vg
             seg_states = []
             for j, kv_j in enumerate(kv.unbind(2)):
                 seg_states.append(S)
                 S = carry[:, :, j, None, None] * S + kv_j
             St = torch.stack(seg_states, dim=2)
-            o = o + torch.einsum("bhncd,bhnde->bhnce", Qg * qd[..., None], St)
+            o += (Qg * qd[..., None]) @ St
             outs.append(o.reshape(B, H, seg.nb * seg.L, E))
             states.append(St)
         ctx.save_for_backward(q, k, v, slopes, doc_ids, torch.cat(states, dim=2))
@@ -146,25 +148,21 @@ class _LightningChunk(torch.autograd.Function):
             M, qd, kd, carry = tables(seg)
             Qg, Kg, Vg, dOg = (_blocks(x, seg) for x in (qa, ka, va, do))
             St = all_states[:, :, seg.blk0 : seg.blk0 + seg.nb]
-            qdo = torch.einsum("bhncd,bhnce->bhnde", Qg * qd[..., None], dOg)
+            qdo = (Qg * qd[..., None]).transpose(-1, -2) @ dOg
             dSn = [None] * seg.nb
             for j in reversed(range(seg.nb)):
                 dSn[j] = dS
                 dS = carry[:, :, j, None, None] * dS + qdo[:, :, j]
             dSn = torch.stack(dSn, dim=2)
-            dP = torch.einsum("bhnce,bhnje->bhncj", dOg, Vg) * M
-            P = torch.einsum("bhncd,bhnjd->bhncj", Qg, Kg) * M
-            dQg = (
-                torch.einsum("bhncj,bhnjd->bhncd", dP, Kg)
-                + torch.einsum("bhnce,bhnde->bhncd", dOg, St) * qd[..., None]
-            )
-            dKg = (
-                torch.einsum("bhncj,bhncd->bhnjd", dP, Qg)
-                + torch.einsum("bhnce,bhnde->bhncd", Vg, dSn) * kd[..., None]
-            )
-            dVg = torch.einsum("bhncj,bhnce->bhnje", P, dOg) + torch.einsum(
-                "bhncd,bhnde->bhnce", Kg * kd[..., None], dSn
-            )
+            dP = (dOg @ Vg.transpose(-1, -2)).mul_(M)
+            P = (Qg @ Kg.transpose(-1, -2)).mul_(M)
+            # in-place accumulation: every fresh large tensor costs page faults on CPU
+            dQg = dP @ Kg
+            dQg += (dOg @ St.transpose(-1, -2)).mul_(qd[..., None])
+            dKg = dP.transpose(-1, -2) @ Qg
+            dKg += (Vg @ dSn.transpose(-1, -2)).mul_(kd[..., None])
+            dVg = P.transpose(-1, -2) @ dOg
+            dVg += (Kg * kd[..., None]) @ dSn
             n = seg.nb * seg.L
             dq[:, :, seg.t0 : seg.t1] = dQg.reshape(B, H, n, D)
             dk[:, :, seg.t0 : seg.t1] = dKg.reshape(B, H, n, D)

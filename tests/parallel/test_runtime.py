@@ -70,3 +70,14 @@ def test_world_size_must_fit_layout():
     with pytest.raises(ParallelConfigError, match="does not divide the world size 6"):
         ParallelConfig(tensor_parallel=4).data_parallel(6)
     assert ParallelConfig(tensor_parallel=2).data_parallel(8) == 4
+
+
+def test_cpu_allocator_tuning_applies_on_glibc():
+    import platform
+
+    from plait.parallel.runtime import tune_cpu_allocator
+
+    applied = tune_cpu_allocator()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied
+    assert tune_cpu_allocator() == applied  # idempotent
