@@ -142,3 +142,13 @@ def test_bad_shapes_are_named():
         short_conv(torch.zeros(1, 4, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="expected u \\[B,T,C\\], k \\[C,L\\]"):
         long_conv(torch.zeros(1, 4, 3), torch.zeros(2, 3))
+
+
+def test_short_conv_packed_equals_one_by_one():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(1, 30, 6, generator=g), torch.randn(6, 4, generator=g)
+    packed = short_conv(x, w, cu_seqlens=torch.tensor([0, 2, 3, 30]))
+    for a, b in [(0, 2), (2, 3), (3, 30)]:
+        torch.testing.assert_close(
+            packed[:, a:b], short_conv_naive(x[:, a:b], w), rtol=1e-5, atol=1e-6
+        )
