@@ -1,8 +1,8 @@
-"""Typed data configuration."""
+"""Typed data configuration of a training run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -12,22 +12,39 @@ class DataConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    datasets: list[str] = field(default_factory=list)
+    """Prepared dataset directories (``python -m plait.data.prepare``) to train on; empty means
+    prepare ``corpus`` into <out_dir>/data first (rank 0, reused when unchanged)."""
+    weights: list[float] = field(default_factory=list)
+    """Blend weights, one per dataset (default: equal)."""
     corpus: str = ""
-    """A JSON-lines file with one document per line; empty means the bundled corpus
-    (Bierce's "The Devil's Dictionary", public domain: data/corpus/README.md)."""
+    """Source for the automatic preparation: a file, a directory or hf:NAME; empty means the
+    bundled corpus (Bierce's "The Devil's Dictionary", public domain: data/corpus/README.md)."""
     text_field: str = "text"
-    """The JSON key that holds each document's text."""
+    """The field of each record that holds its text."""
     tokenizer: str = ""
-    """An existing sentencepiece .model to use; empty means train one on the corpus."""
+    """An existing sentencepiece .model for the automatic preparation; empty: train one."""
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 2048
-    """Vocabulary of a tokenizer trained here."""
+    """Vocabulary of a tokenizer trained by the automatic preparation."""
+    prepare_workers: int = 1
+    """Tokenizer processes of the automatic preparation."""
+    docs_per_shard: int = 2000
+    on_decode_error: Literal["error", "replace"] = "error"
+    """Undecodable bytes in the corpus: stop with file:line, or replace them and count."""
     seq_len: int = 128
-    """Tokens per training sequence (documents are packed, separated by the EOS token)."""
+    """Tokens per training sequence (documents are packed, separated by EOS)."""
     val_fraction: float = 0.05
-    """Fraction of documents held out for validation (chosen by a seeded draw)."""
+    """Fraction of documents held out for validation (seeded draw per document)."""
     seed: int = 1234
-    """Seed of the document split and of the per-epoch sample order."""
+    """Seed of the split, of the per-epoch sample order and of the blend."""
+    document_masking: bool = True
+    """Hand document boundaries to the model: linear layers reset their state, attention is
+    masked, and positions restart at every document."""
+    warmup_seq_len: int = 0
+    """Sequence-length warmup: start at this length (0: off), doubling up to seq_len..."""
+    warmup_seq_len_steps: int = 0
+    """...over this many optimizer steps (tokens per step stay constant)."""
 
     def validate(self) -> None:
         if self.seq_len < 1:
@@ -38,3 +55,18 @@ class DataConfig:
             raise DataConfigError(f"vocab_size: must be >= 64, got {self.vocab_size}")
         if not self.text_field:
             raise DataConfigError("text_field: must not be empty")
+        if self.weights and len(self.weights) != len(self.datasets):
+            raise DataConfigError(
+                f"weights: {len(self.weights)} weights for {len(self.datasets)} datasets"
+            )
+        if any(w < 0 for w in self.weights):
+            raise DataConfigError(f"weights: must be >= 0, got {self.weights}")
+        if self.prepare_workers < 1 or self.docs_per_shard < 1:
+            raise DataConfigError("prepare_workers and docs_per_shard must be >= 1")
+        if self.warmup_seq_len:
+            ratio = self.seq_len // self.warmup_seq_len
+            if self.seq_len % self.warmup_seq_len or ratio & (ratio - 1):
+                raise DataConfigError(
+                    f"warmup_seq_len: {self.warmup_seq_len} must be seq_len {self.seq_len} "
+                    "divided by a power of two"
+                )

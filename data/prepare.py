@@ -1,123 +1,280 @@
-"""Turn a corpus into tokenizer + packed token arrays, cached by content.
+"""Preparation: corpus -> tokenizer -> tokenized, sharded, memory-mapped datasets.
 
-The skeleton's minimal version of the data pipeline (the data issue replaces the arrays
-with sharded, headered, memory-mapped files and multi-worker preparation): documents are
-read, split into train/validation by a seeded draw, tokenized, and each followed by the
-EOS token; the two token streams are saved as .npy files beside a meta.json that records
-the cache key (corpus hash, tokenizer hash, split settings). A second run with the same
-inputs reuses them; any change rebuilds. Files are written to temporary names and renamed,
-so an interrupted preparation never leaves a file that looks complete.
+    python -m plait.data.prepare --source docs/ --out runs/data/c --vocab-size 32000 --workers 8
+
+Writes ``<out>/tokenizer.model`` (trained on the first ``tokenizer_sample_docs`` non-empty
+documents, unless an existing model is given), ``<out>/train/shard-NNNNN.bin`` and
+``<out>/val/shard-NNNNN.bin`` (see shards.py), and ``<out>/manifest.json``.
+
+Determinism and resume: the input is read in chunks of ``docs_per_shard`` records; chunk c
+becomes shard c of each split, every document going to validation by a draw seeded with
+(seed, c). The manifest is rewritten atomically after every finished chunk and lists the
+finished shards, so an interrupted preparation restarted with the same settings keeps them,
+skips their records, and redoes only the unfinished chunk (whose ``.tmp`` file is never
+taken for a shard). Empty documents are dropped and counted; undecodable bytes stop the run
+with file:line, or are replaced and counted (``on_decode_error="replace"``).
+Tokenization runs in ``workers`` processes (at most two chunks in flight per worker, so
+memory stays bounded on corpora larger than memory) with a progress bar.
 """
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
+import multiprocessing as mp
 import os
-from dataclasses import dataclass
+import shutil
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .config import DataConfig
-from .corpus import read_documents, resolve_corpus
+from .ingest import IngestStats, fingerprint, iter_documents
+from .shards import Shard, ShardError, token_dtype, write_shard
 from .tokenizer import Tokenizer, train_tokenizer
 
-
-@dataclass(frozen=True)
-class PreparedData:
-    tokenizer: Tokenizer
-    train_path: Path
-    val_path: Path
-    meta: dict
-
-    def load(self, split: str) -> np.ndarray:
-        return np.load(self.train_path if split == "train" else self.val_path, mmap_mode="r")
+MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+@dataclass
+class PrepareConfig:
+    source: str
+    """A file, a directory, or hf:NAME[:SPLIT]."""
+    out: str
+    """Output directory."""
+    text_field: str = "text"
+    tokenizer: str = ""
+    """Existing sentencepiece model; empty: train one."""
+    tokenizer_type: str = "bpe"
+    vocab_size: int = 2048
+    special_tokens: list[str] = field(default_factory=list)
+    """User-defined symbols added to a trained tokenizer."""
+    tokenizer_sample_docs: int = 200_000
+    workers: int = 1
+    docs_per_shard: int = 10_000
+    val_fraction: float = 0.01
+    seed: int = 1234
+    on_decode_error: str = "error"
+    show_progress: bool = True
+
+    def key(self, tokenizer_sha256: str) -> dict:
+        """What must match for finished shards to be reused."""
+        return {
+            "source": fingerprint(self.source),
+            "text_field": self.text_field,
+            "tokenizer_sha256": tokenizer_sha256,
+            "docs_per_shard": self.docs_per_shard,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+            "on_decode_error": self.on_decode_error,
+        }
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
+def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
+    tmp.write_text(json.dumps(obj, indent=1))
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _split_is_val(n_docs: int, fraction: float, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).random(n_docs) < fraction
-
-
-def prepare(cfg: DataConfig, work_dir: str | Path, show_progress: bool = True) -> PreparedData:
-    """Build (or reuse) the tokenizer and token arrays under ``work_dir``. Single process:
-    the launcher runs it on rank 0 and the other ranks wait at a barrier, then ``open``."""
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    corpus = resolve_corpus(cfg.corpus)
-    corpus_hash = _sha256(corpus)
-
-    docs = list(read_documents(corpus, cfg.text_field))
-    empty = sum(1 for d in docs if not d.strip())
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise ValueError(f"data.corpus: {corpus} holds no non-empty document")
-
+def _tokenizer(cfg: PrepareConfig, out: Path) -> Tokenizer:
     if cfg.tokenizer:
-        tok = Tokenizer(cfg.tokenizer)
-    else:
-        spec = f"{corpus_hash}:{cfg.tokenizer_type}:{cfg.vocab_size}:{cfg.text_field}"
-        tok_path = work_dir / f"tokenizer-{hashlib.sha256(spec.encode()).hexdigest()[:12]}.model"
-        if tok_path.is_file():
-            tok = Tokenizer(tok_path)
+        src = Path(cfg.tokenizer)
+        dst = out / "tokenizer.model"
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            shutil.copyfile(src, dst)
+        return Tokenizer(dst)
+    path = out / "tokenizer.model"
+    spec = {
+        "source": fingerprint(cfg.source), "type": cfg.tokenizer_type, "vocab": cfg.vocab_size,
+        "special": cfg.special_tokens, "sample": cfg.tokenizer_sample_docs,
+        "field": cfg.text_field,
+    }  # fmt: skip
+    spec_path = out / "tokenizer.spec.json"
+    if path.exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec:
+        return Tokenizer(path)
+
+    def sample():
+        n = 0
+        for _, text in iter_documents(cfg.source, cfg.text_field, cfg.on_decode_error):
+            if text.strip():
+                yield text
+                n += 1
+                if n >= cfg.tokenizer_sample_docs:
+                    return
+
+    # Materialised first (sentencepiece holds its sample in memory anyway), so that an input
+    # error surfaces as itself rather than wrapped by sentencepiece's trainer.
+    texts = list(sample())
+    tok = train_tokenizer(
+        texts, path, cfg.vocab_size, cfg.tokenizer_type, tuple(cfg.special_tokens)
+    )
+    _write_json_atomic(spec_path, spec)
+    return tok
+
+
+_WORKER_SP = None
+
+
+def _init_worker(model_bytes: bytes) -> None:
+    import sentencepiece as spm
+
+    global _WORKER_SP
+    _WORKER_SP = spm.SentencePieceProcessor(model_proto=model_bytes)
+
+
+def _tokenize(texts: list[str], eos: int, dtype: str) -> list[np.ndarray]:
+    ids = _WORKER_SP.encode(texts)
+    return [np.asarray([*x, eos], dtype=dtype) for x in ids]
+
+
+def _chunks(cfg: PrepareConfig, skip_records: int, stats: IngestStats):
+    """Yield (chunk index, texts of its non-empty records, empty count) in input order."""
+    c, texts, empty, n = skip_records // cfg.docs_per_shard, [], 0, 0
+    for i, text in iter_documents(cfg.source, cfg.text_field, cfg.on_decode_error, stats):
+        if i < skip_records:
+            continue
+        if text.strip():
+            texts.append(text)
         else:
-            tok = train_tokenizer(docs, tok_path, cfg.vocab_size, cfg.tokenizer_type)
+            empty += 1
+        n += 1
+        if n == cfg.docs_per_shard:
+            yield c, texts, empty, n
+            c, texts, empty, n = c + 1, [], 0, 0
+    if n:
+        yield c, texts, empty, n
 
-    key = {
-        "corpus_sha256": corpus_hash,
-        "tokenizer_sha256": tok.sha256,
-        "text_field": cfg.text_field,
-        "val_fraction": cfg.val_fraction,
-        "seed": cfg.seed,
-    }
-    meta_path = work_dir / "tokens.meta.json"
-    train_path, val_path = work_dir / "train.npy", work_dir / "val.npy"
-    if meta_path.is_file() and train_path.is_file() and val_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key:
-            return PreparedData(tok, train_path, val_path, meta)
 
-    is_val = _split_is_val(len(docs), cfg.val_fraction, cfg.seed)
-    streams: dict[bool, list[int]] = {False: [], True: []}
-    for doc, val in zip(
-        tqdm(docs, desc="tokenizing", unit="doc", disable=not show_progress), is_val
-    ):
-        streams[bool(val)].extend(tok.encode(doc))
-        streams[bool(val)].append(tok.eos_id)
-    dtype = np.uint16 if tok.vocab_size < 2**16 else np.int32
-    meta_path.unlink(missing_ok=True)  # the meta file is the completion marker: written last
-    _save_npy(train_path, np.asarray(streams[False], dtype=dtype))
-    _save_npy(val_path, np.asarray(streams[True], dtype=dtype))
-    meta = {
-        "key": key,
-        "documents": {
-            "train": int((~is_val).sum()),
-            "val": int(is_val.sum()),
-            "empty_dropped": empty,
-        },
-        "tokens": {"train": len(streams[False]), "val": len(streams[True])},
-        "vocab_size": tok.vocab_size,
-        "tokenizer": str(tok.path),
+def prepare_corpus(cfg: PrepareConfig) -> dict:
+    """Run (or resume, or reuse) a preparation; returns the manifest."""
+    if cfg.workers < 1 or cfg.docs_per_shard < 1 or not 0 <= cfg.val_fraction < 1:
+        raise ValueError("prepare: need workers >= 1, docs_per_shard >= 1, 0 <= val_fraction < 1")
+    out = Path(cfg.out)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    (out / "val").mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(cfg, out)
+    key = cfg.key(tok.sha256)
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    if manifest and manifest.get("key") == key and manifest.get("complete"):
+        return manifest
+    if not manifest or manifest.get("key") != key:
+        manifest = {
+            "format": "plait-shards",
+            "version": 1,
+            "key": key,
+            "chunks": [],
+            "complete": False,
+        }
+    manifest.update(
+        tokenizer="tokenizer.model", tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size,
+        eos_id=tok.eos_id,
+    )  # fmt: skip
+    manifest["chunks"] = _verified_prefix(out, manifest["chunks"], tok.sha256)
+    done = len(manifest["chunks"])
+    dtype = token_dtype(tok.vocab_size)
+    stats = IngestStats()
+    bar = tqdm(
+        desc="preparing",
+        unit="doc",
+        disable=not cfg.show_progress,
+        initial=done * cfg.docs_per_shard,
+    )
+
+    def finish(c, docs, empty, n):
+        val = np.random.default_rng([cfg.seed, c]).random(len(docs)) < cfg.val_fraction
+        entry = {"index": c, "records": [c * cfg.docs_per_shard, c * cfg.docs_per_shard + n],
+                 "empty_dropped": empty}  # fmt: skip
+        for split, mask in (("train", ~val), ("val", val)):
+            name = f"{split}/shard-{c:05d}.bin"
+            h = write_shard(out / name, [d for d, m in zip(docs, mask) if m], tok.sha256, dtype)
+            entry[split] = {"file": name, "tokens": h.n_tokens, "docs": h.n_docs}
+        manifest["chunks"].append(entry)
+        _write_json_atomic(manifest_path, manifest)
+        bar.update(n)
+
+    model_bytes = tok.path.read_bytes()
+    work = _chunks(cfg, done * cfg.docs_per_shard, stats)
+    if cfg.workers == 1:
+        _init_worker(model_bytes)
+        for c, texts, empty, n in work:
+            finish(c, _tokenize(texts, tok.eos_id, dtype.name), empty, n)
+    else:
+        with mp.get_context("fork").Pool(cfg.workers, _init_worker, (model_bytes,)) as pool:
+            pending: deque = deque()
+            for c, texts, empty, n in work:
+                # split each chunk across the workers, keep at most two chunks in flight
+                parts = [texts[i :: cfg.workers] for i in range(cfg.workers)]
+                futs = [pool.apply_async(_tokenize, (p, tok.eos_id, dtype.name)) for p in parts]
+                pending.append((c, futs, empty, n, len(texts)))
+                while len(pending) > 1:
+                    _collect(pending.popleft(), finish, cfg.workers)
+            while pending:
+                _collect(pending.popleft(), finish, cfg.workers)
+    bar.close()
+    manifest["counters"] = {
+        "records": sum(ch["records"][1] - ch["records"][0] for ch in manifest["chunks"]),
+        "empty_dropped": sum(ch["empty_dropped"] for ch in manifest["chunks"]),
+        "undecodable_replaced_this_run": stats.undecodable_replaced,
+        "tokens": {s: sum(ch[s]["tokens"] for ch in manifest["chunks"]) for s in ("train", "val")},
+        "documents": {s: sum(ch[s]["docs"] for ch in manifest["chunks"]) for s in ("train", "val")},
     }
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
-    return PreparedData(tok, train_path, val_path, meta)
+    manifest["complete"] = True
+    _write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def _collect(item, finish, workers):
+    c, futs, empty, n, count = item
+    parts = [f.get() for f in futs]
+    docs = [None] * count
+    for i, part in enumerate(parts):
+        docs[i::workers] = part
+    finish(c, docs, empty, n)
+
+
+def _verified_prefix(out: Path, chunks: list[dict], tokenizer_sha256: str) -> list[dict]:
+    """Keep the finished chunks whose shard files are present and valid, in order."""
+    kept = []
+    for i, ch in enumerate(chunks):
+        if ch.get("index") != i:
+            break
+        try:
+            for split in ("train", "val"):
+                s = Shard(out / ch[split]["file"], tokenizer_sha256)
+                if s.header.n_tokens != ch[split]["tokens"]:
+                    raise ShardError(f"{s.path}: token count differs from the manifest")
+        except (ShardError, KeyError):
+            break
+        kept.append(ch)
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m plait.data.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    for f in PrepareConfig.__dataclass_fields__.values():
+        if f.name in ("show_progress",):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "special_tokens":
+            p.add_argument(flag, nargs="*", default=[])
+        elif f.name in ("source", "out"):
+            p.add_argument(flag, required=True)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    args = p.parse_args(argv)
+    manifest = prepare_corpus(PrepareConfig(**vars(args)))
+    print(json.dumps(manifest["counters"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["PrepareConfig", "prepare_corpus"]

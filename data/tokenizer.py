@@ -70,6 +70,7 @@ def _train(texts, buf, vocab_size, model_type, user_symbols) -> None:
         vocab_size=vocab_size,
         model_type=model_type,
         byte_fallback=True,
+        hard_vocab_limit=False,  # a small corpus yields fewer pieces instead of an error
         character_coverage=1.0,
         split_digits=True,
         unk_id=0,

@@ -146,6 +146,11 @@ class Config:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -211,8 +216,8 @@ def parse_override(item: str) -> dict[str, Any]:
         raise ConfigError(f"--set {item!r}: expected dotted.key=value")
     key, raw = item.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, (dict, list)):
-        raise ConfigError(f"--set {item!r}: give one scalar per --set")
+    if isinstance(value, dict):
+        raise ConfigError(f"--set {item!r}: give a scalar or a [list] per --set")
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from plait.data.loader import PackedSequences, SequenceLoader
+from plait.data.loader import PackedSequences, SequenceLoader, warmup_length, warmup_reshape
 from plait.parallel.runtime import Runtime, data_parallel_mean
 
 from .config import Config
@@ -70,15 +70,22 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _forward(engine, b: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:
+    """Loss of one micro batch; document boundaries go to the model unless disabled."""
+    if not cfg.data.document_masking:
+        return engine(b["tokens"], b["labels"])
+    return engine(b["tokens"], b["labels"], None, b["positions"], b["doc_ids"])
+
+
 @torch.no_grad()
-def evaluate(engine, cfg: Config, rt: Runtime, val: PackedSequences) -> float:
+def evaluate(engine, cfg: Config, rt: Runtime, val) -> float:
     """Mean loss over the first ``eval_batches`` micro batches of every DP rank (fixed order)."""
     engine.eval()
     loader = SequenceLoader(val, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
     losses = []
     for _ in range(cfg.training.eval_batches):
         b = _to_device(loader.next_micro_batch(), rt.device)
-        losses.append(engine(b["tokens"], b["labels"]).float())
+        losses.append(_forward(engine, b, cfg).float())
     engine.train()
     return data_parallel_mean(torch.stack(losses).mean()).item()
 
@@ -87,9 +94,11 @@ def train_step(engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoad
     t0 = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
     losses = []
+    d = cfg.data
+    length = warmup_length(engine.global_steps, d.warmup_seq_len, d.seq_len, d.warmup_seq_len_steps)
     for _ in range(cfg.training.grad_accum):
-        b = _to_device(loader.next_micro_batch(), rt.device)
-        loss = engine(b["tokens"], b["labels"])
+        b = _to_device(warmup_reshape(loader.next_micro_batch(), length), rt.device)
+        loss = _forward(engine, b, cfg)
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from plait.data.loader import PackedSequences, SequenceLoader
-from plait.data.prepare import prepare
+from plait.data.corpus import resolve_corpus
+from plait.data.loader import BlendedSequences, PackedSequences, SequenceLoader, ShardedTokens
+from plait.data.prepare import PrepareConfig, prepare_corpus
+from plait.data.tokenizer import Tokenizer
 from plait.models.common import build_model
 from plait.parallel import runtime
 from plait.parallel.tensor_parallel import logical_numel
@@ -46,23 +48,49 @@ def _checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
 
 
+def build_data(cfg: Config, rt) -> tuple[Tokenizer, object, object | None]:
+    """Tokenizer, training sequences and validation sequences (None if the split is too
+    small). Without ``data.datasets`` rank 0 first prepares ``data.corpus`` into
+    <out_dir>/data (reused when nothing changed) while the other ranks wait."""
+    d = cfg.data
+    dirs = list(d.datasets)
+    if not dirs:
+        auto = Path(cfg.out_dir) / "data"
+        pc = PrepareConfig(
+            source=str(resolve_corpus(d.corpus)), out=str(auto), text_field=d.text_field,
+            tokenizer=d.tokenizer, tokenizer_type=d.tokenizer_type, vocab_size=d.vocab_size,
+            workers=d.prepare_workers, docs_per_shard=d.docs_per_shard,
+            val_fraction=d.val_fraction, seed=d.seed, on_decode_error=d.on_decode_error,
+            show_progress=rt.is_main,
+        )  # fmt: skip
+        if rt.is_main:
+            prepare_corpus(pc)
+        runtime.barrier()
+        dirs = [str(auto)]
+    tok = Tokenizer(Path(dirs[0]) / "tokenizer.model")
+    weights = list(d.weights) or [1.0] * len(dirs)
+
+    def split(name: str, shuffle: bool):
+        parts = []
+        for i, path in enumerate(dirs):
+            src = ShardedTokens(path, name, tok.sha256)
+            if len(src) <= d.seq_len:
+                return None
+            parts.append(PackedSequences(src, d.seq_len, d.seed + i, shuffle=shuffle))
+        return parts[0] if len(parts) == 1 else BlendedSequences(parts, weights, d.seed)
+
+    train_set = split("train", shuffle=True)
+    if train_set is None:
+        raise ValueError(f"data.seq_len: {d.seq_len} is longer than a training split in {dirs}")
+    return tok, train_set, split("val", shuffle=False)
+
+
 def train(cfg: Config) -> list[StepStats]:
     rt = runtime.initialize(cfg.parallel, cfg.training.seed)
     try:
-        work = Path(cfg.out_dir) / "data"
-        if rt.is_main:
-            prepare(cfg.data, work)
-        runtime.barrier()
-        data = prepare(cfg.data, work, show_progress=False)  # a cache hit on every rank
-        model = build_model(cfg.model, rt.tp, vocab_size=data.tokenizer.vocab_size)
+        tok, train_set, val_set = build_data(cfg, rt)
+        model = build_model(cfg.model, rt.tp, vocab_size=tok.vocab_size)
         engine, _, scheduler = build_engine(model, cfg, rt)
-        train_set = PackedSequences(data.load("train"), cfg.data.seq_len, cfg.data.seed)
-        val_tokens = data.load("val")
-        val_set = (
-            PackedSequences(val_tokens, cfg.data.seq_len, cfg.data.seed, shuffle=False)
-            if len(val_tokens) > cfg.data.seq_len
-            else None
-        )
         loader = SequenceLoader(train_set, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
 
         ckpt_dir = _checkpoint_dir(cfg)
@@ -81,7 +109,7 @@ def train(cfg: Config) -> list[StepStats]:
             print(
                 f"plait: {cfg.model.pattern} ({cfg.model.num_layers} layers, "
                 f"d={cfg.model.hidden_size}), "
-                f"~{n_params / 1e6:.2f}M params, vocab {data.tokenizer.vocab_size}, "
+                f"~{n_params / 1e6:.2f}M params, vocab {tok.vocab_size}, "
                 f"{len(train_set)} train sequences of {cfg.data.seq_len} tokens; "
                 f"world {rt.world_size} (tp {rt.tp} dp {rt.dp}), {rt.device}, "
                 f"optimizer {cfg.optimizer.name}, ZeRO-{cfg.parallel.zero_stage}",

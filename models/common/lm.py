@@ -32,8 +32,10 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = GatedMLP(cfg, mp)
 
-    def forward(self, x: torch.Tensor, positions_BT: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), positions_BT)
+    def forward(
+        self, x: torch.Tensor, positions_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), positions_BT, doc_ids_BT)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -77,13 +79,16 @@ class HybridLM(nn.Module):
         labels_BT: torch.Tensor | None = None,
         loss_mask_BT: torch.Tensor | None = None,
         positions_BT: torch.Tensor | None = None,
+        doc_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``doc_ids_BT`` marks packed documents (linear layers reset, attention is masked);
+        ``positions_BT`` (rotary positions) should then restart at every document."""
         if positions_BT is None:
             T = tokens_BT.shape[1]
             positions_BT = torch.arange(T, device=tokens_BT.device).expand_as(tokens_BT)
         x = self.embedding(tokens_BT)
         for block in self.blocks:
-            x = block(x, positions_BT)
+            x = block(x, positions_BT, doc_ids_BT)
         x = self.final_norm(x)
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         logits, _ = self.output(x, weight=weight)

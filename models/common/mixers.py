@@ -79,11 +79,24 @@ class SoftmaxAttention(nn.Module):
         self.proj = _HeadProjections(cfg, mp, roles=3)
         self.rope_theta = cfg.rope_theta
 
-    def forward(self, x_BTC: torch.Tensor, positions_BT: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTC: torch.Tensor,
+        positions_BT: torch.Tensor,
+        doc_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         q, k, v = self.proj.split(x_BTC)
         cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if doc_ids_BT is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Causal and within-document. A dense [B, 1, T, T] mask: fine at the lengths the
+            # softmax layers see on CPU; varlen flash attention replaces it on GPUs.
+            T = x_BTC.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=x_BTC.device).tril()
+            mask = causal & (doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :])
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return self.proj.merge(o)
 
 
@@ -131,8 +144,15 @@ class LightningAttention(nn.Module):
         # the model (DeepSpeed's) cannot round it: the kernel reads it in float32.
         self.slopes = slopes[tp_rank * h : (tp_rank + 1) * h].clone()
 
-    def forward(self, x_BTC: torch.Tensor, positions_BT: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTC: torch.Tensor,
+        positions_BT: torch.Tensor,
+        doc_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         q, k, v, u = self.proj.split(x_BTC)
         slopes = self.slopes.to(x_BTC.device)
-        o = lightning_attention(F.silu(q), F.silu(k), v, slopes, block=self.block)
+        o = lightning_attention(
+            F.silu(q), F.silu(k), v, slopes, doc_ids=doc_ids_BT, block=self.block
+        )
         return self.proj.merge(self.out_norm(o) * u)

@@ -98,3 +98,16 @@ def test_cli_reports_config_error(tmp_path, capsys):
     rc = main(["--config", str(_write(tmp_path, "model:\n  pattern: LZ\n"))])
     assert rc == 2
     assert "config error" in capsys.readouterr().err
+
+
+def test_list_fields():
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", ["data.datasets=[runs/a, runs/b]", "data.weights=[3, 1]"]
+    )
+    assert cfg.data.datasets == ["runs/a", "runs/b"] and cfg.data.weights == [3.0, 1.0]
+    with pytest.raises(ConfigError, match=r"data.weights: 1 weights for 2 datasets"):
+        load_config(None, ["data.datasets=[a, b]", "data.weights=[1]"])
+    with pytest.raises(ConfigError, match=r"data.weights\[1\]: expected a number"):
+        load_config(None, ["data.datasets=[a, b]", "data.weights=[1, x]"])
+    with pytest.raises(ConfigError, match="data.datasets: expected a list"):
+        load_config(None, ["data.datasets=a"])

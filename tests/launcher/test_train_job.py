@@ -154,3 +154,23 @@ def test_deepspeed_launcher_two_ranks_zero2(tmp_path):
     assert "world 2 (tp 1 dp 2)" in proc.stdout
     assert proc.stdout.count("done: step 4") == 1  # rank 0 reports, once
     assert sorted(_metrics(out)) == [1, 2, 3, 4] and sorted(_metrics(out, "val")) == [2, 4]
+
+
+def test_blended_prepared_datasets_with_seq_len_warmup(tmp_path):
+    from plait.data.prepare import PrepareConfig, prepare_corpus
+
+    corpus = REPO / "data" / "corpus" / "devils_dictionary.jsonl"
+    lines = corpus.read_text().splitlines()
+    for name, part in (("a", lines[:500]), ("b", lines[500:])):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    prepare_corpus(PrepareConfig(source=str(tmp_path / "a.jsonl"), out=str(tmp_path / "A"),
+                                 vocab_size=1024, show_progress=False))  # fmt: skip
+    prepare_corpus(PrepareConfig(source=str(tmp_path / "b.jsonl"), out=str(tmp_path / "B"),
+                                 tokenizer=str(tmp_path / "A" / "tokenizer.model"),
+                                 show_progress=False))  # fmt: skip
+    out = tmp_path / "run"
+    _run(_tiny(out, f"data.datasets=[{tmp_path / 'A'}, {tmp_path / 'B'}]", "data.weights=[3, 1]",
+               "data.warmup_seq_len=32", "data.warmup_seq_len_steps=4", "training.steps=6",
+               "training.eval_every=3"))  # fmt: skip
+    assert sorted(_metrics(out)) == list(range(1, 7)) and sorted(_metrics(out, "val")) == [3, 6]
+    assert not (out / "data").exists()  # nothing prepared: the given datasets were used
