@@ -117,17 +117,21 @@ def _tokenizer(cfg: PrepareConfig, out: Path) -> Tokenizer:
 
 
 _WORKER_SP = None
+_WORKER_THREADS = -1
 
 
-def _init_worker(model_bytes: bytes) -> None:
+def _init_worker(model_bytes: bytes, threads: int = -1) -> None:
+    """sentencepiece's batch encoder is itself multi-threaded (all cores by default): a single
+    worker keeps that; several worker processes run one thread each, not cores x workers."""
     import sentencepiece as spm
 
-    global _WORKER_SP
+    global _WORKER_SP, _WORKER_THREADS
     _WORKER_SP = spm.SentencePieceProcessor(model_proto=model_bytes)
+    _WORKER_THREADS = threads
 
 
 def _tokenize(texts: list[str], eos: int, dtype: str) -> list[np.ndarray]:
-    ids = _WORKER_SP.encode(texts)
+    ids = _WORKER_SP.encode(texts, num_threads=_WORKER_THREADS)
     return [np.asarray([*x, eos], dtype=dtype) for x in ids]
 
 
@@ -204,7 +208,7 @@ def prepare_corpus(cfg: PrepareConfig) -> dict:
         for c, texts, empty, n in work:
             finish(c, _tokenize(texts, tok.eos_id, dtype.name), empty, n)
     else:
-        with mp.get_context("fork").Pool(cfg.workers, _init_worker, (model_bytes,)) as pool:
+        with mp.get_context("fork").Pool(cfg.workers, _init_worker, (model_bytes, 1)) as pool:
             pending: deque = deque()
             for c, texts, empty, n in work:
                 # split each chunk across the workers, keep at most two chunks in flight

@@ -57,7 +57,7 @@ def build_data(cfg: Config, rt) -> tuple[Tokenizer, object, object | None]:
     if not dirs:
         auto = Path(cfg.out_dir) / "data"
         pc = PrepareConfig(
-            source=str(resolve_corpus(d.corpus)), out=str(auto), text_field=d.text_field,
+            source=resolve_corpus(d.corpus), out=str(auto), text_field=d.text_field,
             tokenizer=d.tokenizer, tokenizer_type=d.tokenizer_type, vocab_size=d.vocab_size,
             workers=d.prepare_workers, docs_per_shard=d.docs_per_shard,
             val_fraction=d.val_fraction, seed=d.seed, on_decode_error=d.on_decode_error,
