@@ -16,6 +16,7 @@ from .naive import lightning_attention_naive, lightning_attention_recurrent
 
 __all__ = [
     "lightning_attention",
+    "lightning_chunk_state",
     "lightning_attention_chunk",
     "lightning_attention_naive",
     "lightning_attention_recurrent",
@@ -99,3 +100,21 @@ def lightning_attention_step(
     S = lam * S + k_BHD.to(acc)[..., :, None] * v_BHE.to(acc)[..., None, :]
     o = torch.einsum("bhd,bhde->bhe", q_BHD.to(acc), S)
     return o.to(q_BHD.dtype), S
+
+
+def lightning_chunk_state(
+    k_BHTD: torch.Tensor,
+    v_BHTE: torch.Tensor,
+    slopes_H: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The state a chunk hands on, from a zero start: sum_j lambda^(T-1-j) k_j^T v_j over the
+    chunk's last document, in float32 (one matmul, no intra-chunk work). Sequence
+    parallelism (LASP-2) gathers these across ranks."""
+    acc = torch.promote_types(k_BHTD.dtype, torch.float32)
+    T = k_BHTD.shape[2]
+    t = torch.arange(T, device=k_BHTD.device, dtype=acc)
+    kd = torch.exp(-slopes_H.to(acc)[:, None] * (T - 1 - t))[None]  # [1, H, T]
+    if doc_ids is not None:
+        kd = kd * (doc_ids == doc_ids[:, -1:]).to(acc)[:, None]
+    return (k_BHTD.to(acc) * kd[..., None]).transpose(-1, -2) @ v_BHTE.to(acc)

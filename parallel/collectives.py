@@ -1,0 +1,86 @@
+"""Autograd-aware collectives for the sequence-parallel schemes.
+
+``all_gather(x, group)``: forward gathers every rank's tensor (stacked on a new dim 0);
+backward hands each rank the *sum* of the gradients that all ranks computed for its tensor
+(each rank's use of a gathered tensor is a distinct use, so summing is exact; nothing is
+averaged or multiplied by the group size). On NCCL the backward is one reduce-scatter; gloo
+has none, so there it is an all-reduce of the stacked gradients followed by taking this
+rank's slice (same result, W times the bytes; CPU runs only).
+
+``CommCounter`` records the bytes each collective moves, for benchmarks/sequence_parallel.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+class CommCounter:
+    """Bytes sent per collective kind while active (payload sizes, not wire protocol)."""
+
+    active: CommCounter | None = None
+
+    def __init__(self):
+        self.bytes: dict[str, int] = {}
+
+    def add(self, kind: str, n: int) -> None:
+        self.bytes[kind] = self.bytes.get(kind, 0) + n
+
+    @contextlib.contextmanager
+    def record(self):
+        prev, CommCounter.active = CommCounter.active, self
+        try:
+            yield self
+        finally:
+            CommCounter.active = prev
+
+
+def _count(kind: str, t: torch.Tensor, factor: float = 1.0) -> None:
+    if CommCounter.active is not None:
+        CommCounter.active.add(kind, int(t.numel() * t.element_size() * factor))
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        W = dist.get_world_size(group)
+        x = x.contiguous()
+        out = x.new_empty(W * x.numel())
+        dist.all_gather_into_tensor(out, x.view(-1), group=group)
+        _count("all_gather", x, W - 1)
+        return out.view(W, *x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group = ctx.group
+        grad = grad.contiguous()
+        W = dist.get_world_size(group)
+        if dist.get_backend(group) == dist.Backend.NCCL:
+            out = grad.new_empty(grad[0].numel())
+            dist.reduce_scatter_tensor(out, grad.view(-1), group=group)
+            _count("reduce_scatter", out, W - 1)
+            return out.view(grad.shape[1:]), None
+        summed = grad.clone()
+        dist.all_reduce(summed, group=group)
+        _count("reduce_scatter", grad[0], W - 1)  # count what a reduce-scatter would move
+        return summed[dist.get_rank(group)], None
+
+
+def all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """[*] -> [W, *], differentiable (see module docstring)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x[None]
+    return _AllGather.apply(x, group)
+
+
+def all_gather_nograd(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x[None]
+    W = dist.get_world_size(group)
+    out = x.new_empty(W * x.numel())
+    dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
+    return out.view(W, *x.shape)

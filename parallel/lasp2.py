@@ -1,0 +1,80 @@
+"""LASP-2 sequence parallelism for lightning attention (linear attention with decay).
+
+Rank r of the context-parallel group holds tokens [rC, (r+1)C) of every sequence. Each rank
+computes the state its chunk hands on, M_r (d x e per head, fp32, from zero: its size does not
+depend on the sequence length), and one all-gather gives every rank all of them. Rank r then
+needs P_r, the state entering its chunk:
+    Q_s = M_s + [chunk s is one document continuing from s-1] lambda^C Q_{s-1},
+    P_r = [rank r's first token continues rank r-1's last document] Q_{r-1},
+and its output is its local causal attention (no communication) plus the inter-chunk term
+(q_i * lambda^(i+1)) P_r on the tokens of its first document. The backward is autograd
+through these pieces: the all-gather's backward returns to each rank the summed gradient of
+its M_r (a reduce-scatter on NCCL), which is exactly LASP-2's all-gather of state gradients
+followed by the suffix combination -- nothing is scaled by the group size.
+
+Documents may start anywhere, including exactly at a rank border or inside a chunk; doc ids
+must be global (consistent across ranks), as the loader produces them.
+Bidirectional attention (``causal=False``, no decay, no documents) uses the total state.
+Not yet: overlapping the all-gather with the local part (the pieces are ordered so that it
+can be: local output first, then the gather).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from plait.kernels.lightning import lightning_attention, lightning_chunk_state
+
+from .collectives import all_gather, all_gather_nograd
+
+
+def lightning_attention_lasp2(
+    q_BHCD: torch.Tensor,
+    k_BHCD: torch.Tensor,
+    v_BHCE: torch.Tensor,
+    slopes_H: torch.Tensor,
+    group,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    causal: bool = True,
+    block: int = 64,
+    backend: str = "auto",
+) -> torch.Tensor:
+    W = dist.get_world_size(group) if group is not None else 1
+    r = dist.get_rank(group) if group is not None else 0
+    acc = torch.promote_types(q_BHCD.dtype, torch.float32)
+    if not causal:
+        if doc_ids is not None or bool((slopes_H != 0).any()):
+            raise ValueError("lightning LASP-2: bidirectional mode takes no decay and no documents")
+        total = all_gather(lightning_chunk_state(k_BHCD, v_BHCE, slopes_H), group).sum(0)
+        return (q_BHCD.to(acc) @ total).to(q_BHCD.dtype)
+
+    local = lightning_attention(
+        q_BHCD, k_BHCD, v_BHCE, slopes_H, doc_ids=doc_ids, block=block, backend=backend
+    )
+    if W == 1:
+        return local
+    B, H, C, _ = q_BHCD.shape
+    M_all = all_gather(lightning_chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids), group)
+    carry = torch.exp(-slopes_H.to(acc) * C)[None, :, None, None]  # [1, H, 1, 1]
+    if doc_ids is None:
+        whole = cont = torch.ones(W, B, dtype=torch.bool, device=q_BHCD.device)
+    else:
+        ends = all_gather_nograd(torch.stack([doc_ids[:, 0], doc_ids[:, -1]]), group)  # [W,2,B]
+        whole = ends[:, 0] == ends[:, 1]
+        cont = torch.zeros_like(whole)
+        cont[1:] = ends[1:, 0] == ends[:-1, 1]
+    # Every rank's output must depend on the gathered states, rank 0's too (with weight 0):
+    # the gather's backward is itself a collective that all ranks have to enter.
+    state = M_all[0] * 0
+    for s in range(r):
+        keep = (whole[s] & cont[s]).to(acc)[:, None, None, None]
+        state = M_all[s] + keep * carry * state
+    state = state * cont[r].to(acc)[:, None, None, None]
+    t = torch.arange(C, device=q_BHCD.device, dtype=acc)
+    q_decay = torch.exp(-slopes_H.to(acc)[:, None] * (t + 1))[None, :, :, None]  # [1,H,C,1]
+    inter = (q_BHCD.to(acc) * q_decay) @ state
+    if doc_ids is not None:
+        inter = inter * (doc_ids == doc_ids[:, :1]).to(acc)[:, None, :, None]
+    return (local.to(acc) + inter).to(q_BHCD.dtype)

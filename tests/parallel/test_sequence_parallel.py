@@ -1,0 +1,133 @@
+"""LASP-2 (lightning) and LASP-2H (softmax) on 2 and 4 gloo ranks equal the single-rank
+operator: outputs and the gradients of q, k, v, with decay, with documents crossing rank
+borders, with per-rank lengths that are not multiples of the block size. Gradients are
+compared unscaled: an implementation that inflated them by the group size would fail."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plait.kernels.lightning import lightning_attention
+from tests.distributed import run_distributed
+from tests.helpers import assert_rel_close
+
+TOL = 1e-5
+
+
+def _inputs(seed, B, H, T, D):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, T, D, generator=g) for _ in range(4))
+    return q * D**-0.5, k * D**-0.5, v, do
+
+
+def _docs(B, T, seed, borders):
+    """Documents of random lengths, plus starts exactly at the given token positions."""
+    g = torch.Generator().manual_seed(seed + 100)
+    starts = torch.rand(B, T, generator=g) < 0.04
+    starts[:, borders] = True
+    starts[:, 0] = False
+    return starts.long().cumsum(1) + 1000 * torch.arange(B)[:, None]
+
+
+def _borders(T, W):
+    """A document starting exactly at the first rank border, another just after the second."""
+    C = T // W
+    return [C, min(2 * C + 3, T - 1)]
+
+
+def _run_sp(rt, op, seed, T, use_docs, W, slopes):
+    from megatron.core import parallel_state as ps
+
+    from plait.parallel.lasp2 import lightning_attention_lasp2
+    from plait.parallel.lasp2h import attention_lasp2h
+
+    group = torch.distributed.group.WORLD  # the whole world is the SP group in these tests
+    r, C = rt.rank, T // W
+    q, k, v, do = _inputs(seed, 2, 2, T, 16)
+    docs = _docs(2, T, seed, _borders(T, W)) if use_docs else None
+    sl = slice(r * C, (r + 1) * C)
+    leaves = [x[:, :, sl].clone().requires_grad_() for x in (q, k, v)]
+    local_docs = docs[:, sl] if docs is not None else None
+    if op == "lasp2":
+        out = lightning_attention_lasp2(*leaves, slopes, group, doc_ids=local_docs, block=16)
+    elif op == "lasp2_bidir":
+        out = lightning_attention_lasp2(*leaves, torch.zeros(2), group, causal=False)
+    else:
+        out = attention_lasp2h(*leaves, group, doc_ids=local_docs)
+    (out * do[:, :, sl]).sum().backward()
+    del ps
+    return out.detach(), [x.grad for x in leaves]
+
+
+def _reference(op, seed, T, use_docs, W, slopes):
+    q, k, v, do = _inputs(seed, 2, 2, T, 16)
+    docs = _docs(2, T, seed, _borders(T, W)) if use_docs else None
+    leaves = [x.clone().double().requires_grad_() for x in (q, k, v)]
+    if op == "lasp2":
+        out = lightning_attention(*leaves, slopes.double(), doc_ids=docs, backend="naive")
+    elif op == "lasp2_bidir":
+        s = leaves[0] @ (leaves[1].transpose(-1, -2) @ leaves[2])
+        out = s
+    else:
+        mask = torch.ones(T, T, dtype=torch.bool).tril()[None]
+        if docs is not None:
+            mask = mask & (docs[:, :, None] == docs[:, None, :])
+        out = F.scaled_dot_product_attention(*leaves, attn_mask=mask[:, None])
+    (out * do.double()).sum().backward()
+    return out.detach(), [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("op", ["lasp2", "lasp2h"])
+@pytest.mark.parametrize("use_docs", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sequence_parallel_equals_single_rank(W, op, use_docs, seed):
+    T = 37 * W  # 37 tokens per rank: not a multiple of the block (16)
+    slopes = torch.tensor([0.05, 0.7])
+    ref_out, ref_grads = _reference(op, seed, T, use_docs, W, slopes)
+    outs = run_distributed(_run_sp, W, op, seed, T, use_docs, W, slopes)
+    C = T // W
+    out = torch.cat([o for o, _ in outs], dim=2)
+    assert_rel_close(out, ref_out, TOL, f"{op} output")
+    for i, name in enumerate("qkv"):
+        g = torch.cat([grads[i] for _, grads in outs], dim=2)
+        assert g.shape[2] == W * C
+        assert_rel_close(g, ref_grads[i], TOL, f"{op} d{name}")
+
+
+def test_bidirectional_lasp2():
+    T, W = 40, 2
+    ref_out, ref_grads = _reference("lasp2_bidir", 0, T, False, W, torch.zeros(2))
+    outs = run_distributed(_run_sp, W, "lasp2_bidir", 0, T, False, W, torch.zeros(2))
+    assert_rel_close(torch.cat([o for o, _ in outs], 2), ref_out, TOL, "bidirectional output")
+    for i in range(3):
+        assert_rel_close(torch.cat([g[i] for _, g in outs], 2), ref_grads[i], TOL, f"grad {i}")
+
+
+def _bytes(rt, T, op):
+    from plait.parallel.collectives import CommCounter
+    from plait.parallel.lasp2 import lightning_attention_lasp2
+    from plait.parallel.lasp2h import attention_lasp2h
+
+    W = rt.world_size
+    q, k, v, do = _inputs(0, 1, 2, T, 16)
+    C = T // W
+    sl = slice(rt.rank * C, (rt.rank + 1) * C)
+    leaves = [x[:, :, sl].clone().requires_grad_() for x in (q, k, v)]
+    group = torch.distributed.group.WORLD
+    with CommCounter().record() as c:
+        out = (
+            lightning_attention_lasp2(*leaves, torch.tensor([0.1, 0.2]), group)
+            if op == "lasp2"
+            else attention_lasp2h(*leaves, group)
+        )
+        (out * do[:, :, sl]).sum().backward()
+    return c.bytes
+
+
+def test_lasp2_bytes_do_not_grow_with_length():
+    a = run_distributed(_bytes, 2, 64, "lasp2")[0]
+    b = run_distributed(_bytes, 2, 256, "lasp2")[0]
+    assert a == b and sum(a.values()) == 2 * (1 * 2 * 16 * 16 * 4)  # one state each way
+    h = run_distributed(_bytes, 2, 256, "lasp2h")[0]
+    assert sum(h.values()) > 4 * sum(b.values())
