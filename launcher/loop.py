@@ -70,34 +70,47 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _local(b: dict[str, torch.Tensor], sp) -> dict[str, torch.Tensor]:
+    """This context-parallel rank's contiguous chunk of every sequence (LASP-2's layout);
+    positions and document ids stay global."""
+    if sp is None or sp.world == 1:
+        return b
+    sl = sp.local_slice(b["tokens"].shape[1])
+    return {k: v[:, sl].contiguous() for k, v in b.items()}
+
+
 def _forward(engine, b: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:
-    """Loss of one micro batch; document boundaries go to the model unless disabled."""
+    """Loss of one micro batch (this rank's tokens; DeepSpeed averages over DP x CP ranks,
+    which hold equal token counts); document boundaries go to the model unless disabled."""
     if not cfg.data.document_masking:
         return engine(b["tokens"], b["labels"])
     return engine(b["tokens"], b["labels"], None, b["positions"], b["doc_ids"])
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: Config, rt: Runtime, val) -> float:
+def evaluate(engine, cfg: Config, rt: Runtime, val, sp=None) -> float:
     """Mean loss over the first ``eval_batches`` micro batches of every DP rank (fixed order)."""
     engine.eval()
     loader = SequenceLoader(val, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
     losses = []
     for _ in range(cfg.training.eval_batches):
-        b = _to_device(loader.next_micro_batch(), rt.device)
+        b = _to_device(_local(loader.next_micro_batch(), sp), rt.device)
         losses.append(_forward(engine, b, cfg).float())
     engine.train()
     return data_parallel_mean(torch.stack(losses).mean()).item()
 
 
-def train_step(engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoader) -> StepStats:
+def train_step(
+    engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoader, sp=None
+) -> StepStats:
     t0 = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
     losses = []
     d = cfg.data
     length = warmup_length(engine.global_steps, d.warmup_seq_len, d.seq_len, d.warmup_seq_len_steps)
     for _ in range(cfg.training.grad_accum):
-        b = _to_device(warmup_reshape(loader.next_micro_batch(), length), rt.device)
+        batch = _local(warmup_reshape(loader.next_micro_batch(), length), sp)
+        b = _to_device(batch, rt.device)
         loss = _forward(engine, b, cfg)
         engine.backward(loss)
         engine.step()
@@ -119,6 +132,7 @@ def run(
     loader: SequenceLoader,
     val: PackedSequences | None,
     on_step=None,
+    sp=None,
 ) -> list[StepStats]:
     """Train from ``engine.global_steps`` to ``training.steps``. ``on_step(step)`` runs after
     each step (checkpointing hooks in there)."""
@@ -135,7 +149,7 @@ def run(
     )
     try:
         while engine.global_steps < cfg.training.steps:
-            s = train_step(engine, scheduler, cfg, rt, loader)
+            s = train_step(engine, scheduler, cfg, rt, loader, sp)
             history.append(s)
             if s.step % cfg.logging.log_every == 0 or s.step == cfg.training.steps:
                 sink.scalars(s.step, {k: v for k, v in asdict(s).items() if k != "step"}, "train")
@@ -148,7 +162,7 @@ def run(
             )
             every = cfg.training.eval_every
             if val is not None and every and (s.step % every == 0 or s.step == cfg.training.steps):
-                vl = evaluate(engine, cfg, rt, val)
+                vl = evaluate(engine, cfg, rt, val, sp)
                 sink.scalars(s.step, {"loss": vl}, "val")
                 if rt.is_main:
                     bar.write(f"step {s.step}: train loss {s.loss:.4f}  val loss {vl:.4f}")

@@ -21,6 +21,7 @@ from plait.data.prepare import PrepareConfig, prepare_corpus
 from plait.data.tokenizer import Tokenizer
 from plait.models.common import build_model
 from plait.parallel import runtime
+from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import logical_numel
 
 from .config import Config, ConfigError, load_config
@@ -89,7 +90,9 @@ def train(cfg: Config) -> list[StepStats]:
     rt = runtime.initialize(cfg.parallel, cfg.training.seed)
     try:
         tok, train_set, val_set = build_data(cfg, rt)
-        model = build_model(cfg.model, rt.tp, vocab_size=tok.vocab_size)
+        sp = SequenceParallel.from_parallel_state()
+        sp.local_slice(cfg.data.seq_len)  # fails early if the length does not split evenly
+        model = build_model(cfg.model, rt.tp, vocab_size=tok.vocab_size, sp=sp)
         engine, _, scheduler = build_engine(model, cfg, rt)
         loader = SequenceLoader(train_set, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
 
@@ -111,7 +114,7 @@ def train(cfg: Config) -> list[StepStats]:
                 f"d={cfg.model.hidden_size}), "
                 f"~{n_params / 1e6:.2f}M params, vocab {tok.vocab_size}, "
                 f"{len(train_set)} train sequences of {cfg.data.seq_len} tokens; "
-                f"world {rt.world_size} (tp {rt.tp} dp {rt.dp}), {rt.device}, "
+                f"world {rt.world_size} (tp {rt.tp} cp {rt.cp} dp {rt.dp}), {rt.device}, "
                 f"optimizer {cfg.optimizer.name}, ZeRO-{cfg.parallel.zero_stage}",
                 flush=True,
             )
@@ -127,7 +130,7 @@ def train(cfg: Config) -> list[StepStats]:
                     client_state={"loader": loader.state_dict()},
                 )
 
-        return run(engine, scheduler, cfg, rt, loader, val_set, on_step=save)
+        return run(engine, scheduler, cfg, rt, loader, val_set, on_step=save, sp=sp)
     finally:
         runtime.shutdown()
 

@@ -16,7 +16,8 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     """PP degree (stage wiring comes with the pipeline issue; 1 until then)."""
     context_parallel: int = 1
-    """Sequence-parallel (LASP-2 / ring) degree; the group exists now, the schemes come later."""
+    """Sequence-parallel degree: each sequence is split in contiguous chunks over this many
+    ranks; linear layers use LASP-2 and softmax layers LASP-2H (parallel/sequence.py)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 (none), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
 
@@ -32,10 +33,6 @@ class ParallelConfig:
             raise ParallelConfigError(
                 "pipeline_parallel: only 1 is supported until pipeline stages land "
                 "(the process groups are already built for it)"
-            )
-        if self.context_parallel != 1:
-            raise ParallelConfigError(
-                "context_parallel: only 1 is supported until the sequence-parallel schemes land"
             )
 
     def data_parallel(self, world_size: int) -> int:

@@ -16,6 +16,8 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
+from plait.parallel.sequence import SequenceParallel
+
 from .config import ModelConfig
 from .layers import GatedMLP, make_norm, normal_init
 from .pattern import MIXERS
@@ -24,11 +26,13 @@ from .pattern import MIXERS
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int):
+    def __init__(
+        self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
+    ):
         super().__init__()
         self.letter = cfg.pattern[layer_idx]
         self.mixer_norm = make_norm(cfg)
-        self.mixer = MIXERS[self.letter].build(cfg, mp, layer_idx)
+        self.mixer = MIXERS[self.letter].build(cfg, mp, layer_idx, sp)
         self.mlp_norm = make_norm(cfg)
         self.mlp = GatedMLP(cfg, mp)
 
@@ -47,8 +51,15 @@ class HybridLM(nn.Module):
     every TP rank).
     """
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, vocab_size: int | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mp: ModelParallelConfig,
+        vocab_size: int | None = None,
+        sp: SequenceParallel | None = None,
+    ):
         super().__init__()
+        sp = sp or SequenceParallel()
         cfg.validate()
         self.cfg = cfg
         self.vocab_size = cfg.padded_vocab_size(vocab_size)
@@ -61,7 +72,7 @@ class HybridLM(nn.Module):
         self.embedding = VocabParallelEmbedding(
             self.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mp
         )
-        self.blocks = nn.ModuleList(Block(cfg, mp, i) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, mp, i, sp) for i in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
         self.output = ColumnParallelLinear(
             cfg.hidden_size,
@@ -101,8 +112,13 @@ class HybridLM(nn.Module):
         return (loss_BT * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def build_model(cfg: ModelConfig, tensor_parallel: int, vocab_size: int | None = None) -> HybridLM:
-    """Build the model for this rank's TP shard.
+def build_model(
+    cfg: ModelConfig,
+    tensor_parallel: int,
+    vocab_size: int | None = None,
+    sp: SequenceParallel | None = None,
+) -> HybridLM:
+    """Build the model for this rank's TP shard (and, with ``sp``, its sequence chunk).
 
     Weights are initialised from the full (unsplit) master tensor on CPU and then split
     (megatron's use_cpu_initialization), so the same seed gives the same logical weights at
@@ -114,4 +130,4 @@ def build_model(cfg: ModelConfig, tensor_parallel: int, vocab_size: int | None =
         perform_initialization=True,
         params_dtype=torch.float32,
     )
-    return HybridLM(cfg, mp, vocab_size)
+    return HybridLM(cfg, mp, vocab_size, sp)

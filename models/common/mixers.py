@@ -17,7 +17,7 @@ from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from plait.kernels.lightning import lightning_attention
+from plait.parallel.sequence import SequenceParallel
 
 from .config import ModelConfig, ModelConfigError
 from .layers import RMSNorm, apply_rotary, normal_init, output_init, rotary_cos_sin
@@ -74,10 +74,13 @@ class _HeadProjections(nn.Module):
 class SoftmaxAttention(nn.Module):
     """Causal multi-head softmax attention with rotary positions (letter ``A``)."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int):
+    def __init__(
+        self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
+    ):
         super().__init__()
         self.proj = _HeadProjections(cfg, mp, roles=3)
         self.rope_theta = cfg.rope_theta
+        self.sp = sp
 
     def forward(
         self,
@@ -88,16 +91,7 @@ class SoftmaxAttention(nn.Module):
         q, k, v = self.proj.split(x_BTC)
         cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if doc_ids_BT is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            # Causal and within-document. A dense [B, 1, T, T] mask: fine at the lengths the
-            # softmax layers see on CPU; varlen flash attention replaces it on GPUs.
-            T = x_BTC.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=x_BTC.device).tril()
-            mask = causal & (doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :])
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-        return self.proj.merge(o)
+        return self.proj.merge(self.sp.attention(q, k, v, doc_ids_BT))
 
 
 def alibi_slopes(n: int) -> list[float]:
@@ -132,8 +126,11 @@ class LightningAttention(nn.Module):
     faithful TransNormerLLM family (models issue) may choose otherwise.
     """
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int):
+    def __init__(
+        self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
+    ):
         super().__init__()
+        self.sp = sp
         self.proj = _HeadProjections(cfg, mp, roles=4)
         self.block = cfg.lightning_block
         self.out_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, learnable=False)
@@ -152,7 +149,5 @@ class LightningAttention(nn.Module):
     ) -> torch.Tensor:
         q, k, v, u = self.proj.split(x_BTC)
         slopes = self.slopes.to(x_BTC.device)
-        o = lightning_attention(
-            F.silu(q), F.silu(k), v, slopes, doc_ids=doc_ids_BT, block=self.block
-        )
+        o = self.sp.lightning(F.silu(q), F.silu(k), v, slopes, doc_ids_BT, block=self.block)
         return self.proj.merge(self.out_norm(o) * u)

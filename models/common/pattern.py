@@ -18,7 +18,8 @@ from .mixers import LightningAttention, SoftmaxAttention
 class MixerSpec:
     description: str
     build: Callable[..., nn.Module]
-    """(ModelConfig, ModelParallelConfig, layer_idx) -> module(x [B,T,C], positions [B,T])."""
+    """(ModelConfig, ModelParallelConfig, layer_idx, SequenceParallel) -> module taking
+    (x [B,T,C], positions [B,T], doc_ids [B,T] or None)."""
 
 
 MIXERS: dict[str, MixerSpec] = {

@@ -140,7 +140,7 @@ def test_torchrun_two_ranks_tensor_parallel(tmp_path):
         _tiny(out, "training.steps=4", "training.eval_every=0", "parallel.tensor_parallel=2"),
         nproc=2,
     )
-    assert "world 2 (tp 2 dp 1)" in proc.stdout
+    assert "world 2 (tp 2 cp 1 dp 1)" in proc.stdout
     assert sorted(_metrics(out)) == [1, 2, 3, 4]
 
 
@@ -151,7 +151,7 @@ def test_deepspeed_launcher_two_ranks_zero2(tmp_path):
         nproc=2,
         launcher="deepspeed",
     )
-    assert "world 2 (tp 1 dp 2)" in proc.stdout
+    assert "world 2 (tp 1 cp 1 dp 2)" in proc.stdout
     assert proc.stdout.count("done: step 4") == 1  # rank 0 reports, once
     assert sorted(_metrics(out)) == [1, 2, 3, 4] and sorted(_metrics(out, "val")) == [2, 4]
 
@@ -174,3 +174,16 @@ def test_blended_prepared_datasets_with_seq_len_warmup(tmp_path):
                "training.eval_every=3"))  # fmt: skip
     assert sorted(_metrics(out)) == list(range(1, 7)) and sorted(_metrics(out, "val")) == [3, 6]
     assert not (out / "data").exists()  # nothing prepared: the given datasets were used
+
+
+def test_context_parallel_run_matches_single_process(tmp_path):
+    """torchrun with context_parallel=2 (LASP-2 + LASP-2H, ZeRO-1 over the DP x CP group)
+    follows the single-process run step for step."""
+    common = ("training.steps=5", "training.eval_every=0", "model.num_layers=2",
+              "model.pattern=LA")  # fmt: skip
+    _run(_tiny(tmp_path / "one", *common))
+    proc = _run(_tiny(tmp_path / "cp2", *common, "parallel.context_parallel=2"), nproc=2)
+    assert "world 2 (tp 1 cp 2 dp 1)" in proc.stdout
+    one, cp2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "cp2")
+    for s in range(1, 6):
+        assert cp2[s]["loss"] == pytest.approx(one[s]["loss"], rel=1e-4), s
