@@ -131,3 +131,36 @@ def test_lasp2_bytes_do_not_grow_with_length():
     assert a == b and sum(a.values()) == 2 * (1 * 2 * 16 * 16 * 4)  # one state each way
     h = run_distributed(_bytes, 2, 256, "lasp2h")[0]
     assert sum(h.values()) > 4 * sum(b.values())
+
+
+def _run_ring(rt, seed, T, use_docs, zigzag):
+    from plait.parallel.ring import layout_index, ring_attention
+
+    W, r = rt.world_size, rt.rank
+    q, k, v, do = _inputs(seed, 2, 2, T, 16)
+    docs = _docs(2, T, seed, _borders(T, W)) if use_docs else None
+    idx = layout_index(T, W, r, zigzag)
+    leaves = [x[:, :, idx].clone().requires_grad_() for x in (q, k, v)]
+    out = ring_attention(
+        *leaves, idx, torch.distributed.group.WORLD, doc_ids=None if docs is None else docs[:, idx]
+    )
+    (out * do[:, :, idx]).sum().backward()
+    return idx, out.detach(), [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("zigzag", [False, True])
+@pytest.mark.parametrize("use_docs", [False, True])
+def test_ring_attention_equals_single_rank(W, zigzag, use_docs):
+    T = 20 * 2 * W  # chunks of 20 (zigzag) or 40 tokens per rank
+    ref_out, ref_grads = _reference("lasp2h", 0, T, use_docs, W, None)
+    outs = run_distributed(_run_ring, W, 0, T, use_docs, zigzag)
+    out = torch.zeros_like(ref_out, dtype=torch.float32)
+    grads = [torch.zeros_like(g, dtype=torch.float32) for g in ref_grads]
+    for idx, o, gs in outs:
+        out[:, :, idx] = o
+        for g, part in zip(grads, gs):
+            g[:, :, idx] = part
+    assert_rel_close(out, ref_out, TOL, "ring output")
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_rel_close(g, rg, TOL, f"ring d{name}")
