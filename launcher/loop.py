@@ -71,12 +71,13 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def _local(b: dict[str, torch.Tensor], sp) -> dict[str, torch.Tensor]:
-    """This context-parallel rank's contiguous chunk of every sequence (LASP-2's layout);
-    positions and document ids stay global."""
+    """This context-parallel rank's tokens of every sequence, in the scheme's layout
+    (contiguous for LASP-2, zigzag for ring attention in all-softmax models); positions and
+    document ids stay global."""
     if sp is None or sp.world == 1:
         return b
-    sl = sp.local_slice(b["tokens"].shape[1])
-    return {k: v[:, sl].contiguous() for k, v in b.items()}
+    index = sp.local_index(b["tokens"].shape[1])
+    return {k: v[:, index].contiguous() for k, v in b.items()}
 
 
 def _forward(engine, b: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:

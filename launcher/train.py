@@ -90,8 +90,11 @@ def train(cfg: Config) -> list[StepStats]:
     rt = runtime.initialize(cfg.parallel, cfg.training.seed)
     try:
         tok, train_set, val_set = build_data(cfg, rt)
-        sp = SequenceParallel.from_parallel_state()
-        sp.local_slice(cfg.data.seq_len)  # fails early if the length does not split evenly
+        all_softmax = set(cfg.model.pattern) <= {"A"}
+        sp = SequenceParallel.from_parallel_state(
+            cfg.parallel.softmax_sp, zigzag=cfg.parallel.softmax_sp == "ring" and all_softmax
+        )
+        sp.local_index(cfg.data.seq_len)  # fails early if the length does not split evenly
         model = build_model(cfg.model, rt.tp, vocab_size=tok.vocab_size, sp=sp)
         engine, _, scheduler = build_engine(model, cfg, rt)
         loader = SequenceLoader(train_set, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 class ParallelConfigError(ValueError):
@@ -18,6 +19,9 @@ class ParallelConfig:
     context_parallel: int = 1
     """Sequence-parallel degree: each sequence is split in contiguous chunks over this many
     ranks; linear layers use LASP-2 and softmax layers LASP-2H (parallel/sequence.py)."""
+    softmax_sp: Literal["lasp2h", "ring"] = "lasp2h"
+    """Sequence-parallel scheme of the softmax layers: LASP-2H (all-gather K, V; the default
+    for hybrids) or Ring Attention (P2P ring; zigzag layout when every layer is softmax)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 (none), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
 

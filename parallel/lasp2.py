@@ -78,3 +78,30 @@ def lightning_attention_lasp2(
     if doc_ids is not None:
         inter = inter * (doc_ids == doc_ids[:, :1]).to(acc)[:, None, :, None]
     return (local.to(acc) + inter).to(q_BHCD.dtype)
+
+
+def based_attention_lasp2(
+    q_BHCF: torch.Tensor,
+    k_BHCF: torch.Tensor,
+    v_BHCE: torch.Tensor,
+    group,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    block: int = 64,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LASP-2 for Based linear attention: numerator and normaliser are one decay-free linear
+    attention over the Taylor features with the values augmented by a ones column (as in
+    kernels/based), so they share lightning's LASP-2 -- one all-gather of [F, E+1] states."""
+    from plait.kernels.based import feature_map
+
+    E = v_BHCE.shape[-1]
+    acc = torch.promote_types(v_BHCE.dtype, torch.float32)
+    v_aug = torch.cat([v_BHCE.to(acc), torch.ones_like(v_BHCE[..., :1], dtype=acc)], dim=-1)
+    zeros = torch.zeros(q_BHCF.shape[1], device=q_BHCF.device)
+    out = lightning_attention_lasp2(
+        feature_map(q_BHCF), feature_map(k_BHCF), v_aug, zeros, group, doc_ids=doc_ids,
+        block=block, backend=backend,
+    )  # fmt: skip
+    return (out[..., :E] / (out[..., E:] + eps)).to(v_BHCE.dtype)

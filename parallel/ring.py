@@ -42,8 +42,9 @@ def _ring_pass(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
     W, r = dist.get_world_size(group), dist.get_rank(group)
     nxt = dist.get_global_rank(group, (r + 1) % W)
     prv = dist.get_global_rank(group, (r - 1) % W)
-    recv = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
+    tensors = [t.contiguous() for t in tensors]
+    recv = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, b, prv, group) for b in recv]
     for t in tensors:
         _count("p2p", t)

@@ -17,9 +17,9 @@ from tests.distributed import run_distributed
 VOCAB, T = 200, 48  # 24 or 12 tokens per rank: not multiples of the lightning block (16)
 
 
-def _cfg():
+def _cfg(pattern="LALA"):
     return ModelConfig(
-        pattern="LALA", num_layers=4, hidden_size=64, num_heads=4, ffn_hidden_size=96,
+        pattern=pattern, num_layers=len(pattern), hidden_size=64, num_heads=4, ffn_hidden_size=96,
         lightning_block=16,
     )  # fmt: skip
 
@@ -41,15 +41,15 @@ def _batch():
     return tokens[:, :-1], tokens[:, 1:], doc_ids, pos
 
 
-def _run(rt, full_state):
+def _run(rt, full_state, pattern="LALA", softmax="lasp2h", zigzag=False):
     from megatron.core import parallel_state as ps
 
-    sp = SequenceParallel.from_parallel_state()
-    model = build_model(_cfg(), rt.tp, vocab_size=VOCAB, sp=sp)
+    sp = SequenceParallel.from_parallel_state(softmax, zigzag)
+    model = build_model(_cfg(pattern), rt.tp, vocab_size=VOCAB, sp=sp)
     if full_state is not None:
         load_full_state(model, full_state)
     x, y, docs, pos = _batch()
-    sl = sp.local_slice(T)
+    sl = sp.local_index(T)
     loss = model(x[:, sl], y[:, sl], positions_BT=pos[:, sl], doc_ids_BT=docs[:, sl])
     loss.backward()
     grads = gather_full(model, grads=True)
@@ -64,11 +64,20 @@ def _run(rt, full_state):
     return {"state": gather_full(model), "loss": loss.item(), "grads": grads}
 
 
-@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2), (1, 4)])
-def test_sequence_parallel_model_equals_single_process(tp, cp):
-    ref = run_distributed(_run, 1, None, seed=3)[0]
+@pytest.mark.parametrize(
+    "tp,cp,pattern,softmax,zigzag",
+    [
+        (1, 2, "LALA", "lasp2h", False),
+        (2, 2, "LALA", "lasp2h", False),
+        (1, 4, "LALA", "lasp2h", False),
+        (1, 2, "LALA", "ring", False),
+        (2, 2, "AA", "ring", True),
+    ],
+)
+def test_sequence_parallel_model_equals_single_process(tp, cp, pattern, softmax, zigzag):
+    ref = run_distributed(_run, 1, None, pattern, seed=3)[0]
     outs = run_distributed(
-        _run, tp * cp, ref["state"],
+        _run, tp * cp, ref["state"], pattern, softmax, zigzag,
         parallel=ParallelConfig(tensor_parallel=tp, context_parallel=cp), seed=3,
     )  # fmt: skip
     for out in outs:

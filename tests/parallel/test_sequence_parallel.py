@@ -50,6 +50,10 @@ def _run_sp(rt, op, seed, T, use_docs, W, slopes):
     local_docs = docs[:, sl] if docs is not None else None
     if op == "lasp2":
         out = lightning_attention_lasp2(*leaves, slopes, group, doc_ids=local_docs, block=16)
+    elif op == "based":
+        from plait.parallel.lasp2 import based_attention_lasp2
+
+        out = based_attention_lasp2(*leaves, group, doc_ids=local_docs, block=16, eps=0.0)
     elif op == "lasp2_bidir":
         out = lightning_attention_lasp2(*leaves, torch.zeros(2), group, causal=False)
     else:
@@ -65,6 +69,10 @@ def _reference(op, seed, T, use_docs, W, slopes):
     leaves = [x.clone().double().requires_grad_() for x in (q, k, v)]
     if op == "lasp2":
         out = lightning_attention(*leaves, slopes.double(), doc_ids=docs, backend="naive")
+    elif op == "based":
+        from plait.kernels.based import based_attention_naive
+
+        out = based_attention_naive(*leaves, docs, eps=0.0)
     elif op == "lasp2_bidir":
         s = leaves[0] @ (leaves[1].transpose(-1, -2) @ leaves[2])
         out = s
@@ -78,7 +86,7 @@ def _reference(op, seed, T, use_docs, W, slopes):
 
 
 @pytest.mark.parametrize("W", [2, 4])
-@pytest.mark.parametrize("op", ["lasp2", "lasp2h"])
+@pytest.mark.parametrize("op", ["lasp2", "based", "lasp2h"])
 @pytest.mark.parametrize("use_docs", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sequence_parallel_equals_single_rank(W, op, use_docs, seed):
