@@ -103,7 +103,8 @@ def main() -> None:
     lines = [
         "## Sequence parallelism: bytes per layer per step (forward + backward, rank 0)",
         "",
-        "Command: `OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/sequence_parallel.py`  ",
+        "Command: `OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE "
+        ".venv/bin/python benchmarks/sequence_parallel.py`  ",
         f"Machine: {machine()}  ",
         "Shapes: batch 1, 1 head (bytes scale linearly in heads), head dim 64, fp32; contiguous "
         "layout. Formula in parentheses (module docstring).",
