@@ -172,3 +172,37 @@ def test_ring_attention_equals_single_rank(W, zigzag, use_docs):
     assert_rel_close(out, ref_out, TOL, "ring output")
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert_rel_close(g, rg, TOL, f"ring d{name}")
+
+
+def _run_swa(rt, seed, T, window, use_docs):
+    from plait.parallel.halo import swa_sp
+
+    W, r = rt.world_size, rt.rank
+    C = T // W
+    q, k, v, do = _inputs(seed, 2, 2, T, 16)
+    docs = _docs(2, T, seed, _borders(T, W)) if use_docs else None
+    sl = slice(r * C, (r + 1) * C)
+    leaves = [x[:, :, sl].clone().requires_grad_() for x in (q, k, v)]
+    out = swa_sp(*leaves, window, torch.distributed.group.WORLD,
+                 doc_ids=None if docs is None else docs[:, sl])  # fmt: skip
+    (out * do[:, :, sl]).sum().backward()
+    return out.detach(), [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("window", [1, 7, 30])
+@pytest.mark.parametrize("use_docs", [False, True])
+def test_sliding_window_halo_equals_single_rank(W, window, use_docs):
+    from plait.kernels.swa import swa_naive
+
+    T = 30 * W
+    q, k, v, do = _inputs(0, 2, 2, T, 16)
+    docs = _docs(2, T, 0, _borders(T, W)) if use_docs else None
+    leaves = [x.clone().double().requires_grad_() for x in (q, k, v)]
+    ref = swa_naive(*leaves, window, docs)
+    (ref * do.double()).sum().backward()
+    outs = run_distributed(_run_swa, W, 0, T, window, use_docs)
+    assert_rel_close(torch.cat([o for o, _ in outs], 2), ref.detach(), TOL, "swa output")
+    for i, name in enumerate("qkv"):
+        g = torch.cat([gs[i] for _, gs in outs], 2)
+        assert_rel_close(g, leaves[i].grad, TOL, f"swa d{name}")
