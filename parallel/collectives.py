@@ -43,6 +43,51 @@ def _count(kind: str, t: torch.Tensor, factor: float = 1.0) -> None:
         CommCounter.active.add(kind, int(t.numel() * t.element_size() * factor))
 
 
+def _reduce_to_owner(grad: torch.Tensor, group) -> torch.Tensor:
+    """Backward of an all-gather: this rank's slice of the sum over ranks of ``grad``."""
+    grad = grad.contiguous()
+    W = dist.get_world_size(group)
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        out = grad.new_empty(grad[0].numel())
+        dist.reduce_scatter_tensor(out, grad.view(-1), group=group)
+        _count("reduce_scatter", out, W - 1)
+        return out.view(grad.shape[1:])
+    summed = grad.clone()
+    dist.all_reduce(summed, group=group)
+    _count("reduce_scatter", grad[0], W - 1)  # count what a reduce-scatter would move
+    return summed[dist.get_rank(group)]
+
+
+class AsyncGather:
+    """An all-gather started now and attached to autograd later, so that work placed between
+    ``start`` and ``result`` overlaps the communication (LASP-2's local part)."""
+
+    def __init__(self, x: torch.Tensor, group):
+        self.x, self.group = x, group
+        W = dist.get_world_size(group)
+        self.buf = x.new_empty(W * x.numel())
+        self.work = dist.all_gather_into_tensor(
+            self.buf, x.detach().contiguous().view(-1), group=group, async_op=True
+        )
+        _count("all_gather", x, W - 1)
+
+    def result(self) -> torch.Tensor:
+        self.work.wait()
+        W = dist.get_world_size(self.group)
+        return _Attach.apply(self.x, self.buf.view(W, *self.x.shape), self.group)
+
+
+class _Attach(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gathered, group):
+        ctx.group = group
+        return gathered.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_to_owner(grad, ctx.group), None, None
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -56,18 +101,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        group = ctx.group
-        grad = grad.contiguous()
-        W = dist.get_world_size(group)
-        if dist.get_backend(group) == dist.Backend.NCCL:
-            out = grad.new_empty(grad[0].numel())
-            dist.reduce_scatter_tensor(out, grad.view(-1), group=group)
-            _count("reduce_scatter", out, W - 1)
-            return out.view(grad.shape[1:]), None
-        summed = grad.clone()
-        dist.all_reduce(summed, group=group)
-        _count("reduce_scatter", grad[0], W - 1)  # count what a reduce-scatter would move
-        return summed[dist.get_rank(group)], None
+        return _reduce_to_owner(grad, ctx.group), None
 
 
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:

@@ -15,8 +15,8 @@ followed by the suffix combination -- nothing is scaled by the group size.
 Documents may start anywhere, including exactly at a rank border or inside a chunk; doc ids
 must be global (consistent across ranks), as the loader produces them.
 Bidirectional attention (``causal=False``, no decay, no documents) uses the total state.
-Not yet: overlapping the all-gather with the local part (the pieces are ordered so that it
-can be: local output first, then the gather).
+The forward overlaps the state all-gather with the local attention (an async collective
+attached to autograd afterwards); the backward's reduce-scatter is not overlapped yet.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from plait.kernels.lightning import lightning_attention, lightning_chunk_state
 
-from .collectives import all_gather, all_gather_nograd
+from .collectives import AsyncGather, all_gather, all_gather_nograd
 
 
 def lightning_attention_lasp2(
@@ -50,13 +50,17 @@ def lightning_attention_lasp2(
         total = all_gather(lightning_chunk_state(k_BHCD, v_BHCE, slopes_H), group).sum(0)
         return (q_BHCD.to(acc) @ total).to(q_BHCD.dtype)
 
+    if W == 1:
+        return lightning_attention(
+            q_BHCD, k_BHCD, v_BHCE, slopes_H, doc_ids=doc_ids, block=block, backend=backend
+        )
+    B, H, C, _ = q_BHCD.shape
+    # The state all-gather runs while the local (intra-chunk) attention is computed.
+    gather = AsyncGather(lightning_chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids), group)
     local = lightning_attention(
         q_BHCD, k_BHCD, v_BHCE, slopes_H, doc_ids=doc_ids, block=block, backend=backend
     )
-    if W == 1:
-        return local
-    B, H, C, _ = q_BHCD.shape
-    M_all = all_gather(lightning_chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids), group)
+    M_all = gather.result()
     carry = torch.exp(-slopes_H.to(acc) * C)[None, :, None, None]  # [1, H, 1, 1]
     if doc_ids is None:
         whole = cont = torch.ones(W, B, dtype=torch.bool, device=q_BHCD.device)
