@@ -206,3 +206,64 @@ def test_sliding_window_halo_equals_single_rank(W, window, use_docs):
     for i, name in enumerate("qkv"):
         g = torch.cat([gs[i] for _, gs in outs], 2)
         assert_rel_close(g, leaves[i].grad, TOL, f"swa d{name}")
+
+
+def _conv_inputs(seed, T, ch=6):
+    g = torch.Generator().manual_seed(seed)
+    u, dy = torch.randn(2, T, ch, generator=g), torch.randn(2, T, ch, generator=g)
+    return u, dy
+
+
+def _run_conv(rt, op, seed, T, use_docs, arg):
+    from plait.parallel.convs import diag_ssm_sp, long_conv_sp, short_conv_sp
+
+    W, r = rt.world_size, rt.rank
+    C = T // W
+    u, dy = _conv_inputs(seed, T)
+    docs = _docs(2, T, seed, _borders(T, W)) if use_docs else None
+    sl = slice(r * C, (r + 1) * C)
+    x = u[:, sl].clone().requires_grad_()
+    d = None if docs is None else docs[:, sl]
+    group = torch.distributed.group.WORLD
+    if op == "short":
+        out = short_conv_sp(x, arg, None, group, doc_ids=d)
+    elif op == "long":
+        out = long_conv_sp(x, arg, group, doc_ids=d)
+    else:
+        out = diag_ssm_sp(x, *arg, group, doc_ids=d)
+    (out * dy[:, sl]).sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("op", ["short", "long_halo", "long_gather", "diag_ssm"])
+@pytest.mark.parametrize("use_docs", [False, True])
+def test_convolutions_under_sp_equal_single_rank(W, op, use_docs):
+    from plait.kernels.longconv import diag_ssm_kernel, long_conv
+    from plait.kernels.shortconv import short_conv
+
+    T = 25 * W
+    u, dy = _conv_inputs(0, T)
+    docs = _docs(2, T, 0, _borders(T, W)) if use_docs else None
+    g = torch.Generator().manual_seed(9)
+    if op == "short":
+        arg = torch.randn(6, 4, generator=g)
+        ref_fn = lambda x: short_conv(x, arg, doc_ids=docs)  # noqa: E731
+    elif op in ("long_halo", "long_gather"):
+        arg = torch.randn(6, 10 if op == "long_halo" else T, generator=g) / 3
+        ref_fn = lambda x: long_conv(x, arg, doc_ids=docs)  # noqa: E731
+    else:
+        log_dt = torch.randn(6, generator=g) * 0.3 - 2
+        A = torch.complex(-torch.rand(6, 4, generator=g) - 0.1, torch.randn(6, 4, generator=g))
+        Cc = torch.complex(torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g))
+        arg = (log_dt, A, Cc)
+        ref_fn = lambda x: long_conv(x, diag_ssm_kernel(log_dt, A, Cc, T), doc_ids=docs)  # noqa: E731
+    x = u.clone().requires_grad_()
+    ref = ref_fn(x)
+    (ref * dy).sum().backward()
+    kind = {"long_halo": "long", "long_gather": "long"}.get(op, op)
+    outs = run_distributed(
+        _run_conv, W, "diag" if kind == "diag_ssm" else kind, 0, T, use_docs, arg
+    )
+    assert_rel_close(torch.cat([o for o, _ in outs], 1), ref.detach(), 1e-5, f"{op} output")
+    assert_rel_close(torch.cat([gr for _, gr in outs], 1), x.grad, 1e-5, f"{op} du")
