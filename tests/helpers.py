@@ -19,3 +19,18 @@ def assert_rel_close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str = "
         return
     e = rel_err(a, b)
     assert e <= tol, f"{what}: relative error {e:.3e} > {tol:.1e}"
+
+
+def check_against_reference(fn, ref_fn, inputs, grad_out, names, tol, device="cpu"):
+    """Run ``fn`` on fp32 copies of ``inputs`` (on ``device``) and ``ref_fn`` on float64
+    copies (on CPU); compare the outputs and the gradients of every input under the same
+    upstream gradient ``grad_out``."""
+    leaves = [t.detach().clone().to(device).requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    (out * grad_out.to(device)).sum().backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ref = ref_fn(*ref_leaves)
+    (ref * grad_out.double()).sum().backward()
+    assert_rel_close(out.cpu(), ref, tol, "output")
+    for name, a, b in zip(names, leaves, ref_leaves):
+        assert_rel_close(a.grad.cpu(), b.grad, tol, f"d{name}")

@@ -14,7 +14,7 @@ from plait.kernels.longconv import (
     shift_ssm_step,
 )
 from plait.kernels.shortconv import short_conv, short_conv_naive, short_conv_step
-from tests.helpers import assert_rel_close
+from tests.helpers import assert_rel_close, check_against_reference
 from tests.kernels.conftest import random_doc_ids, requires_triton, triton_device
 
 TOL = 1e-5
@@ -25,17 +25,12 @@ def _short(backend, seed, T, K, docs, device="cpu", B=2, C=24):
     x, dy = torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
     w, b = torch.randn(C, K, generator=g), torch.randn(C, generator=g)
     doc_ids = random_doc_ids(B, T, 0.05, seed) if docs else None
-    leaves = [t.detach().clone().to(device).requires_grad_() for t in (x, w, b)]
-    y = short_conv(
-        *leaves, doc_ids=None if doc_ids is None else doc_ids.to(device), backend=backend
-    )
-    (y * dy.to(device)).sum().backward()
-    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
-    ref = short_conv_naive(*ref_leaves, doc_ids)
-    (ref * dy.double()).sum().backward()
-    assert_rel_close(y.cpu(), ref, TOL, "output")
-    for name, a, r in zip(["x", "w", "bias"], leaves, ref_leaves):
-        assert_rel_close(a.grad.cpu(), r.grad, TOL, f"d{name}")
+    dev_docs = None if doc_ids is None else doc_ids.to(device)
+    check_against_reference(
+        lambda x, w, b: short_conv(x, w, b, doc_ids=dev_docs, backend=backend),
+        lambda x, w, b: short_conv_naive(x, w, b, doc_ids),
+        (x, w, b), dy, ["x", "w", "bias"], TOL, device,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("seed", [0, 1])
