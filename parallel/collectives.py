@@ -118,3 +118,32 @@ def all_gather_nograd(x: torch.Tensor, group) -> torch.Tensor:
     out = x.new_empty(W * x.numel())
     dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
     return out.view(W, *x.shape)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        _count("all_reduce", x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over ``group``, all-reduced forward *and* backward.
+
+    For a quantity summed from every rank's part and then used by every rank: rank r's part
+    influences all ranks' uses, so its gradient is the sum of the gradients arriving on all
+    ranks. (megatron's ``reduce_from_tensor_model_parallel_region`` has an identity backward,
+    right only when what follows is replicated work whose gradient is already complete.)
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _AllReduceSum.apply(x, group)

@@ -69,3 +69,26 @@ def gather_vocab_logits(logits_local: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(logits_local) for _ in range(tp)]
     dist.all_gather(parts, logits_local.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=-1)
+
+
+def sum_over_tp(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum of ``x`` over the tensor-parallel ranks (identity at TP=1), with an
+    all-reduce backward: e.g. a full-width norm's mean of squares, which every rank's shard
+    then uses (see ``collectives.all_reduce_sum``)."""
+    from .collectives import all_reduce_sum
+
+    return all_reduce_sum(x, ps.get_tensor_model_parallel_group())
+
+
+def mark_tp_sharded(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mark a parameter that a layer splits itself (a depthwise conv over its channels, per-head
+    scales) as TP-sharded along ``dim``, the way megatron marks its own layers' weights, so
+    that LAMB, the checkpoint resharding and the HF export see it as one logical tensor."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    set_tensor_model_parallel_attributes(p, True, dim, 1)
+    return p
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()

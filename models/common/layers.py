@@ -15,7 +15,9 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from .config import ModelConfig
+from plait.parallel.tensor_parallel import sum_over_tp, tp_rank_and_size
+
+from .config import ModelConfig, ModelConfigError
 
 
 def normal_init(std: float):
@@ -50,6 +52,25 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+class FullWidthSRMSNorm(nn.Module):
+    """SRMSNorm over the full width of a tensor whose last dim is split across TP ranks.
+
+    The mean of squares is summed over the TP group (``sum_over_tp``: all-reduce forward and
+    backward), so the result equals the single-rank norm of the concatenated tensor. One
+    [B, T, 1] all-reduce per call.
+    """
+
+    def __init__(self, full_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.full_dim = full_dim
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        ms = sum_over_tp(xf.pow(2).sum(-1, keepdim=True)) / self.full_dim
+        return (xf * torch.rsqrt(ms + self.eps)).to(x.dtype)
+
+
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
     return RMSNorm(dim or cfg.hidden_size, cfg.norm_eps, learnable=cfg.norm == "rmsnorm")
 
@@ -68,6 +89,91 @@ def apply_rotary(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     x1, x2 = x_BHTD.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x_BHTD.dtype)
+
+
+def local_heads(num_heads: int, what: str = "num_heads") -> tuple[int, int]:
+    """(heads on this TP rank, index of its first head); heads are split contiguously."""
+    rank, tp = tp_rank_and_size()
+    if num_heads % tp:
+        raise ModelConfigError(
+            f"{what}: {num_heads} heads cannot be split over tensor_parallel={tp} ranks"
+        )
+    h = num_heads // tp
+    return h, rank * h
+
+
+class HeadProjections(nn.Module):
+    """Fused column-parallel projection to several tensors per head, plus the out projection.
+
+    Output rows are laid out head by head, [head, role, dim] with ``dims`` giving each role's
+    size (q, k, v, u ...), so a contiguous TP split hands each rank whole heads with all their
+    roles. The out projection is row-parallel from ``heads * out_dim`` to hidden.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mp: ModelParallelConfig,
+        num_heads: int,
+        dims: tuple[int, ...],
+        out_dim: int,
+    ):
+        super().__init__()
+        self.dims = dims
+        self.heads, self.first_head = local_heads(num_heads)
+        self.in_proj = ColumnParallelLinear(
+            cfg.hidden_size,
+            num_heads * sum(dims),
+            config=mp,
+            bias=False,
+            gather_output=False,
+            init_method=normal_init(cfg.init_std),
+        )
+        self.out_proj = RowParallelLinear(
+            num_heads * out_dim,
+            cfg.hidden_size,
+            config=mp,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            init_method=output_init(cfg),
+        )
+
+    def split(self, x_BTC: torch.Tensor) -> list[torch.Tensor]:
+        """Project and return one tensor [B, H_local, T, dim] per role."""
+        y, _ = self.in_proj(x_BTC)
+        B, T, _ = y.shape
+        y = y.view(B, T, self.heads, sum(self.dims)).transpose(1, 2)
+        return list(y.split(self.dims, dim=-1))
+
+    def merge(self, o_BHTD: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = o_BHTD.shape
+        out, _ = self.out_proj(o_BHTD.transpose(1, 2).reshape(B, T, H * D))
+        return out
+
+
+class GeluMLP(nn.Module):
+    """The GPT-2 MLP, W2(gelu(W1 x + b1)) + b2 (H3's channel mixer)."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        h, f = cfg.hidden_size, cfg.ffn_size
+        self.w1 = ColumnParallelLinear(
+            h, f, config=mp, bias=True, gather_output=False, init_method=normal_init(cfg.init_std)
+        )
+        self.w2 = RowParallelLinear(
+            f, h, config=mp, bias=True, input_is_parallel=True, skip_bias_add=False,
+            init_method=output_init(cfg),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, _ = self.w1(x)
+        out, _ = self.w2(F.gelu(a, approximate="tanh"))
+        return out
+
+
+def make_mlp(cfg: ModelConfig, mp: ModelParallelConfig) -> nn.Module:
+    return GeluMLP(cfg, mp) if cfg.mlp == "gelu" else GatedMLP(cfg, mp)
 
 
 class GatedMLP(nn.Module):

@@ -19,7 +19,7 @@ from torch import nn
 from plait.parallel.sequence import SequenceParallel
 
 from .config import ModelConfig
-from .layers import GatedMLP, make_norm, normal_init
+from .layers import make_mlp, make_norm, normal_init
 from .pattern import MIXERS
 
 
@@ -34,7 +34,7 @@ class Block(nn.Module):
         self.mixer_norm = make_norm(cfg)
         self.mixer = MIXERS[self.letter].build(cfg, mp, layer_idx, sp)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = GatedMLP(cfg, mp)
+        self.mlp = make_mlp(cfg, mp)
 
     def forward(
         self, x: torch.Tensor, positions_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None
@@ -47,8 +47,10 @@ class HybridLM(nn.Module):
     """Decoder-only hybrid LM.
 
     ``forward(tokens)`` returns this rank's vocab shard of the logits [B, T, V/tp];
-    ``forward(tokens, labels, loss_mask)`` returns the mean token loss (a scalar, identical on
-    every TP rank).
+    ``forward(tokens, labels, loss_mask)`` returns the training loss (a scalar, identical on
+    every TP rank): the mean token cross entropy plus ``moh.balance_coef`` times the mean
+    MoH balance loss when the pattern has M layers. ``metrics`` then holds the parts (detached
+    tensors, read when logging: ``lm_loss``, ``moh_balance``, ``seqboat_active``).
     """
 
     def __init__(
@@ -74,6 +76,8 @@ class HybridLM(nn.Module):
         )
         self.blocks = nn.ModuleList(Block(cfg, mp, i, sp) for i in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
+        self.embed_scale = cfg.hidden_size**0.5 if cfg.embed_scale else 1.0
+        self.metrics: dict[str, torch.Tensor] = {}
         self.output = ColumnParallelLinear(
             cfg.hidden_size,
             self.vocab_size,
@@ -98,6 +102,8 @@ class HybridLM(nn.Module):
             T = tokens_BT.shape[1]
             positions_BT = torch.arange(T, device=tokens_BT.device).expand_as(tokens_BT)
         x = self.embedding(tokens_BT)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         for block in self.blocks:
             x = block(x, positions_BT, doc_ids_BT)
         x = self.final_norm(x)
@@ -107,9 +113,23 @@ class HybridLM(nn.Module):
             return logits
         loss_BT = vocab_parallel_cross_entropy(logits.float(), labels_BT)
         if loss_mask_BT is None:
-            return loss_BT.mean()
-        mask = loss_mask_BT.to(loss_BT.dtype)
-        return (loss_BT * mask).sum() / mask.sum().clamp_min(1.0)
+            loss = loss_BT.mean()
+        else:
+            mask = loss_mask_BT.to(loss_BT.dtype)
+            loss = (loss_BT * mask).sum() / mask.sum().clamp_min(1.0)
+        return self._add_aux(loss)
+
+    def _add_aux(self, lm_loss: torch.Tensor) -> torch.Tensor:
+        self.metrics = {"lm_loss": lm_loss.detach()}
+        balance = [b.mixer.aux_loss for b in self.blocks if b.letter == "M"]
+        active = [b.mixer.active_fraction for b in self.blocks if b.letter == "S"]
+        if active:
+            self.metrics["seqboat_active"] = torch.stack(active).mean()
+        if not balance:
+            return lm_loss
+        aux = torch.stack(balance).mean()
+        self.metrics["moh_balance"] = aux.detach()
+        return lm_loss + self.cfg.moh.balance_coef * aux
 
 
 def build_model(

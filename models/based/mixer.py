@@ -1,0 +1,126 @@
+"""Based's three token mixers.
+
+* ``B`` -- linear attention with the 2nd-order Taylor feature map (feature dim 16 per head,
+  153 features after removing symmetric duplicates), normalised output. Cheap recall over
+  the whole context with a fixed-size state.
+* ``W`` -- sliding-window softmax attention with rotary positions: exact recall of the last
+  ``window`` tokens, which the Taylor map approximates poorly.
+* ``C`` -- gated short convolution (the reference code's BaseConv): in projection split into
+  a convolved half (depthwise causal conv, kernel 3, SiLU) and a gate half, multiplied,
+  then out projection.
+Heads (B, W) and channels (C) are split across TP ranks; sequence parallelism comes from the
+``SequenceParallel`` context (LASP-2 states for B, halo exchange for W and C).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from plait.models.common.config import ModelConfig, ModelConfigError
+from plait.models.common.layers import (
+    HeadProjections,
+    apply_rotary,
+    normal_init,
+    output_init,
+    rotary_cos_sin,
+)
+from plait.parallel.sequence import SequenceParallel
+from plait.parallel.tensor_parallel import mark_tp_sharded, tp_rank_and_size
+
+
+class BasedLinearAttention(nn.Module):
+    """Letter ``B``: q, k projected to ``based.feature_dim`` per head, v to the head dim."""
+
+    def __init__(
+        self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
+    ):
+        super().__init__()
+        f, d = cfg.based.feature_dim, cfg.head_dim
+        self.proj = HeadProjections(cfg, mp, cfg.num_heads, (f, f, d), d)
+        self.eps = cfg.based.eps
+        self.block = cfg.lightning_block
+        self.sp = sp
+
+    @staticmethod
+    def param_count(cfg: ModelConfig) -> int:
+        return 2 * cfg.hidden_size * cfg.num_heads * cfg.based.feature_dim + 2 * cfg.hidden_size**2
+
+    def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
+        q, k, v = self.proj.split(x_BTC)
+        return self.proj.merge(self.sp.based(q, k, v, doc_ids_BT, eps=self.eps, block=self.block))
+
+
+class SlidingWindowAttention(nn.Module):
+    """Letter ``W``: causal softmax attention over the last ``based.window`` tokens, rotary."""
+
+    def __init__(
+        self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
+    ):
+        super().__init__()
+        d = cfg.head_dim
+        self.proj = HeadProjections(cfg, mp, cfg.num_heads, (d, d, d), d)
+        self.window = cfg.based.window
+        self.rope_theta = cfg.rope_theta
+        self.sp = sp
+
+    @staticmethod
+    def param_count(cfg: ModelConfig) -> int:
+        return 4 * cfg.hidden_size**2
+
+    def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
+        q, k, v = self.proj.split(x_BTC)
+        cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.proj.merge(self.sp.window(q, k, v, self.window, doc_ids_BT))
+
+
+class GatedShortConv(nn.Module):
+    """Letter ``C``: out(SiLU(conv(W_a x)) * W_b x), depthwise causal conv with bias.
+
+    W_a and W_b are two column-parallel layers (not one fused [W_a; W_b]) so that a TP rank
+    holds matching channels of both halves; the conv weight [hidden, K] and bias are split
+    over the same channels. Conv parameters are drawn whole (PyTorch Conv1d's default
+    uniform(+-1/sqrt(K))) and then sliced, so every TP size gets the same logical init.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
+    ):
+        super().__init__()
+        h, K = cfg.hidden_size, cfg.based.conv_kernel
+        common = dict(config=mp, bias=False, gather_output=False)
+        self.in_conv = ColumnParallelLinear(h, h, init_method=normal_init(cfg.init_std), **common)
+        self.in_gate = ColumnParallelLinear(h, h, init_method=normal_init(cfg.init_std), **common)
+        self.out_proj = RowParallelLinear(
+            h, h, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
+            init_method=output_init(cfg),
+        )  # fmt: skip
+        rank, tp = tp_rank_and_size()
+        if h % tp:
+            raise ModelConfigError(f"hidden_size: {h} channels cannot be split over TP={tp}")
+        c = h // tp
+        bound = 1.0 / math.sqrt(K)
+        w = torch.empty(h, K).uniform_(-bound, bound)[rank * c : (rank + 1) * c]
+        b = torch.empty(h).uniform_(-bound, bound)[rank * c : (rank + 1) * c]
+        self.conv_weight = mark_tp_sharded(nn.Parameter(w.clone()), 0)
+        self.conv_bias = mark_tp_sharded(nn.Parameter(b.clone()), 0)
+        self.sp = sp
+
+    @staticmethod
+    def param_count(cfg: ModelConfig) -> int:
+        h = cfg.hidden_size
+        return 3 * h * h + h * (cfg.based.conv_kernel + 1)
+
+    def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
+        a, _ = self.in_conv(x_BTC)
+        b, _ = self.in_gate(x_BTC)
+        w, bias = self.conv_weight.to(a.dtype), self.conv_bias.to(a.dtype)
+        a = F.silu(self.sp.short_conv(a, w, bias, doc_ids_BT))
+        out, _ = self.out_proj(a * b)
+        return out

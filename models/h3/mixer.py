@@ -1,0 +1,118 @@
+"""The H3 layer, letter ``H``.
+
+    q, k, v = W_q x, W_k x, W_v x                       (heads of ``h3.head_dim`` channels)
+    k <- ShiftSSM(k) + D_k * k                          (a learned FIR of ``state_size`` taps)
+    kv = k v^T per head  (k * v when head_dim = 1)
+    y  = DiagSSM(kv) + D * kv                           (S4D, complex diagonal A)
+    out = W_o (q^T y)
+
+The shift SSM remembers recent tokens (like a short conv), the diagonal SSM carries them far;
+the q gate reads them out, which is how H3 does associative recall. One SSM kernel per head,
+shared by the head's channels (the reference code's ``H = d_model / head_dim``).
+
+Parameterisation (S4D-Lin, as the reference): A = -exp(A_real_log) + i A_imag with
+A_real_log = log 0.5 and A_imag = pi n at init; log_dt ~ U(log 1e-3, log 1e-1); complex C
+~ N(0, 1/2) per part. dt and A are the SSM's dynamics: they train at min(h3.ssm_lr_cap, lr)
+without weight decay (attributes ``_lr_cap``/``_no_weight_decay`` read by the optimizer's
+parameter groups), as the reference's ``register(..., lr)`` does; C, D and the projections
+train like every other weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from plait.kernels.longconv import shift_ssm_kernel
+from plait.models.common.config import ModelConfig, ModelConfigError
+from plait.models.common.layers import local_heads, normal_init, output_init
+from plait.parallel.sequence import SequenceParallel
+from plait.parallel.tensor_parallel import mark_tp_sharded
+
+
+def _sharded(full: torch.Tensor, first: int, n: int) -> nn.Parameter:
+    return mark_tp_sharded(nn.Parameter(full[first : first + n].clone()), 0)
+
+
+class H3(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
+    ):
+        super().__init__()
+        h, o = cfg.hidden_size, cfg.h3
+        if h % o.head_dim:
+            raise ModelConfigError(f"h3.head_dim: hidden_size {h} is not divisible by {o.head_dim}")
+        heads = h // o.head_dim
+        self.dh = o.head_dim
+        self.heads, first = local_heads(heads, "h3.head_dim (hidden_size / head_dim heads)")
+        common = dict(config=mp, bias=True, gather_output=False)
+        init = normal_init(cfg.init_std)
+        self.q_proj = ColumnParallelLinear(h, h, init_method=init, **common)
+        self.k_proj = ColumnParallelLinear(h, h, init_method=init, **common)
+        self.v_proj = ColumnParallelLinear(h, h, init_method=init, **common)
+        self.out_proj = RowParallelLinear(
+            h, h, config=mp, bias=True, input_is_parallel=True, skip_bias_add=False,
+            init_method=output_init(cfg),
+        )  # fmt: skip
+        N, S = o.state_size, o.state_size // 2
+        n = self.heads
+        # Drawn whole, in a fixed order, then sliced: same logical init at every TP size.
+        shift_C = torch.randn(heads, N)
+        shift_D = torch.randn(heads)
+        log_dt = torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1))
+        A_real_log = torch.full((heads, S), math.log(0.5))
+        A_imag = (math.pi * torch.arange(S, dtype=torch.float32)).expand(heads, S)
+        C = torch.randn(heads, S, 2) * math.sqrt(0.5)
+        D = torch.randn(heads)
+        self.shift_C = _sharded(shift_C, first, n)
+        self.shift_D = _sharded(shift_D, first, n)
+        self.log_dt = _sharded(log_dt, first, n)
+        self.A_real_log = _sharded(A_real_log, first, n)
+        self.A_imag = _sharded(A_imag, first, n)
+        self.C = _sharded(C, first, n)
+        self.D = _sharded(D, first, n)
+        for p in (self.log_dt, self.A_real_log, self.A_imag):
+            p._lr_cap = o.ssm_lr_cap
+            p._no_weight_decay = True
+        self.sp = sp
+
+    @staticmethod
+    def param_count(cfg: ModelConfig) -> int:
+        h, N = cfg.hidden_size, cfg.h3.state_size
+        heads = h // cfg.h3.head_dim
+        return 4 * h * h + 4 * h + heads * (3 * N + 3)
+
+    def ssm_A_C(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diagonal SSM's complex A and C, [heads_local, N/2], in float32."""
+        A = torch.complex(-self.A_real_log.float().exp(), self.A_imag.float())
+        return A, torch.view_as_complex(self.C.float().contiguous())
+
+    def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
+        q, _ = self.q_proj(x_BTC)
+        k, _ = self.k_proj(x_BTC)
+        v, _ = self.v_proj(x_BTC)
+        B, T, _ = q.shape
+        H, d = self.heads, self.dh
+        shift = shift_ssm_kernel(self.shift_C.float(), min(T, self.shift_C.shape[1]))
+        shift = shift.clone()
+        shift[:, 0] = shift[:, 0] + self.shift_D.float()  # the D_k skip is the kernel's lag 0
+        shift = shift.repeat_interleave(d, 0).to(k.dtype)
+        k = self.sp.long_conv(k, shift, doc_ids_BT)
+        kv = (k.view(B, T, H, d, 1) * v.view(B, T, H, 1, d)).reshape(B, T, H * d * d)
+        A, C = self.ssm_A_C()
+        rep = d * d
+        y = self.sp.diag_ssm(
+            kv.float(),
+            self.log_dt.float().repeat_interleave(rep, 0),
+            A.repeat_interleave(rep, 0),
+            C.repeat_interleave(rep, 0),
+            doc_ids_BT,
+        )
+        y = (y + kv.float() * self.D.float().repeat_interleave(rep, 0)).to(q.dtype)
+        y = (q.view(B, T, H, d, 1) * y.view(B, T, H, d, d)).sum(3).reshape(B, T, H * d)
+        out, _ = self.out_proj(y)
+        return out

@@ -1,0 +1,148 @@
+"""Mixture-of-Head attention, letter ``M``.
+
+Heads are shared (every token uses them) or routed (each token picks ``moh.top_k`` of them).
+Per token t:
+    alpha = softmax(W_a x)                  2-way: shared versus routed (absent without shared)
+    g_shared = alpha_0 * softmax(W_s x)
+    p = softmax(W_r x);  g_routed = alpha_1 * renorm(p * topk_mask(p))
+    out = W_o concat_h(g_h * head_h)        a weighted sum of heads instead of a plain sum
+The load-balance loss over routed heads is MoE's, hr * sum_i f_i P_i (f_i: fraction of the
+top-k slots that went to head i, P_i: mean router probability): 1 for uniform routing, up to
+hr / k when every token picks the same heads. It is added to the LM loss times
+``moh.balance_coef`` (see ``HybridLM``) and logged on its own.
+
+Skipping: a routed head computes attention only for the queries that selected it (gathered,
+attended against all keys with their original positions, scattered back); keys and values
+are computed for every token, since any later query may select the head.
+
+Tensor parallelism: heads are split across ranks, but top-k needs all routed logits, so the
+router (three small [hidden -> heads] matrices) is replicated and every rank routes all heads
+itself, which equals gathering the logits without a collective. The gates then pass
+``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward) before a
+rank scales its own heads, so the router's gradient sums every rank's heads and stays
+identical on all ranks. Sequence parallelism: keys and values are all-gathered (LASP-2H's
+scheme, whatever ``parallel.softmax_sp`` says) and the balance statistics are averaged over
+the sequence-parallel ranks, so both equal the single-process values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+from torch import nn
+
+from plait.models.common.config import ModelConfig
+from plait.models.common.layers import HeadProjections, apply_rotary, rotary_cos_sin
+from plait.parallel.sequence import SequenceParallel
+
+
+def route(
+    x_BTC: torch.Tensor,
+    w_routed: torch.Tensor,
+    w_shared: torch.Tensor | None,
+    w_mix: torch.Tensor | None,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gates [B, T, shared + routed], the routed top-k mask [B, T, routed], and the routed
+    probabilities [B, T, routed] (for the balance loss). Computed in float32."""
+    x = x_BTC.float()
+    p = F.softmax(x @ w_routed.float().t(), dim=-1)
+    top = p.topk(top_k, dim=-1).indices
+    mask = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, top, True)
+    routed = p * mask
+    routed = routed / routed.sum(-1, keepdim=True)
+    if w_shared is None:
+        return routed, mask, p
+    alpha = F.softmax(x @ w_mix.float().t(), dim=-1)
+    shared = F.softmax(x @ w_shared.float().t(), dim=-1)
+    gates = torch.cat([alpha[..., :1] * shared, alpha[..., 1:] * routed], dim=-1)
+    return gates, mask, p
+
+
+def balance_loss(mask_BTR: torch.Tensor, p_BTR: torch.Tensor, sp: SequenceParallel | None = None):
+    """hr * sum_i f_i P_i over routed heads (MoE's load-balance loss); f carries no gradient."""
+    R = p_BTR.shape[-1]
+    k = mask_BTR[0, 0].sum()
+    f = mask_BTR.float().mean((0, 1)) / k
+    P = p_BTR.mean((0, 1))
+    if sp is not None:
+        f, P = sp.mean(f), sp.mean(P)
+    return R * (f.detach() * P).sum()
+
+
+def _attend_selected(q_BTD, k_BSD, v_BSD, sel_BT, q_index_T, k_index_S, q_docs, k_docs, scale):
+    """Attention of the selected queries only; zeros elsewhere. [B, T, D]."""
+    B, T, D = q_BTD.shape
+    counts = sel_BT.sum(1)
+    n = int(counts.max())
+    out = q_BTD.new_zeros(B, T, v_BSD.shape[-1])
+    if n == 0:
+        return out
+    order = torch.argsort((~sel_BT).to(torch.int8), dim=1, stable=True)[:, :n]  # selected first
+    valid = torch.arange(n, device=q_BTD.device)[None] < counts[:, None]  # [B, n]
+    q = q_BTD.gather(1, order[..., None].expand(B, n, D))
+    qpos = q_index_T[order]  # [B, n] global positions
+    allowed = k_index_S[None, None, :] <= qpos[..., None]  # [B, n, S]
+    if q_docs is not None:
+        qd = q_docs.gather(1, order)
+        allowed = allowed & (k_docs[:, None, :] == qd[..., None])
+    allowed = allowed & valid[..., None]
+    allowed[..., 0] |= ~valid  # padding rows attend somewhere (then dropped) instead of NaN
+    o = F.scaled_dot_product_attention(
+        q[:, None], k_BSD[:, None], v_BSD[:, None], attn_mask=allowed[:, None], scale=scale
+    )[:, 0]
+    o = o * valid[..., None]
+    return out.scatter(1, order[..., None].expand(B, n, o.shape[-1]), o)
+
+
+class MoHAttention(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
+    ):
+        super().__init__()
+        d, o = cfg.head_dim, cfg.moh
+        self.proj = HeadProjections(cfg, mp, cfg.num_heads, (d, d, d), d)
+        self.shared, self.top_k = o.shared_heads, o.top_k
+        self.routed = cfg.num_heads - o.shared_heads
+        self.rope_theta = cfg.rope_theta
+        self.sp = sp
+        std = cfg.init_std
+        h = cfg.hidden_size
+        # Replicated router: drawn whole on every rank in the same order, so identical.
+        self.w_routed = nn.Parameter(torch.randn(self.routed, h) * std)
+        self.w_shared = nn.Parameter(torch.randn(self.shared, h) * std) if self.shared else None
+        self.w_mix = nn.Parameter(torch.randn(2, h) * std) if self.shared else None
+        self.aux_loss: torch.Tensor | None = None
+
+    @staticmethod
+    def param_count(cfg: ModelConfig) -> int:
+        h, s = cfg.hidden_size, cfg.moh.shared_heads
+        return 4 * h * h + h * (cfg.num_heads - s) + (h * s + 2 * h if s else 0)
+
+    def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
+        gates, mask, p = route(x_BTC, self.w_routed, self.w_shared, self.w_mix, self.top_k)
+        self.aux_loss = balance_loss(mask, p, self.sp)
+        gates = copy_to_tensor_model_parallel_region(gates)
+        q, k, v = self.proj.split(x_BTC)
+        cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        first, H = self.proj.first_head, self.proj.heads
+        k_all, v_all, k_index, k_docs, q_index = self.sp.gather_keys(k, v, doc_ids_BT)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        outs = []
+        for j in range(H):
+            head = first + j
+            g = gates[..., head].to(q.dtype)[..., None]
+            if head < self.shared:
+                sel = torch.ones_like(mask[..., 0])
+            else:
+                sel = mask[..., head - self.shared]
+            o = _attend_selected(
+                q[:, j], k_all[:, j], v_all[:, j], sel, q_index, k_index, doc_ids_BT, k_docs, scale
+            )
+            outs.append(o * g)
+        return self.proj.merge(torch.stack(outs, 1))

@@ -1,0 +1,1 @@
+"""TransNormerLLM (Qin et al., 2023): lightning attention with decay + SGLU, letter ``L``."""
