@@ -21,6 +21,7 @@ import yaml
 
 from plait.data.config import DataConfig
 from plait.models.common.config import ModelConfig
+from plait.models.presets import apply_preset
 from plait.parallel.config import ParallelConfig
 
 
@@ -194,6 +195,13 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
         raise ConfigError(f"{source}: {where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
+    if isinstance(obj, ModelConfig) and "preset" in data:
+        # The preset sets every model field first; the fields given beside it override it.
+        try:
+            apply_preset(obj, _coerce(data["preset"], str, f"{prefix}preset"))
+        except ValueError as e:
+            raise ConfigError(f"{source}: {prefix}{e}") from None
+        data = {k: v for k, v in data.items() if k != "preset"}
     for key, value in data.items():
         where = f"{prefix}{key}"
         if key not in names:

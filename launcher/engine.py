@@ -53,7 +53,11 @@ def build_optimizer(model: nn.Module, cfg: Config, mpu: MegatronMpu) -> torch.op
     o = cfg.optimizer
     groups = param_groups(model, o.weight_decay)
     for g in groups:
+        # The schedule (LambdaLR) multiplies this peak, so a capped tensor warms up and decays
+        # with the rest, below its cap.
         g["lr"] = o.lr * g["lr_scale"]
+        if g["lr_cap"] is not None:
+            g["lr"] = min(g["lr"], g["lr_cap"])
     if o.name == "lamb":
         return Lamb(
             groups,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,9 @@ class StepStats:
     grad_norm: float
     step_time_s: float
     tokens_per_s: float
+    parts: dict[str, float] = field(default_factory=dict)
+    """The model's own loss parts and gauges (``HybridLM.metrics``: lm_loss, moh_balance,
+    seqboat_active), averaged like the loss; logged as train/<name>."""
 
 
 class MetricsSink:
@@ -107,6 +110,7 @@ def train_step(
     t0 = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
     losses = []
+    parts: dict[str, list[torch.Tensor]] = {}
     d = cfg.data
     length = warmup_length(engine.global_steps, d.warmup_seq_len, d.seq_len, d.warmup_seq_len_steps)
     for _ in range(cfg.training.grad_accum):
@@ -116,13 +120,16 @@ def train_step(
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())
+        for k, v in getattr(engine.module, "metrics", {}).items():
+            parts.setdefault(k, []).append(v.float())
     loss = data_parallel_mean(torch.stack(losses).mean()).item()
+    means = {k: data_parallel_mean(torch.stack(v).mean()).item() for k, v in sorted(parts.items())}
     gn = engine.get_global_grad_norm()
     gn = float(gn.item() if torch.is_tensor(gn) else (gn if gn is not None else float("nan")))
     dt = time.perf_counter() - t0
     t = cfg.training
     tokens = t.micro_batch_size * t.grad_accum * rt.dp * cfg.data.seq_len
-    return StepStats(engine.global_steps, loss, lr, gn, dt, tokens / dt)
+    return StepStats(engine.global_steps, loss, lr, gn, dt, tokens / dt, means)
 
 
 def run(
@@ -153,7 +160,8 @@ def run(
             s = train_step(engine, scheduler, cfg, rt, loader, sp)
             history.append(s)
             if s.step % cfg.logging.log_every == 0 or s.step == cfg.training.steps:
-                sink.scalars(s.step, {k: v for k, v in asdict(s).items() if k != "step"}, "train")
+                row = {k: v for k, v in asdict(s).items() if k not in ("step", "parts")}
+                sink.scalars(s.step, {**row, **s.parts}, "train")
             bar.update(1)
             bar.set_postfix(
                 loss=f"{s.loss:.3f}",

@@ -29,9 +29,10 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool = True
 
     Keys besides ``params``: ``name``; ``tp_sharded`` (megatron's ``tensor_model_parallel``
     attribute); ``weight_decay`` (0 for 1-D tensors such as norms and biases, and for tensors
-    flagged ``_no_weight_decay``); ``lr_scale`` (a tensor's ``_lr_scale``, default 1, for
-    families that cap some learning rates). DeepSpeed keeps these keys when it swaps
-    ``params`` for its flat partitions.
+    flagged ``_no_weight_decay``); ``lr_scale`` (a tensor's ``_lr_scale``, default 1) and
+    ``lr_cap`` (a tensor's ``_lr_cap`` or None: its peak learning rate is min(cap, lr), e.g.
+    H3's SSM dynamics). DeepSpeed keeps these keys when it swaps ``params`` for its flat
+    partitions.
     """
     groups = []
     for name, p in model.named_parameters():
@@ -45,6 +46,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_1d: bool = True
                 "tp_sharded": bool(getattr(p, "tensor_model_parallel", False)),
                 "weight_decay": 0.0 if no_decay else weight_decay,
                 "lr_scale": float(getattr(p, "_lr_scale", 1.0)),
+                "lr_cap": getattr(p, "_lr_cap", None),
             }
         )
     return groups

@@ -48,7 +48,7 @@ class BasedLinearAttention(nn.Module):
         self.sp = sp
 
     @staticmethod
-    def param_count(cfg: ModelConfig) -> int:
+    def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         return 2 * cfg.hidden_size * cfg.num_heads * cfg.based.feature_dim + 2 * cfg.hidden_size**2
 
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
@@ -70,7 +70,7 @@ class SlidingWindowAttention(nn.Module):
         self.sp = sp
 
     @staticmethod
-    def param_count(cfg: ModelConfig) -> int:
+    def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         return 4 * cfg.hidden_size**2
 
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
@@ -81,12 +81,13 @@ class SlidingWindowAttention(nn.Module):
 
 
 class GatedShortConv(nn.Module):
-    """Letter ``C``: out(SiLU(conv(W_a x)) * W_b x), depthwise causal conv with bias.
+    """Letter ``C``: out(SiLU(conv(W_a x)) * W_b x), the reference BaseConv.
 
-    W_a and W_b are two column-parallel layers (not one fused [W_a; W_b]) so that a TP rank
-    holds matching channels of both halves; the conv weight [hidden, K] and bias are split
-    over the same channels. Conv parameters are drawn whole (PyTorch Conv1d's default
-    uniform(+-1/sqrt(K))) and then sliced, so every TP size gets the same logical init.
+    Inner width ``conv_expand * hidden / 2`` per half; projections with biases, conv without
+    (the published configs). W_a and W_b are two column-parallel layers (not one fused
+    [W_a; W_b]) so that a TP rank holds matching channels of both halves; the depthwise conv
+    weight [inner, K] is split over the same channels. It is drawn whole (PyTorch Conv1d's
+    default uniform(+-1/sqrt(K))) and then sliced, so every TP size gets the same logical init.
     """
 
     def __init__(
@@ -94,33 +95,38 @@ class GatedShortConv(nn.Module):
     ):
         super().__init__()
         h, K = cfg.hidden_size, cfg.based.conv_kernel
-        common = dict(config=mp, bias=False, gather_output=False)
-        self.in_conv = ColumnParallelLinear(h, h, init_method=normal_init(cfg.init_std), **common)
-        self.in_gate = ColumnParallelLinear(h, h, init_method=normal_init(cfg.init_std), **common)
+        inner = cfg.based.conv_expand * h // 2
+        common = dict(config=mp, bias=True, gather_output=False)
+        self.in_conv = ColumnParallelLinear(
+            h, inner, init_method=normal_init(cfg.init_std), **common
+        )
+        self.in_gate = ColumnParallelLinear(
+            h, inner, init_method=normal_init(cfg.init_std), **common
+        )
         self.out_proj = RowParallelLinear(
-            h, h, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
+            inner, h, config=mp, bias=True, input_is_parallel=True, skip_bias_add=False,
             init_method=output_init(cfg),
         )  # fmt: skip
         rank, tp = tp_rank_and_size()
-        if h % tp:
-            raise ModelConfigError(f"hidden_size: {h} channels cannot be split over TP={tp}")
-        c = h // tp
+        if inner % tp:
+            raise ModelConfigError(
+                f"based.conv_expand: {inner} channels cannot be split over TP={tp}"
+            )
+        c = inner // tp
         bound = 1.0 / math.sqrt(K)
-        w = torch.empty(h, K).uniform_(-bound, bound)[rank * c : (rank + 1) * c]
-        b = torch.empty(h).uniform_(-bound, bound)[rank * c : (rank + 1) * c]
+        w = torch.empty(inner, K).uniform_(-bound, bound)[rank * c : (rank + 1) * c]
         self.conv_weight = mark_tp_sharded(nn.Parameter(w.clone()), 0)
-        self.conv_bias = mark_tp_sharded(nn.Parameter(b.clone()), 0)
         self.sp = sp
 
     @staticmethod
-    def param_count(cfg: ModelConfig) -> int:
+    def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         h = cfg.hidden_size
-        return 3 * h * h + h * (cfg.based.conv_kernel + 1)
+        inner = cfg.based.conv_expand * h // 2
+        return 2 * (h * inner + inner) + inner * h + h + inner * cfg.based.conv_kernel
 
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
         a, _ = self.in_conv(x_BTC)
         b, _ = self.in_gate(x_BTC)
-        w, bias = self.conv_weight.to(a.dtype), self.conv_bias.to(a.dtype)
-        a = F.silu(self.sp.short_conv(a, w, bias, doc_ids_BT))
+        a = F.silu(self.sp.short_conv(a, self.conv_weight.to(a.dtype), None, doc_ids_BT))
         out, _ = self.out_proj(a * b)
         return out

@@ -1,7 +1,7 @@
 """Building blocks shared by every model family, and the hybrid LM itself."""
 
 from .config import ModelConfig, ModelConfigError
-from .lm import Block, HybridLM, build_model
+from .lm import Block, HybridLM, build_model, param_count
 from .pattern import MIXERS, MixerSpec
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "ModelConfig",
     "ModelConfigError",
     "build_model",
+    "param_count",
 ]

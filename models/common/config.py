@@ -25,11 +25,14 @@ class BasedOptions:
     """Sliding-window size of W layers (the query's own token included)."""
     conv_kernel: int = 3
     """Kernel size of the depthwise causal convolution of C layers."""
+    conv_expand: int = 4
+    """C layers project hidden -> conv_expand * hidden / 2 channels for each of the conv and
+    gate halves (the reference BaseConv's expand_proj; 4 in the published configs)."""
     eps: float = 1e-6
     """Added to the linear attention's normaliser."""
 
     def validate(self) -> None:
-        for name in ("feature_dim", "window", "conv_kernel"):
+        for name in ("feature_dim", "window", "conv_kernel", "conv_expand"):
             if getattr(self, name) < 1:
                 raise ModelConfigError(f"based.{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -133,8 +136,9 @@ class ModelConfig:
     lightning_norm: Literal["full", "head"] = "head"
     """Where L layers normalise the attention output: over the full width (TransNormerLLM;
     one small all-reduce per layer under TP) or per head (GroupNorm-like, collective-free)."""
-    lrpe: bool = False
-    """L layers apply TransNormerLLM's LRPE to q and k (doubles their head dim)."""
+    lrpe: Literal["none", "first", "all"] = "none"
+    """Which L layers apply TransNormerLLM's LRPE to q and k (doubles their head dim): none,
+    the first L layer (the released models), or all."""
     embed_scale: bool = False
     """Multiply the token embeddings by sqrt(hidden_size) (TransNormerLLM)."""
     based: BasedOptions = field(default_factory=BasedOptions)

@@ -132,6 +132,20 @@ class HybridLM(nn.Module):
         return lm_loss + self.cfg.moh.balance_coef * aux
 
 
+def param_count(cfg: ModelConfig, vocab_size: int | None = None) -> int:
+    """Logical parameter count derived from the config alone (no model is built): embedding
+    (padded vocabulary), output layer unless tied, per block the mixer's own formula
+    (``param_count`` of its class), the channel mixer and the norms, and the final norm.
+    Tests check it against the parameters of built models, including every preset."""
+    h, f, V = cfg.hidden_size, cfg.ffn_size, cfg.padded_vocab_size(vocab_size)
+    norm = h if cfg.norm == "rmsnorm" else 0
+    mlp = 2 * h * f + f + h if cfg.mlp == "gelu" else 3 * h * f
+    total = V * h * (1 if cfg.tie_embeddings else 2) + norm
+    for i, letter in enumerate(cfg.pattern):
+        total += MIXERS[letter].build.param_count(cfg, i) + mlp + 2 * norm
+    return total
+
+
 def build_model(
     cfg: ModelConfig,
     tensor_parallel: int,

@@ -30,7 +30,7 @@ class SoftmaxAttention(nn.Module):
         self.sp = sp
 
     @staticmethod
-    def param_count(cfg: ModelConfig) -> int:
+    def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         return 4 * cfg.hidden_size**2
 
     def forward(

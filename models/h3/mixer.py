@@ -81,7 +81,7 @@ class H3(nn.Module):
         self.sp = sp
 
     @staticmethod
-    def param_count(cfg: ModelConfig) -> int:
+    def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         h, N = cfg.hidden_size, cfg.h3.state_size
         heads = h // cfg.h3.head_dim
         return 4 * h * h + 4 * h + heads * (3 * N + 3)

@@ -119,7 +119,7 @@ class MoHAttention(nn.Module):
         self.aux_loss: torch.Tensor | None = None
 
     @staticmethod
-    def param_count(cfg: ModelConfig) -> int:
+    def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         h, s = cfg.hidden_size, cfg.moh.shared_heads
         return 4 * h * h + h * (cfg.num_heads - s) + (h * s + 2 * h if s else 0)
 

@@ -153,7 +153,7 @@ class SeqBoat(nn.Module):
         self.active_fraction: torch.Tensor | None = None
 
     @staticmethod
-    def param_count(cfg: ModelConfig) -> int:
+    def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         h, o = cfg.hidden_size, cfg.seqboat
         hdim = cfg.seqboat_hdim
         ema = h * (4 * o.ema_dim + 1)

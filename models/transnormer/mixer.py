@@ -81,7 +81,7 @@ class LightningAttention(nn.Module):
         self.proj = HeadProjections(cfg, mp, cfg.num_heads, (d, d, d, d), d)
         h, first = self.proj.heads, self.proj.first_head
         self.block = cfg.lightning_block
-        self.lrpe = Lrpe(cfg.num_heads, d, h, first) if cfg.lrpe else None
+        self.lrpe = Lrpe(cfg.num_heads, d, h, first) if self.has_lrpe(cfg, layer_idx) else None
         if cfg.lightning_norm == "full":
             self.out_norm = FullWidthSRMSNorm(cfg.hidden_size, cfg.norm_eps)
         else:
@@ -93,8 +93,13 @@ class LightningAttention(nn.Module):
         self.slopes = slopes[first : first + h].clone()
 
     @staticmethod
-    def param_count(cfg: ModelConfig) -> int:
-        return 5 * cfg.hidden_size**2 + (cfg.hidden_size if cfg.lrpe else 0)
+    def has_lrpe(cfg: ModelConfig, layer_idx: int) -> bool:
+        return cfg.lrpe == "all" or (cfg.lrpe == "first" and layer_idx == cfg.pattern.index("L"))
+
+    @staticmethod
+    def param_count(cfg: ModelConfig, layer_idx: int) -> int:
+        lrpe = LightningAttention.has_lrpe(cfg, layer_idx)
+        return 5 * cfg.hidden_size**2 + (cfg.hidden_size if lrpe else 0)
 
     def forward(
         self,

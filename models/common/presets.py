@@ -1,0 +1,17 @@
+"""What a named preset is: a config factory, the published parameter count, a note."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    build: Callable[[], ModelConfig]
+    published: float | None
+    """Parameter count the paper or model card gives (None: not a published size)."""
+    note: str
+    """Where the config comes from, or what it is for."""

@@ -1,0 +1,36 @@
+"""MoH presets: LLaMA-style LMs whose attention is MoH with 75% of heads active (the
+MoH-LLaMA3 setting: a quarter of the heads shared, top-k of the routed ones so that 75% of
+all heads run per token). The names are sizes, not released checkpoints."""
+
+from __future__ import annotations
+
+from plait.models.common.config import ModelConfig, MoHOptions
+from plait.models.common.presets import Preset
+
+
+def moh(d: int, layers: int, heads: int, vocab: int = 32000) -> ModelConfig:
+    shared = heads // 4
+    return ModelConfig(
+        pattern="M" * layers,
+        num_layers=layers,
+        hidden_size=d,
+        num_heads=heads,
+        mlp="swiglu",
+        norm="rmsnorm",
+        vocab_size=vocab,
+        tie_embeddings=False,
+        moh=MoHOptions(shared_heads=shared, top_k=heads * 3 // 4 - shared, balance_coef=0.01),
+    )
+
+
+def _tiny() -> ModelConfig:
+    cfg = moh(64, 3, 4, vocab=0)
+    cfg.moh.shared_heads, cfg.moh.top_k = 1, 2
+    return cfg
+
+
+PRESETS = {
+    "moh-360m": Preset(lambda: moh(1024, 24, 16), None, "comparable to Based 360M"),
+    "moh-1b": Preset(lambda: moh(2048, 18, 16), None, "the 1B-class preset"),
+    "moh-tiny": Preset(_tiny, None, "CPU tests"),
+}
