@@ -48,17 +48,21 @@ def route(
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gates [B, T, shared + routed], the routed top-k mask [B, T, routed], and the routed
-    probabilities [B, T, routed] (for the balance loss). Computed in float32."""
+    probabilities [B, T, routed] (for the balance loss). Computed in float32. ``w_mix`` is
+    None without shared heads; ``w_shared`` is None with fewer than two."""
     x = x_BTC.float()
     p = F.softmax(x @ w_routed.float().t(), dim=-1)
     top = p.topk(top_k, dim=-1).indices
     mask = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, top, True)
     routed = p * mask
     routed = routed / routed.sum(-1, keepdim=True)
-    if w_shared is None:
+    if w_mix is None:
         return routed, mask, p
     alpha = F.softmax(x @ w_mix.float().t(), dim=-1)
-    shared = F.softmax(x @ w_shared.float().t(), dim=-1)
+    if w_shared is None:  # one shared head: its softmax gate would be the constant 1
+        shared = torch.ones_like(alpha[..., :1])
+    else:
+        shared = F.softmax(x @ w_shared.float().t(), dim=-1)
     gates = torch.cat([alpha[..., :1] * shared, alpha[..., 1:] * routed], dim=-1)
     return gates, mask, p
 
@@ -114,14 +118,15 @@ class MoHAttention(nn.Module):
         h = cfg.hidden_size
         # Replicated router: drawn whole on every rank in the same order, so identical.
         self.w_routed = nn.Parameter(torch.randn(self.routed, h) * std)
-        self.w_shared = nn.Parameter(torch.randn(self.shared, h) * std) if self.shared else None
+        multi = self.shared > 1
+        self.w_shared = nn.Parameter(torch.randn(self.shared, h) * std) if multi else None
         self.w_mix = nn.Parameter(torch.randn(2, h) * std) if self.shared else None
         self.aux_loss: torch.Tensor | None = None
 
     @staticmethod
     def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         h, s = cfg.hidden_size, cfg.moh.shared_heads
-        return 4 * h * h + h * (cfg.num_heads - s) + (h * s + 2 * h if s else 0)
+        return 4 * h * h + h * (cfg.num_heads - s) + (2 * h if s else 0) + (h * s if s > 1 else 0)
 
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
         gates, mask, p = route(x_BTC, self.w_routed, self.w_shared, self.w_mix, self.top_k)

@@ -24,9 +24,7 @@ def moh(d: int, layers: int, heads: int, vocab: int = 32000) -> ModelConfig:
 
 
 def _tiny() -> ModelConfig:
-    cfg = moh(64, 3, 4, vocab=0)
-    cfg.moh.shared_heads, cfg.moh.top_k = 1, 2
-    return cfg
+    return moh(64, 3, 8, vocab=0)  # 2 shared + top-4 of 6 routed heads
 
 
 PRESETS = {
