@@ -2,15 +2,15 @@
 
 from .config import ModelConfig, ModelConfigError
 from .lm import Block, HybridLM, build_model, param_count
-from .pattern import MIXERS, MixerSpec
+from .pattern import MixerSpec, mixers
 
 __all__ = [
-    "MIXERS",
     "Block",
     "HybridLM",
     "MixerSpec",
     "ModelConfig",
     "ModelConfigError",
     "build_model",
+    "mixers",
     "param_count",
 ]

@@ -149,7 +149,9 @@ class ModelConfig:
     """Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."""
 
     def validate(self) -> None:
-        from .pattern import MIXERS  # local: pattern imports the mixers, which import torch
+        from .pattern import mixers  # local: the mixers import torch and megatron
+
+        MIXERS = mixers()
 
         bad = sorted({c for c in self.pattern if c not in MIXERS})
         if not self.pattern or bad:

@@ -20,7 +20,7 @@ from plait.parallel.sequence import SequenceParallel
 
 from .config import ModelConfig
 from .layers import make_mlp, make_norm, normal_init
-from .pattern import MIXERS
+from .pattern import mixers
 
 
 class Block(nn.Module):
@@ -32,7 +32,7 @@ class Block(nn.Module):
         super().__init__()
         self.letter = cfg.pattern[layer_idx]
         self.mixer_norm = make_norm(cfg)
-        self.mixer = MIXERS[self.letter].build(cfg, mp, layer_idx, sp)
+        self.mixer = mixers()[self.letter].build(cfg, mp, layer_idx, sp)
         self.mlp_norm = make_norm(cfg)
         self.mlp = make_mlp(cfg, mp)
 
@@ -142,7 +142,7 @@ def param_count(cfg: ModelConfig, vocab_size: int | None = None) -> int:
     mlp = 2 * h * f + f + h if cfg.mlp == "gelu" else 3 * h * f
     total = V * h * (1 if cfg.tie_embeddings else 2) + norm
     for i, letter in enumerate(cfg.pattern):
-        total += MIXERS[letter].build.param_count(cfg, i) + mlp + 2 * norm
+        total += mixers()[letter].build.param_count(cfg, i) + mlp + 2 * norm
     return total
 
 

@@ -9,16 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 from torch import nn
-
-from plait.models.based.mixer import BasedLinearAttention, GatedShortConv, SlidingWindowAttention
-from plait.models.h3.mixer import H3
-from plait.models.moh.mixer import MoHAttention
-from plait.models.seqboat.mixer import SeqBoat
-from plait.models.transnormer.mixer import LightningAttention
-
-from .mixers import SoftmaxAttention
 
 
 @dataclass(frozen=True)
@@ -30,13 +23,33 @@ class MixerSpec:
     ``param_count(cfg)`` giving its logical parameter count from the config alone."""
 
 
-MIXERS: dict[str, MixerSpec] = {
-    "L": MixerSpec("lightning linear attention with decay (TransNormerLLM)", LightningAttention),
-    "A": MixerSpec("causal softmax attention with RoPE", SoftmaxAttention),
-    "B": MixerSpec("Based Taylor linear attention", BasedLinearAttention),
-    "W": MixerSpec("sliding-window softmax attention with RoPE (Based)", SlidingWindowAttention),
-    "C": MixerSpec("gated short convolution (Based)", GatedShortConv),
-    "H": MixerSpec("H3: shift and diagonal SSMs with multiplicative gates", H3),
-    "S": MixerSpec("SeqBoat: EMA + router + GAU on the active tokens", SeqBoat),
-    "M": MixerSpec("mixture-of-head attention (MoH)", MoHAttention),
-}
+@cache
+def mixers() -> dict[str, MixerSpec]:
+    """Letter -> mixer. Imported on first use: the family folders import models.common's
+    layers, so an eager import here would be circular whichever module is imported first."""
+    from plait.models.based.mixer import (
+        BasedLinearAttention,
+        GatedShortConv,
+        SlidingWindowAttention,
+    )
+    from plait.models.h3.mixer import H3
+    from plait.models.moh.mixer import MoHAttention
+    from plait.models.seqboat.mixer import SeqBoat
+    from plait.models.transnormer.mixer import LightningAttention
+
+    from .mixers import SoftmaxAttention
+
+    return {
+        "L": MixerSpec(
+            "lightning linear attention with decay (TransNormerLLM)", LightningAttention
+        ),
+        "A": MixerSpec("causal softmax attention with RoPE", SoftmaxAttention),
+        "B": MixerSpec("Based Taylor linear attention", BasedLinearAttention),
+        "W": MixerSpec(
+            "sliding-window softmax attention with RoPE (Based)", SlidingWindowAttention
+        ),
+        "C": MixerSpec("gated short convolution (Based)", GatedShortConv),
+        "H": MixerSpec("H3: shift and diagonal SSMs with multiplicative gates", H3),
+        "S": MixerSpec("SeqBoat: EMA + router + GAU on the active tokens", SeqBoat),
+        "M": MixerSpec("mixture-of-head attention (MoH)", MoHAttention),
+    }

@@ -1,0 +1,135 @@
+"""MoH: reduction to multi-head attention with scaled heads, the balance loss's minimum,
+selected-query attention against a dense reference, and that unselected heads are skipped."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+
+import plait.models.moh.mixer as moh_mixer
+from plait.models.common import ModelConfig
+from plait.models.common.layers import apply_rotary, rotary_cos_sin
+from plait.models.moh.mixer import MoHAttention, _attend_selected, balance_loss, route
+from plait.parallel.sequence import SequenceParallel
+from tests.distributed import run_distributed
+from tests.helpers import assert_rel_close
+
+T, H, D = 29, 6, 8
+
+
+def _layer(shared: int, top_k: int) -> MoHAttention:
+    cfg = ModelConfig(pattern="M", num_layers=1, hidden_size=H * D, num_heads=H)
+    cfg.moh.shared_heads, cfg.moh.top_k = shared, top_k
+    mp = ModelParallelConfig(use_cpu_initialization=True, params_dtype=torch.float32)
+    return MoHAttention(cfg, mp, 0, SequenceParallel())
+
+
+def _mha_scaled(m: MoHAttention, x, scales):
+    """Plain causal multi-head attention, head h's output times scales[h]."""
+    q, k, v = m.proj.split(x)
+    cos, sin = rotary_cos_sin(torch.arange(T).expand(2, T), D, m.rope_theta)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return m.proj.merge(o * scales.view(1, H, 1, 1))
+
+
+def _reduction(rt, shared, seed):
+    torch.manual_seed(seed)
+    m = _layer(shared, H - shared)  # top-k = every routed head
+    with torch.no_grad():  # uniform gates
+        for p in (m.w_routed, m.w_shared, m.w_mix):
+            if p is not None:
+                p.zero_()
+    x = torch.randn(2, T, H * D)
+    routed = H - shared
+    if shared:
+        scales = torch.tensor([0.5 / shared] * shared + [0.5 / routed] * routed)
+    else:
+        scales = torch.full((H,), 1.0 / routed)
+    pos = torch.arange(T).expand(2, T)
+    outs = []
+    for fn in (lambda xi: m(xi, pos), lambda xi: _mha_scaled(m, xi, scales)):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad.clone(), m.proj.in_proj.weight.grad.clone()))
+    return outs
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_all_heads_uniform_gates_is_scaled_multi_head_attention(shared, seed):
+    fast, ref = run_distributed(_reduction, 1, shared, seed)[0]
+    for a, b, what in zip(fast, ref, ("output", "dx", "d in_proj"), strict=True):
+        assert_rel_close(a, b, 1e-5, what)
+
+
+def test_balance_loss_is_minimal_for_uniform_routing():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, 32, generator=g)
+    for R, k in ((4, 1), (6, 2), (8, 3)):
+        _, mask, p = route(x, torch.zeros(R, 32), None, None, k)
+        uniform = balance_loss(mask, p).item()
+        assert abs(uniform - 1.0) < 1e-6
+        for scale in (0.1, 1.0, 10.0):
+            w = torch.randn(R, 32, generator=g) * scale
+            _, mask, p = route(x, w, None, None, k)
+            assert balance_loss(mask, p).item() > uniform
+        # every token sends its top-k to the same heads: the worst case, R / k
+        skew = torch.zeros(R, 32)
+        skew[:k, 0] = 100.0
+        _, mask, p = route(x.abs(), skew, None, None, k)
+        worst = balance_loss(mask, p).item()
+        assert 0.95 * R / k < worst <= R / k + 1e-6
+
+
+def _dense_selected(q, k, v, sel, docs, scale):
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None]
+    if docs is not None:
+        allowed = allowed & (docs[:, :, None] == docs[:, None, :])
+    o = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None],
+                                       attn_mask=allowed[:, None], scale=scale)[:, 0]  # fmt: skip
+    return o * sel[..., None]
+
+
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+def test_attend_selected_matches_dense(docs, frac):
+    g = torch.Generator().manual_seed(int(frac * 10) + docs)
+    q, k, v = (torch.randn(2, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    sel = torch.rand(2, T, generator=g) < frac
+    doc_ids = (torch.arange(T) >= 11).long().expand(2, T).clone() if docs else None
+    idx = torch.arange(T)
+    got = _attend_selected(q, k, v, sel, idx, idx, doc_ids, doc_ids, D**-0.5)
+    want = _dense_selected(q, k, v, sel, doc_ids, D**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _count_queries(rt):
+    torch.manual_seed(0)
+    m = _layer(2, 1)
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, *a, **kw):
+        seen.append(q.shape[-2])
+        return real(q, *a, **kw)
+
+    moh_mixer.F.scaled_dot_product_attention = spy
+    try:
+        x = torch.randn(2, T, H * D)
+        m(x, torch.arange(T).expand(2, T))
+    finally:
+        moh_mixer.F.scaled_dot_product_attention = real
+    _, mask, _ = route(x, m.w_routed, m.w_shared, m.w_mix, 1)
+    return seen, mask.sum(1).max(0).values.tolist()
+
+
+def test_unselected_heads_are_skipped():
+    """Shared heads attend with all T queries; a routed head with only the queries that picked
+    it (the most any sequence of the batch gave it), not T queries masked afterwards."""
+    seen, per_head = run_distributed(_count_queries, 1)[0]
+    assert seen[:2] == [T, T]
+    assert seen[2:] == [n for n in per_head if n > 0]
+    assert sum(per_head) < 2 * T  # top-1 of 4 routed heads: far fewer than 4 T query rows
