@@ -5,14 +5,18 @@ import pytest
 import torch
 
 from plait.models.common import ModelConfig, build_model
+from plait.models.presets import FAMILIES, get_preset
 from tests.distributed import run_distributed
 
 
 def _check(rt, pattern):
-    cfg = ModelConfig(
-        pattern=pattern, num_layers=len(pattern), hidden_size=32, num_heads=2,
-        ffn_hidden_size=64, lightning_block=8,
-    )  # fmt: skip
+    if pattern.endswith("-tiny"):
+        cfg = get_preset(pattern)
+    else:
+        cfg = ModelConfig(
+            pattern=pattern, num_layers=len(pattern), hidden_size=32, num_heads=2,
+            ffn_hidden_size=64, lightning_block=8,
+        )  # fmt: skip
     model = build_model(cfg, 1, vocab_size=100)
     g = torch.Generator().manual_seed(0)
     lengths = [11, 1, 20]
@@ -31,7 +35,7 @@ def _check(rt, pattern):
     return errs, leak
 
 
-@pytest.mark.parametrize("pattern", ["L", "A", "LAL"])
+@pytest.mark.parametrize("pattern", ["L", "A", "LAL"] + [f"{f}-tiny" for f in FAMILIES])
 def test_packed_documents_equal_documents_alone(pattern):
     errs, leak = run_distributed(_check, 1, pattern)[0]
     assert max(errs) < 1e-5, errs

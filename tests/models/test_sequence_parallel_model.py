@@ -18,10 +18,14 @@ VOCAB, T = 200, 48  # 24 or 12 tokens per rank: not multiples of the lightning b
 
 
 def _cfg(pattern="LALA"):
-    return ModelConfig(
+    cfg = ModelConfig(
         pattern=pattern, num_layers=len(pattern), hidden_size=64, num_heads=4, ffn_hidden_size=96,
-        lightning_block=16,
+        lightning_block=16, lightning_norm="full", lrpe="first",
     )  # fmt: skip
+    # windows and kernels that cross the rank borders (12 tokens per rank at CP=4)
+    cfg.based.window, cfg.based.feature_dim, cfg.h3.state_size = 9, 8, 10
+    cfg.moh.shared_heads, cfg.moh.top_k = 1, 2
+    return cfg
 
 
 def _batch():
@@ -72,6 +76,9 @@ def _run(rt, full_state, pattern="LALA", softmax="lasp2h", zigzag=False):
         (1, 4, "LALA", "lasp2h", False),
         (1, 2, "LALA", "ring", False),
         (2, 2, "AA", "ring", True),
+        (1, 2, "BWCH", "lasp2h", False),
+        (1, 4, "HMBW", "lasp2h", False),
+        (2, 2, "LMCH", "ring", False),
     ],
 )
 def test_sequence_parallel_model_equals_single_process(tp, cp, pattern, softmax, zigzag):
