@@ -64,6 +64,13 @@ def test_overrides_are_typed():
         ),
         ("optimizer:\n  lr: 1e-4\n  min_lr: 1e-3\n", "optimizer.min_lr: 0.001 is above lr 0.0001"),
         ("model: 3\n", "model: expected a mapping"),
+        ("model:\n  preset: gpt-9\n", "model.preset: 'gpt-9' is not one of based-1.3b"),
+        (
+            "model:\n  preset: moh-tiny\n  moh:\n    top_k: 9\n",
+            "model.moh: shared_heads 2 + top_k 9 exceeds num_heads 8",
+        ),
+        ("model:\n  h3:\n    state_size: 7\n", "model.h3.state_size: must be even"),
+        ("model:\n  lrpe: some\n", "model.lrpe: 'some' is not one of the allowed values"),
     ],
 )
 def test_errors_name_file_and_field(tmp_path, text, needle):
@@ -98,6 +105,17 @@ def test_cli_reports_config_error(tmp_path, capsys):
     rc = main(["--config", str(_write(tmp_path, "model:\n  pattern: LZ\n"))])
     assert rc == 2
     assert "config error" in capsys.readouterr().err
+
+
+def test_preset_then_fields_beside_it(tmp_path):
+    p = _write(tmp_path, "model:\n  hidden_size: 32\n  preset: h3-tiny\n  num_layers: 2\n"
+               "  pattern: HA\n")  # fmt: skip
+    cfg = load_config(p)
+    assert cfg.model.preset == "h3-tiny" and cfg.model.mlp == "gelu"  # from the preset
+    assert cfg.model.pattern == "HA" and cfg.model.num_layers == 2  # given beside it
+    assert cfg.model.hidden_size == 32  # order in the file does not matter
+    cfg = load_config(None, ["model.preset=transnormer-1b"])
+    assert cfg.model.hidden_size == 2048 and cfg.model.lightning_norm == "full"
 
 
 def test_list_fields():

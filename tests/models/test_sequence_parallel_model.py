@@ -91,3 +91,18 @@ def test_sequence_parallel_model_equals_single_process(tp, cp, pattern, softmax,
         assert abs(out["loss"] - ref["loss"]) < 1e-5, (out["loss"], ref["loss"])
         for name, g in ref["grads"].items():
             torch.testing.assert_close(out["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _build_seqboat(rt):
+    sp = SequenceParallel.from_parallel_state()
+    try:
+        build_model(_cfg("LS"), rt.tp, vocab_size=VOCAB, sp=sp)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_seqboat_refuses_sequence_parallelism_with_a_clear_error():
+    msgs = run_distributed(_build_seqboat, 2, parallel=ParallelConfig(context_parallel=2))
+    for m in msgs:
+        assert m is not None and "SeqBoat layers (S) do not support context_parallel > 1" in m
