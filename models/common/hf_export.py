@@ -1,0 +1,168 @@
+"""Mapping a full (TP-gathered) plait state dict to the HF checkpoint layout and back.
+
+The five families have no modeling code in transformers, so the exported checkpoint pairs
+with plait's own HF modeling code (the HF-export issue). Its names follow one LLaMA-like
+skeleton so that any hybrid pattern maps: ``model.embed_tokens``, per layer
+``model.layers.{i}.input_layernorm`` / ``post_attention_layernorm`` / ``mlp.*`` and the
+token mixer under ``model.layers.{i}.mixer.*``, named after each family's reference code
+where it has one (TransNormerLLM's fused ``qkvu_proj``, Based's ``proj_q``/``Wqkv``/
+``in_proj``, H3's ``q_proj``...), ``model.norm``, ``lm_head``. Fused projections are
+re-laid out: plait interleaves roles per head (so that a contiguous TP split hands each rank
+whole heads); the references keep each role contiguous.
+
+Each family's ``hf_export.py`` registers a ``LetterExport`` per letter; ``to_hf`` and
+``from_hf`` are exact inverses (tested), and every tensor is mapped exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from .config import ModelConfig
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LetterExport:
+    to_hf: Callable[[State, ModelConfig, int], State]
+    """(mixer tensors named relative to ``blocks.{i}.mixer.``, cfg, layer) -> HF tensors
+    named relative to ``model.layers.{i}.mixer.``"""
+    from_hf: Callable[[State, ModelConfig, int], State]
+
+
+def split_roles(w: torch.Tensor, heads: int, dims: tuple[int, ...]) -> list[torch.Tensor]:
+    """Rows [head, role, dim] (plait's fused layout) -> one [heads * dim_r, ...] per role."""
+    per_head = w.view(heads, sum(dims), *w.shape[1:])
+    return [
+        p.reshape(heads * d, *w.shape[1:])
+        for p, d in zip(per_head.split(dims, 1), dims, strict=True)
+    ]
+
+
+def merge_roles(parts: list[torch.Tensor], heads: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``split_roles``."""
+    rest = parts[0].shape[1:]
+    per_head = [p.view(heads, d, *rest) for p, d in zip(parts, dims, strict=True)]
+    return torch.cat(per_head, 1).reshape(heads * sum(dims), *rest)
+
+
+def _attention_to_hf(s: State, cfg: ModelConfig, i: int) -> State:
+    d = cfg.head_dim
+    q, k, v = split_roles(s["proj.in_proj.weight"], cfg.num_heads, (d, d, d))
+    return {
+        "q_proj.weight": q,
+        "k_proj.weight": k,
+        "v_proj.weight": v,
+        "o_proj.weight": s["proj.out_proj.weight"],
+    }
+
+
+def _attention_from_hf(s: State, cfg: ModelConfig, i: int) -> State:
+    d = cfg.head_dim
+    parts = [s["q_proj.weight"], s["k_proj.weight"], s["v_proj.weight"]]
+    return {
+        "proj.in_proj.weight": merge_roles(parts, cfg.num_heads, (d, d, d)),
+        "proj.out_proj.weight": s["o_proj.weight"],
+    }
+
+
+ATTENTION = LetterExport(_attention_to_hf, _attention_from_hf)
+
+
+@cache
+def letter_exports() -> dict[str, LetterExport]:
+    from plait.models.based.hf_export import EXPORTS as BASED
+    from plait.models.h3.hf_export import EXPORTS as H3
+    from plait.models.moh.hf_export import EXPORTS as MOH
+    from plait.models.seqboat.hf_export import EXPORTS as SEQBOAT
+    from plait.models.transnormer.hf_export import EXPORTS as TRANSNORMER
+
+    return {"A": ATTENTION, **TRANSNORMER, **BASED, **H3, **SEQBOAT, **MOH}
+
+
+_MLP = {
+    "swiglu": {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"},
+    "glu": {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"},
+    "gelu": {"w1": "fc1", "w2": "fc2"},
+}
+_TOP = {"embedding.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}  # fmt: skip
+_NORMS = {"mixer_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+
+
+def _take(state: State, prefix: str) -> State:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def to_hf(state: State, cfg: ModelConfig) -> State:
+    """Full plait state (``gather_full``) -> HF-layout tensors (the same storage where no
+    re-layout is needed). Raises if a tensor would be left unmapped."""
+    out: State = {}
+    used: set[str] = set()
+    for src, dst in _TOP.items():
+        if src in state:
+            out[dst] = state[src]
+            used.add(src)
+    for i, letter in enumerate(cfg.pattern):
+        p, q = f"blocks.{i}.", f"model.layers.{i}."
+        for src, dst in _NORMS.items():
+            if f"{p}{src}.weight" in state:
+                out[f"{q}{dst}.weight"] = state[f"{p}{src}.weight"]
+                used.add(f"{p}{src}.weight")
+        for src, dst in _MLP[cfg.mlp].items():
+            for kind in ("weight", "bias"):
+                if f"{p}mlp.{src}.{kind}" in state:
+                    out[f"{q}mlp.{dst}.{kind}"] = state[f"{p}mlp.{src}.{kind}"]
+                    used.add(f"{p}mlp.{src}.{kind}")
+        mixer = _take(state, f"{p}mixer.")
+        used.update(f"{p}mixer.{k}" for k in mixer)
+        hf = letter_exports()[letter].to_hf(mixer, cfg, i)
+        if sum(v.numel() for v in hf.values()) != sum(v.numel() for v in mixer.values()):
+            raise KeyError(f"to_hf: layer {i} ({letter}): tensors {sorted(mixer)} not all mapped")
+        for k, v in hf.items():
+            out[f"{q}mixer.{k}"] = v
+    left = sorted(set(state) - used)
+    if left:
+        raise KeyError(f"to_hf: no HF name for {left}")
+    return out
+
+
+def from_hf(hf: State, cfg: ModelConfig) -> State:
+    """Inverse of ``to_hf``."""
+    out: State = {}
+    for src, dst in _TOP.items():
+        if dst in hf:
+            out[src] = hf[dst]
+    for i, letter in enumerate(cfg.pattern):
+        p, q = f"blocks.{i}.", f"model.layers.{i}."
+        for src, dst in _NORMS.items():
+            if f"{q}{dst}.weight" in hf:
+                out[f"{p}{src}.weight"] = hf[f"{q}{dst}.weight"]
+        for src, dst in _MLP[cfg.mlp].items():
+            for kind in ("weight", "bias"):
+                if f"{q}mlp.{dst}.{kind}" in hf:
+                    out[f"{p}mlp.{src}.{kind}"] = hf[f"{q}mlp.{dst}.{kind}"]
+        for k, v in letter_exports()[letter].from_hf(_take(hf, f"{q}mixer."), cfg, i).items():
+            out[f"{p}mixer.{k}"] = v
+    return out
+
+
+def rename(pairs: dict[str, str]) -> LetterExport:
+    """A letter whose tensors map one to one under new names (absent ones skipped)."""
+    back = {v: k for k, v in pairs.items()}
+
+    def fwd(s: State, cfg: ModelConfig, i: int) -> State:
+        missing = sorted(set(s) - set(pairs))
+        if missing:
+            raise KeyError(f"to_hf: no HF name for mixer tensors {missing}")
+        return {pairs[k]: v for k, v in s.items()}
+
+    def inv(s: State, cfg: ModelConfig, i: int) -> State:
+        return {back[k]: v for k, v in s.items()}
+
+    return LetterExport(fwd, inv)
