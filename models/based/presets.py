@@ -48,6 +48,7 @@ PRESETS = {
         lambda: based(1792, 36, [1, 6, 11, 16, 21, 27, 33], [2, 7, 12, 17, 22, 28, 34]),
         1.3e9,
         "released; the 1B-class preset",
+        "the name is rounded: the released config itself gives 1.35B (tied, vocab 50280)",
     ),
     "based-tiny": Preset(_tiny, None, "CPU tests"),
 }

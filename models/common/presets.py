@@ -15,3 +15,5 @@ class Preset:
     """Parameter count the paper or model card gives (None: not a published size)."""
     note: str
     """Where the config comes from, or what it is for."""
+    explain: str = ""
+    """Why the computed count differs from the published one by more than 2%."""

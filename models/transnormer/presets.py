@@ -31,7 +31,18 @@ def transnormer(d: int, layers: int, heads: int, glu: int, vocab: int = 64000) -
 
 
 PRESETS = {
-    "transnormer-385m": Preset(lambda: transnormer(1024, 24, 8, 2816), 385e6, "released"),
-    "transnormer-1b": Preset(lambda: transnormer(2048, 16, 16, 5632), 1e9, "released; the 1B"),
+    "transnormer-385m": Preset(
+        lambda: transnormer(1024, 24, 8, 2816),
+        385e6,
+        "released default config",
+        "the name: the released config gives 399.0M tied (464.5M untied); 385M matches no "
+        "embedding convention of it",
+    ),
+    "transnormer-1b": Preset(
+        lambda: transnormer(2048, 16, 16, 5632),
+        1e9,
+        "released; the 1B-class preset",
+        "the name is rounded: the released config gives 1.02B tied",
+    ),
     "transnormer-tiny": Preset(lambda: transnormer(64, 4, 4, 128, vocab=0), None, "CPU tests"),
 }

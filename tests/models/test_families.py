@@ -142,3 +142,18 @@ def test_every_family_has_tiny_published_and_1b_presets():
         assert len(presets) >= 3
         for name in presets:
             get_preset(name).validate()
+
+
+def test_parameter_table_in_docs_is_current_and_explained():
+    from pathlib import Path
+
+    from plait.models.common import param_count
+    from plait.models.presets import markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "models.md"
+    assert doc.read_text() == markdown(), "run: python -m plait.models.presets"
+    for name, p in PRESETS.items():
+        if p.published:
+            cfg = get_preset(name)
+            diff = abs(param_count(cfg, cfg.vocab_size) / p.published - 1)
+            assert diff <= 0.02 or p.explain, f"{name}: {diff:.1%} off its published size"
