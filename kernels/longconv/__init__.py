@@ -8,7 +8,7 @@ from plait.kernels.docs import resolve_doc_ids
 
 from .fft import long_conv_fft
 from .naive import long_conv_naive
-from .ssm import diag_ssm_kernel, diag_ssm_step, shift_ssm_kernel, shift_ssm_step
+from .ssm import diag_ssm_kernel, diag_ssm_step, shift_ssm_kernel, shift_ssm_step, vandermonde
 
 __all__ = [
     "diag_ssm_kernel",
@@ -18,6 +18,7 @@ __all__ = [
     "long_conv_naive",
     "shift_ssm_kernel",
     "shift_ssm_step",
+    "vandermonde",
 ]
 
 

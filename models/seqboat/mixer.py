@@ -41,6 +41,7 @@ from torch import nn
 
 from plait.models.common.config import ModelConfig, ModelConfigError
 from plait.models.common.layers import apply_rotary, normal_init, output_init, rotary_cos_sin
+from plait.kernels.longconv import vandermonde
 from plait.parallel.sequence import SequenceParallel
 
 
@@ -64,10 +65,8 @@ class MultiHeadEMA(nn.Module):
     def kernel(self, L: int) -> torch.Tensor:
         p = torch.sigmoid(self.delta.float())
         decay = 1.0 - p * torch.sigmoid(self.alpha.float())  # (0, 1)
-        t = torch.arange(L, device=p.device, dtype=torch.float32)
-        vander = torch.exp(torch.log(decay)[..., None] * t)  # [C, N, L]
         w = p * self.beta.float() * self.gamma.float() * math.sqrt(1.0 / self.ndim)
-        return torch.einsum("cn,cnl->cl", w, vander)
+        return vandermonde(w, torch.log(decay), L)  # chunked: no [C, N, L] tensor is kept
 
     def forward(self, x_BTC, doc_ids_BT, sp: SequenceParallel) -> torch.Tensor:
         T = x_BTC.shape[1] * sp.world  # the kernel spans the whole (global) sequence

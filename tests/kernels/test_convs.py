@@ -147,3 +147,38 @@ def test_short_conv_packed_equals_one_by_one():
         torch.testing.assert_close(
             packed[:, a:b], short_conv_naive(x[:, a:b], w), rtol=1e-5, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("L", [1, 255, 256, 700])
+def test_vandermonde_chunks_equal_one_shot(complex_, L):
+    """The chunked, checkpointed Vandermonde product (SSM and EMA kernels) equals the
+    materialised [C, S, L] einsum: values and gradients of w and log z."""
+    from plait.kernels.longconv import vandermonde
+
+    g = torch.Generator().manual_seed(L)
+    C, S = 5, 7
+    if complex_:
+        w = torch.complex(torch.randn(C, S, generator=g), torch.randn(C, S, generator=g))
+        logz = torch.complex(-torch.rand(C, S, generator=g) * 0.05, torch.randn(C, S, generator=g))
+    else:
+        w = torch.randn(C, S, generator=g)
+        logz = -torch.rand(C, S, generator=g) * 0.05
+    w64, logz64 = (
+        w.to(torch.complex128 if complex_ else torch.float64),
+        logz.to(torch.complex128 if complex_ else torch.float64),
+    )
+    grad_out = torch.randn(C, L, generator=g, dtype=torch.float64)
+    outs = []
+    for fn in (
+        lambda a, b: vandermonde(a, b, L, chunk=256),
+        lambda a, b: torch.einsum(
+            "cs,csl->cl", a, torch.exp(b[..., None] * torch.arange(L, dtype=torch.float64))
+        ),
+    ):
+        a, b = w64.clone().requires_grad_(), logz64.clone().requires_grad_()
+        k = fn(a, b)
+        (k.real * grad_out).sum().backward()
+        outs.append((k.detach(), a.grad, b.grad))
+    for x, y in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
