@@ -39,9 +39,9 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
+from plait.kernels.longconv import vandermonde
 from plait.models.common.config import ModelConfig, ModelConfigError
 from plait.models.common.layers import apply_rotary, normal_init, output_init, rotary_cos_sin
-from plait.kernels.longconv import vandermonde
 from plait.parallel.sequence import SequenceParallel
 
 
