@@ -136,6 +136,64 @@ class SequenceParallel:
             docs = all_gather_nograd(doc_ids, self.group).transpose(0, 1).reshape(B, -1)
         return k_all, v_all, k_index, docs, q_index
 
+    def active_window(self, attend, q, k, v, docs, counts, window: int) -> torch.Tensor:
+        """Windowed attention over the *compressed* active tokens of the whole sequence
+        (SeqBoat): query i (in compressed order) sees compressed keys from the start of the
+        previous ``window`` chunk up to itself, wherever those tokens live.
+
+        q, k [B, n, Z], v [B, n, E], docs [B, n] or None: this rank's active tokens in order,
+        valid where j < counts[b]. ``attend(q, k, v, docs, valid)`` runs the windowed attention
+        on a compressed sequence whose index 0 starts a chunk. Returns [B, n, E].
+
+        Across ranks the number of active tokens before this rank's first one is data-
+        dependent, so every rank's active keys and values are all-gathered (LASP-2H's scheme,
+        bytes proportional to the active tokens) and each rank attends over an extended
+        sequence: the global compressed chunk before its first token's chunk, then its own.
+        """
+        B, n = q.shape[:2]
+        if self.world == 1:
+            valid = torch.arange(n, device=q.device)[None] < counts[:, None]
+            return attend(q, k, v, docs, valid)
+        self._contiguous("SeqBoat's compressed attention")
+        W, r, w = self.world, self.rank, window
+        all_counts = all_gather_nograd(counts, self.group)  # [W, B]
+        N = max(int(all_counts.max()), 1)
+        starts = torch.cumsum(all_counts, 0) - all_counts  # first global index per rank, row
+        offset = starts[r]  # [B]
+        base = torch.div(offset, w, rounding_mode="floor") * w - w  # a chunk start, maybe < 0
+        E = 2 * w + N
+        j = torch.arange(N, device=q.device)
+
+        def pad(x, fill=0):
+            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, N - n), value=fill)
+
+        if docs is None:
+            docs = torch.zeros(B, n, dtype=torch.long, device=q.device)
+        kg = all_gather(pad(k), self.group)  # [W, B, N, Z]
+        vg = all_gather(pad(v), self.group)
+        dg = all_gather_nograd(pad(docs, -1), self.group)  # [W, B, N]
+        g_index = starts[:, :, None] + j  # [W, B, N] global compressed index
+        ok = (j < all_counts[:, :, None]) & (torch.arange(W, device=q.device) <= r)[:, None, None]
+        e = g_index - base[None, :, None]
+        ok &= (e >= 0) & (e < E)
+        e = torch.where(ok, e, torch.full_like(e, E))  # the dump slot, dropped below
+        e_flat = e.permute(1, 0, 2).reshape(B, W * N)  # [B, W*N]
+
+        def spread(x_g, fill=0.0):  # [W, B, N, *] -> [B, E, *]
+            flat = x_g.transpose(0, 1).reshape(B, W * N, *x_g.shape[3:])
+            out = flat.new_full((B, E + 1, *flat.shape[2:]), fill)
+            idx = e_flat.view(B, W * N, *[1] * (flat.dim() - 2)).expand_as(flat)
+            return out.scatter(1, idx, flat)[:, :E]
+
+        ke, ve = spread(kg), spread(vg)
+        de = spread(dg, -1)
+        valid_e = spread(ok.to(torch.long)).bool()
+        e_local = (offset - base)[:, None] + torch.arange(n, device=q.device)  # [B, n]
+        qe = q.new_zeros(B, E + 1, q.shape[-1])
+        qe = qe.scatter(1, e_local[..., None].expand_as(q), q)[:, :E]
+        out = attend(qe, ke, ve, de, valid_e)  # [B, E, E_v]
+        return out.gather(1, e_local[..., None].expand(B, n, out.shape[-1]))
+
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of a per-rank statistic over the sequence-parallel ranks (all-reduce forward
         and backward), so that sequence-level quantities such as MoH's balance loss equal the

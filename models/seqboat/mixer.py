@@ -20,9 +20,10 @@ over the GAU's hdim. The single attention head's probabilities are then replicat
 meets a sharded v, so z passes ``copy_to_tensor_model_parallel_region`` (all-reduce in
 backward) and its gradient is complete and equal on every rank.
 
-Sequence parallelism is not supported: the compressed sequence's chunks cross rank borders at
-data-dependent places (a rank would need the previous rank's last active tokens). The model
-builder refuses ``context_parallel > 1`` with S layers.
+Sequence parallelism: the EMA is a long convolution over the whole sequence (the context's
+gathered prefix); the compressed sequence's chunks cross rank borders at data-dependent
+places, so the active tokens' keys and values are all-gathered and each rank attends over the
+chunk before its first active token plus its own (``SequenceParallel.active_window``).
 """
 
 from __future__ import annotations
@@ -120,11 +121,6 @@ class SeqBoat(nn.Module):
         self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
     ):
         super().__init__()
-        if sp.world > 1:
-            raise ModelConfigError(
-                "pattern: SeqBoat layers (S) do not support context_parallel > 1 (the "
-                "compressed active tokens cross rank borders at data-dependent places)"
-            )
         h, o = cfg.hidden_size, cfg.seqboat
         hdim, z = cfg.seqboat_hdim, o.zdim
         if z % 2:
@@ -174,9 +170,11 @@ class SeqBoat(nn.Module):
         hx, _ = self.w_hx(mx)
         mask, g = self.gates(mx)
         self.active_fraction = mask.float().mean().detach()
-        n = int(mask.sum(1).max())
-        if n == 0:
+        counts = mask.sum(1)
+        n = int(counts.max())
+        if n == 0 and self.sp.world == 1:
             return F.silu(hx)
+        n = max(n, 1)  # under SP every rank joins the gathers, active tokens or not
         order, valid = compress(mask, n)
         B = x_BTC.shape[0]
 
@@ -194,9 +192,12 @@ class SeqBoat(nn.Module):
         v, _ = self.w_v(xa)
         r, _ = self.w_r(mxa)
         docs = pick(doc_ids_BT) if doc_ids_BT is not None else None
-        att = local_attention(
-            q, k, F.silu(v), docs, valid, self.window, 1.0 / math.sqrt(q.shape[-1])
-        )
+        scale = 1.0 / math.sqrt(q.shape[-1])
+
+        def attend(q_, k_, v_, docs_, valid_):
+            return local_attention(q_, k_, v_, docs_, valid_, self.window, scale)
+
+        att = self.sp.active_window(attend, q, k, F.silu(v), docs, counts, self.window)
         h, _ = self.w_h(F.silu(r) * att)
         h = h * valid[..., None].to(h.dtype)
         full = hx.new_zeros(hx.shape).scatter(1, order[..., None].expand_as(h), h)
