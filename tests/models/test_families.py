@@ -26,8 +26,22 @@ def _batch(seed: int, T: int = 37):  # T: not a multiple of any block or window
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def _mixed():
+    """Every letter in one model: hybrids mix freely."""
+    from plait.models.common import ModelConfig
+
+    cfg = ModelConfig(
+        pattern="LABWCHSM", num_layers=8, hidden_size=32, num_heads=4, ffn_hidden_size=64,
+        lrpe="all", lightning_norm="full", lightning_block=8,
+    )  # fmt: skip
+    cfg.based.window, cfg.h3.state_size, cfg.seqboat.zdim, cfg.seqboat.window = 6, 8, 8, 4
+    cfg.moh.shared_heads, cfg.moh.top_k = 2, 1
+    return cfg
+
+
 def _tp_run(rt, name, full_state, seed):
-    model = build_model(get_preset(name), rt.tp, vocab_size=VOCAB)
+    cfg = _mixed() if name == "mixed" else get_preset(name)
+    model = build_model(cfg, rt.tp, vocab_size=VOCAB)
     if full_state is not None:
         load_full_state(model, full_state)
     x, y = _batch(seed)
@@ -43,7 +57,7 @@ def _tp_run(rt, name, full_state, seed):
     }
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY + ["mixed"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_tp2_equals_tp1(name, seed):
     ref = run_distributed(_tp_run, 1, name, None, seed, seed=seed)[0]
