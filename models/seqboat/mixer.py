@@ -128,7 +128,7 @@ class SeqBoat(nn.Module):
         self.ema = MultiHeadEMA(h, o.ema_dim)
         init, std = normal_init(cfg.init_std), cfg.init_std
         self.w_router = nn.Parameter(torch.randn(2, h) * std)
-        self.log_tau = nn.Parameter(torch.zeros(()))
+        self.log_tau = nn.Parameter(torch.zeros(1))  # 1-D: DeepSpeed cannot broadcast 0-d tensors
         self.w_z = nn.Parameter(torch.randn(z, h) * std)
         self.qk_gamma = nn.Parameter(torch.randn(2, z) * std + 1.0)
         self.qk_beta = nn.Parameter(torch.zeros(2, z))

@@ -187,3 +187,22 @@ def test_context_parallel_run_matches_single_process(tmp_path):
     one, cp2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "cp2")
     for s in range(1, 6):
         assert cp2[s]["loss"] == pytest.approx(one[s]["loss"], rel=1e-4), s
+
+
+def test_every_letter_trains_under_context_parallel(tmp_path):
+    """A model with every family's letter through the real CLI: single process and torchrun
+    CP=2 (LASP-2, LASP-2H, halos, SSM state passing, MoH's gathered keys, SeqBoat's gathered
+    active tokens; ZeRO-1 broadcasts over DP x CP) follow the same losses, and the MoH balance
+    loss and SeqBoat's active fraction are logged apart."""
+    common = ("training.steps=3", "training.eval_every=0", "model.num_layers=8",
+              "model.pattern=LABWCHSM", "model.moh.shared_heads=1", "model.moh.top_k=2",
+              "model.h3.state_size=16", "model.seqboat.window=16")  # fmt: skip
+    _run(_tiny(tmp_path / "one", *common))
+    proc = _run(_tiny(tmp_path / "cp2", *common, "parallel.context_parallel=2"), nproc=2)
+    assert "world 2 (tp 1 cp 2 dp 1)" in proc.stdout
+    one, cp2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "cp2")
+    for s in range(1, 4):
+        assert cp2[s]["loss"] == pytest.approx(one[s]["loss"], rel=1e-4), s
+        assert cp2[s]["moh_balance"] == pytest.approx(one[s]["moh_balance"], rel=1e-4), s
+        assert 0.0 < one[s]["seqboat_active"] < 1.0
+        assert one[s]["loss"] > one[s]["lm_loss"]  # the balance loss is added
