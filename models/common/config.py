@@ -79,6 +79,8 @@ class SeqBoatOptions:
                 raise ModelConfigError(f"seqboat.{name}: must be >= 1, got {getattr(self, name)}")
         if self.hdim < 0:
             raise ModelConfigError(f"seqboat.hdim: must be >= 0, got {self.hdim}")
+        if self.zdim % 2:
+            raise ModelConfigError(f"seqboat.zdim: must be even (rotary), got {self.zdim}")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 
 from plait.kernels.longconv import vandermonde
-from plait.models.common.config import ModelConfig, ModelConfigError
+from plait.models.common.config import ModelConfig
 from plait.models.common.layers import apply_rotary, normal_init, output_init, rotary_cos_sin
 from plait.parallel.sequence import SequenceParallel
 
@@ -123,8 +123,6 @@ class SeqBoat(nn.Module):
         super().__init__()
         h, o = cfg.hidden_size, cfg.seqboat
         hdim, z = cfg.seqboat_hdim, o.zdim
-        if z % 2:
-            raise ModelConfigError(f"seqboat.zdim: must be even (rotary), got {z}")
         self.ema = MultiHeadEMA(h, o.ema_dim)
         init, std = normal_init(cfg.init_std), cfg.init_std
         self.w_router = nn.Parameter(torch.randn(2, h) * std)
