@@ -54,7 +54,7 @@ def config(pattern: str) -> ModelConfig:
     return cfg
 
 
-def train(pattern: str, pairs: int, steps: int, seed: int = 0) -> tuple[str, int, float, float]:
+def train(pattern: str, pairs: int, steps: int, seed: int = 0):
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -72,7 +72,7 @@ def train(pattern: str, pairs: int, steps: int, seed: int = 0) -> tuple[str, int
     with torch.no_grad():
         test = mqar_batch(512, T, VOCAB, pairs, QUERIES, seed=-1 % 2**31 - seed)
         acc = mqar_accuracy(model(test["tokens"]), test)
-    return pattern, pairs, acc, time.perf_counter() - t0
+    return pattern, pairs, seed, acc, time.perf_counter() - t0
 
 
 def _worker_init() -> None:
@@ -84,18 +84,25 @@ def _worker_init() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--pairs", type=int, nargs="+", default=[8])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
-    jobs = [(p, n, args.steps) for n in args.pairs for p in args.patterns]
-    acc: dict[tuple[str, int], float] = {}
+    jobs = [(p, n, args.steps, s) for s in args.seeds for n in args.pairs for p in args.patterns]
+    acc: dict[tuple[str, int, int], float] = {}
     with mp.get_context("fork").Pool(args.workers, initializer=_worker_init) as pool:
-        for pattern, pairs, a, dt in pool.imap_unordered(_star, jobs):
-            acc[pattern, pairs] = a
-            print(f"{pattern} pairs={pairs}: {a:.3f} ({dt:.0f}s)", flush=True)
+        for pattern, pairs, seed, a, dt in pool.imap_unordered(_star, jobs):
+            acc[pattern, pairs, seed] = a
+            print(f"{pattern} pairs={pairs} seed={seed}: {a:.3f} ({dt:.0f}s)", flush=True)
+
+    def cell(p: str, n: int) -> str:
+        runs = [acc[p, n, s] for s in args.seeds]
+        solved = sum(a >= 0.9 for a in runs)
+        return " / ".join(f"{a:.2f}" for a in runs) + f" ({solved} of {len(runs)} >= 0.9)"
+
     if args.no_write:
         return
     lines = [
@@ -106,22 +113,24 @@ def main() -> None:
         f"Task: vocab {VOCAB}, sequences of {T} tokens, {QUERIES} queries each; models: "
         f"{len(args.patterns[0])} layers, width {WIDTH}, {HEADS} heads, SwiGLU; AdamW "
         f"{LR}, one-cycle schedule, {args.steps} steps of {BATCH} fresh sequences; accuracy on "
-        "512 held-out sequences. Letters as in docs/models.md (window "
-        f"{WINDOW} tokens for W).",
+        "512 held-out sequences, per seed (initialisation and data order). Letters as in "
+        f"docs/models.md (window {WINDOW} tokens for W).",
         "",
-        "| pattern | what | " + " | ".join(f"{n} pairs" for n in args.pairs) + " |",
+        "| pattern | what | "
+        + " | ".join(f"{n} pairs, seeds {', '.join(map(str, args.seeds))}" for n in args.pairs)
+        + " |",
         "|---|---|" + "---|" * len(args.pairs),
         *[
-            f"| {p} | {PATTERNS.get(p, '')} | "
-            + " | ".join(f"{acc[p, n]:.3f}" for n in args.pairs)
-            + " |"
+            f"| {p} | {PATTERNS.get(p, '')} | " + " | ".join(cell(p, n) for n in args.pairs) + " |"
             for p in args.patterns
         ],
         "",
-        "Chance is 2 / vocab (values are the upper half). The recall circuit needs a layer that "
-        "binds each value to its key (a conv, a window, attention) and a layer that looks the "
-        "key up precisely (softmax attention); a fixed-size linear or SSM state must compress "
-        "all pairs instead.",
+        "Chance is 2 / vocab (values are the upper half). MQAR is learned in a sudden "
+        "transition, so a run either solves it (~1.0) or stays near its no-recall plateau "
+        "(0.2-0.3) within the budget: read the count of solved seeds, not the mean. The recall "
+        "circuit needs a layer that binds each value to its key (a conv, a window, attention) "
+        "and a layer that looks the key up precisely (softmax attention, or Based's large "
+        "Taylor-feature state); a small decayed linear or SSM state must compress all pairs.",
     ]
     write_section("mqar", "\n".join(lines))
 
