@@ -34,3 +34,41 @@ def check_against_reference(fn, ref_fn, inputs, grad_out, names, tol, device="cp
     assert_rel_close(out.cpu(), ref, tol, "output")
     for name, a, b in zip(names, leaves, ref_leaves):
         assert_rel_close(a.grad.cpu(), b.grad, tol, f"d{name}")
+
+
+def tp_forward_backward(model, full_state, x, y) -> dict:
+    """Load the full logical weights (if given) into this rank's TP shard, run logits and loss
+    forward and the loss backward; return full logits, loss, weights and gradients (gathered
+    over TP) and the logical parameter count, for a TP=n == TP=1 comparison."""
+    from plait.parallel.tensor_parallel import (
+        gather_full,
+        gather_vocab_logits,
+        load_full_state,
+        logical_numel,
+    )
+
+    if full_state is not None:
+        load_full_state(model, full_state)
+    logits = gather_vocab_logits(model(x))
+    loss = model(x, y)
+    loss.backward()
+    return {
+        "state": gather_full(model),
+        "logits": logits.detach(),
+        "loss": loss.item(),
+        "grads": gather_full(model, grads=True),
+        "numel": logical_numel(model),
+    }
+
+
+def assert_tp_equal(out: dict, ref: dict, what: str = "") -> None:
+    """fp32, rtol 1e-5: the only differences are summation orders of the row-parallel
+    all-reduce and the sharded softmax. Every reference gradient must be non-zero (else the
+    comparison of that tensor would be vacuous)."""
+    assert out["numel"] == ref["numel"]
+    torch.testing.assert_close(out["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+    assert abs(out["loss"] - ref["loss"]) < 1e-5
+    assert out["grads"].keys() == ref["grads"].keys()
+    for k, g in ref["grads"].items():
+        assert g.abs().sum() > 0, f"{what}: {k} got no gradient"
+        torch.testing.assert_close(out["grads"][k], g, rtol=1e-5, atol=1e-6, msg=f"{what}: {k}")

@@ -25,11 +25,10 @@ from torch import nn
 from plait.models.common.config import ModelConfig, ModelConfigError
 from plait.models.common.layers import (
     HeadProjections,
-    apply_rotary,
     normal_init,
     output_init,
-    rotary_cos_sin,
 )
+from plait.models.common.mixers import SoftmaxAttention
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import mark_tp_sharded, tp_rank_and_size
 
@@ -56,28 +55,18 @@ class BasedLinearAttention(nn.Module):
         return self.proj.merge(self.sp.based(q, k, v, doc_ids_BT, eps=self.eps, block=self.block))
 
 
-class SlidingWindowAttention(nn.Module):
-    """Letter ``W``: causal softmax attention over the last ``based.window`` tokens, rotary."""
+class SlidingWindowAttention(SoftmaxAttention):
+    """Letter ``W``: softmax attention (RoPE, same projections) over the last ``based.window``
+    tokens only."""
 
     def __init__(
         self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
     ):
-        super().__init__()
-        d = cfg.head_dim
-        self.proj = HeadProjections(cfg, mp, cfg.num_heads, (d, d, d), d)
+        super().__init__(cfg, mp, layer_idx, sp)
         self.window = cfg.based.window
-        self.rope_theta = cfg.rope_theta
-        self.sp = sp
 
-    @staticmethod
-    def param_count(cfg: ModelConfig, layer_idx: int) -> int:
-        return 4 * cfg.hidden_size**2
-
-    def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
-        q, k, v = self.proj.split(x_BTC)
-        cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj.merge(self.sp.window(q, k, v, self.window, doc_ids_BT))
+    def attend(self, q, k, v, doc_ids_BT):
+        return self.sp.window(q, k, v, self.window, doc_ids_BT)
 
 
 class GatedShortConv(nn.Module):

@@ -42,4 +42,7 @@ class SoftmaxAttention(nn.Module):
         q, k, v = self.proj.split(x_BTC)
         cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj.merge(self.sp.attention(q, k, v, doc_ids_BT))
+        return self.proj.merge(self.attend(q, k, v, doc_ids_BT))
+
+    def attend(self, q, k, v, doc_ids_BT):
+        return self.sp.attention(q, k, v, doc_ids_BT)

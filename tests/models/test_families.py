@@ -8,13 +8,9 @@ import torch
 from plait.models.common import build_model, param_count
 from plait.models.presets import FAMILIES, ONE_B, PRESETS, get_preset
 from plait.parallel.config import ParallelConfig
-from plait.parallel.tensor_parallel import (
-    gather_full,
-    gather_vocab_logits,
-    load_full_state,
-    logical_numel,
-)
+from plait.parallel.tensor_parallel import logical_numel
 from tests.distributed import run_distributed
+from tests.helpers import assert_tp_equal, tp_forward_backward
 
 TINY = [f"{fam}-tiny" for fam in FAMILIES]
 VOCAB = 90  # padded to 128 (or 96 at vocab_multiple 8)
@@ -42,19 +38,7 @@ def _mixed():
 def _tp_run(rt, name, full_state, seed):
     cfg = _mixed() if name == "mixed" else get_preset(name)
     model = build_model(cfg, rt.tp, vocab_size=VOCAB)
-    if full_state is not None:
-        load_full_state(model, full_state)
-    x, y = _batch(seed)
-    logits = gather_vocab_logits(model(x))
-    loss = model(x, y)
-    loss.backward()
-    return {
-        "state": gather_full(model),
-        "logits": logits.detach(),
-        "loss": loss.item(),
-        "grads": gather_full(model, grads=True),
-        "numel": logical_numel(model),
-    }
+    return tp_forward_backward(model, full_state, *_batch(seed))
 
 
 @pytest.mark.parametrize("name", TINY + ["mixed"])
@@ -65,13 +49,7 @@ def test_tp2_equals_tp1(name, seed):
         _tp_run, 2, name, ref["state"], seed, parallel=ParallelConfig(tensor_parallel=2), seed=seed
     )
     for out in outs:
-        assert out["numel"] == ref["numel"]
-        torch.testing.assert_close(out["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
-        assert abs(out["loss"] - ref["loss"]) < 1e-5
-        assert out["grads"].keys() == ref["grads"].keys()
-        for k, g in ref["grads"].items():
-            assert g.abs().sum() > 0, f"{name}: {k} got no gradient (test would be vacuous)"
-            torch.testing.assert_close(out["grads"][k], g, rtol=1e-5, atol=1e-6, msg=k)
+        assert_tp_equal(out, ref, name)
 
 
 def _causality(rt, name):

@@ -5,8 +5,8 @@ import torch
 
 from plait.models.common import ModelConfig, build_model
 from plait.parallel.config import ParallelConfig
-from plait.parallel.tensor_parallel import gather_full, gather_vocab_logits, load_full_state
 from tests.distributed import run_distributed
+from tests.helpers import assert_tp_equal, tp_forward_backward
 
 VOCAB = 200  # padded to 256: not a multiple of anything the layers split by except 128
 
@@ -33,19 +33,7 @@ def _batch(seed: int):
 
 
 def _run(rt, cfg, full_state, seed):
-    model = build_model(cfg, rt.tp, vocab_size=VOCAB)
-    if full_state is not None:
-        load_full_state(model, full_state)
-    x, y = _batch(seed)
-    logits = gather_vocab_logits(model(x))
-    loss = model(x, y)
-    loss.backward()
-    return {
-        "state": gather_full(model),
-        "logits": logits.detach(),
-        "loss": loss.item(),
-        "grads": gather_full(model, grads=True),
-    }
+    return tp_forward_backward(build_model(cfg, rt.tp, vocab_size=VOCAB), full_state, *_batch(seed))
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -57,13 +45,7 @@ def test_tp2_equals_tp1(tie, seed):
         _run, 2, cfg, ref["state"], seed, parallel=ParallelConfig(tensor_parallel=2), seed=seed
     )
     for rank_out in out:
-        torch.testing.assert_close(rank_out["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
-        assert abs(rank_out["loss"] - ref["loss"]) < 1e-5
-        assert rank_out["grads"].keys() == ref["grads"].keys()
-        for name, g in ref["grads"].items():
-            # rtol/atol 1e-5 in fp32: the only differences are summation orders of the
-            # row-parallel all-reduce and the sharded softmax.
-            torch.testing.assert_close(rank_out["grads"][name], g, rtol=1e-5, atol=1e-6, msg=name)
+        assert_tp_equal(rank_out, ref)
 
 
 def test_same_seed_same_logical_weights_at_any_tp():
