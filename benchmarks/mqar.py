@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--section", default="mqar", help="docs/benchmarks.md section to write")
     args = ap.parse_args()
     jobs = [(p, n, args.steps, s) for s in args.seeds for n in args.pairs for p in args.patterns]
     acc: dict[tuple[str, int, int], float] = {}
@@ -106,9 +107,11 @@ def main() -> None:
     if args.no_write:
         return
     lines = [
-        "## MQAR recall (synthetic, CPU)",
+        f"## MQAR recall (synthetic, CPU): {', '.join(map(str, args.pairs))} pairs",
         "",
-        "Command: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/mqar.py`  ",
+        "Command: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/mqar.py "
+        + " ".join(sys.argv[1:])
+        + "`  ",
         f"Machine: {machine()}  ",
         f"Task: vocab {VOCAB}, sequences of {T} tokens, {QUERIES} queries each; models: "
         f"{len(args.patterns[0])} layers, width {WIDTH}, {HEADS} heads, SwiGLU; AdamW "
@@ -132,7 +135,7 @@ def main() -> None:
         "and a layer that looks the key up precisely (softmax attention, or Based's large "
         "Taylor-feature state); a small decayed linear or SSM state must compress all pairs.",
     ]
-    write_section("mqar", "\n".join(lines))
+    write_section(args.section, "\n".join(lines))
 
 
 def _star(job):
