@@ -11,7 +11,7 @@ setup: $(STAMP)
 # torch first (pinned), then plait without build isolation: deepspeed ships as an sdist whose
 # setup.py imports torch, and an isolated build environment would resolve an unpinned torch
 # (a CUDA build of several GB) instead of using the one just installed.
-$(STAMP): pyproject.toml requirements/torch-cpu.txt
+$(STAMP): pyproject.toml setup.py requirements/torch-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
 	$(BIN)/python -m pip install -q -r requirements/torch-cpu.txt

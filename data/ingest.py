@@ -87,7 +87,9 @@ def _local_text(path: Path, text_field: str, on_error: str, stats: IngestStats) 
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or text_field not in record:
-                raise CorpusError(f"{path}:{lineno}: no field {text_field!r} (data.text_field)")
+                raise CorpusError(
+                    f"{path}:{lineno}: no field {text_field!r} (data.prepare.text_field)"
+                )
             text = record[text_field]
             if not isinstance(text, str):
                 raise CorpusError(f"{path}:{lineno}: field {text_field!r} is not a string")

@@ -24,13 +24,15 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import typing
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from .config import DataConfigError, PrepareOptions
 from .ingest import IngestStats, fingerprint, iter_documents
 from .shards import Shard, ShardError, token_dtype, write_shard
 from .tokenizer import Tokenizer, train_tokenizer
@@ -38,25 +40,14 @@ from .tokenizer import Tokenizer, train_tokenizer
 MANIFEST = "manifest.json"
 
 
-@dataclass
-class PrepareConfig:
+@dataclass(kw_only=True)
+class PrepareConfig(PrepareOptions):
+    """A preparation: the source, the output and the shared ``PrepareOptions``."""
+
     source: str
     """A file, a directory, or hf:NAME[:SPLIT]."""
     out: str
     """Output directory."""
-    text_field: str = "text"
-    tokenizer: str = ""
-    """Existing sentencepiece model; empty: train one."""
-    tokenizer_type: str = "bpe"
-    vocab_size: int = 2048
-    special_tokens: list[str] = field(default_factory=list)
-    """User-defined symbols added to a trained tokenizer."""
-    tokenizer_sample_docs: int = 200_000
-    workers: int = 1
-    docs_per_shard: int = 10_000
-    val_fraction: float = 0.01
-    seed: int = 1234
-    on_decode_error: str = "error"
     show_progress: bool = True
 
     def key(self, tokenizer_sha256: str) -> dict:
@@ -261,6 +252,7 @@ def _verified_prefix(out: Path, chunks: list[dict], tokenizer_sha256: str) -> li
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m plait.data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    hints = typing.get_type_hints(PrepareConfig)
     for f in PrepareConfig.__dataclass_fields__.values():
         if f.name in ("show_progress",):
             continue
@@ -269,10 +261,17 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(flag, nargs="*", default=[])
         elif f.name in ("source", "out"):
             p.add_argument(flag, required=True)
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            p.add_argument(flag, choices=typing.get_args(hints[f.name]), default=f.default)
         else:
             p.add_argument(flag, type=type(f.default), default=f.default)
     args = p.parse_args(argv)
-    manifest = prepare_corpus(PrepareConfig(**vars(args)))
+    cfg = PrepareConfig(**vars(args))
+    try:
+        cfg.validate()
+    except DataConfigError as e:
+        p.error(str(e))
+    manifest = prepare_corpus(cfg)
     print(json.dumps(manifest["counters"], indent=1))
     return 0
 

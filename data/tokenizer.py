@@ -17,12 +17,14 @@ class Tokenizer:
     def __init__(self, model_path: str | Path):
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"data.tokenizer: {self.path} does not exist")
+            raise FileNotFoundError(f"data.prepare.tokenizer: {self.path} does not exist")
         blob = self.path.read_bytes()
         self.sha256 = hashlib.sha256(blob).hexdigest()
         self.sp = spm.SentencePieceProcessor(model_proto=blob)
         if self.sp.eos_id() < 0:
-            raise ValueError(f"data.tokenizer: {self.path} defines no end-of-document (eos) token")
+            raise ValueError(
+                f"data.prepare.tokenizer: {self.path} defines no end-of-document (eos) token"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -54,7 +56,7 @@ def train_tokenizer(
         _train(texts, buf, vocab_size, model_type, user_symbols)
     except RuntimeError as e:
         raise ValueError(
-            f"data.vocab_size={vocab_size}: sentencepiece training failed: {e}"
+            f"data.prepare.vocab_size={vocab_size}: sentencepiece training failed: {e}"
         ) from None
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_bytes(buf.getvalue())

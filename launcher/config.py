@@ -11,6 +11,7 @@ configs are data, never code.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import yaml
 
 from plait.data.config import DataConfig
 from plait.models.common.config import ModelConfig
+from plait.models.common.family import families
 from plait.models.presets import apply_preset
 from plait.parallel.config import ParallelConfig
 
@@ -142,7 +144,10 @@ class Config:
                     raise ConfigError(f"{source}: {f.name}.{e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, shaped as a config file (family options under their own names)."""
+        out = dataclasses.asdict(self)
+        out["model"] = self.model.to_dict()
+        return out
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -194,20 +199,15 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
         where = prefix.rstrip(".") or "top level"
         raise ConfigError(f"{source}: {where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    if isinstance(obj, ModelConfig) and "preset" in data:
-        # The preset sets every model field first; the fields given beside it override it.
-        try:
-            apply_preset(obj, _coerce(data["preset"], str, f"{prefix}preset"))
-        except ValueError as e:
-            raise ConfigError(f"{source}: {prefix}{e}") from None
-        data = {k: v for k, v in data.items() if k != "preset"}
+    names = [f.name for f in dataclasses.fields(obj) if f.name != "options"]
+    sections: list[str] = []
+    if isinstance(obj, ModelConfig):
+        sections = [name for name, f in families().items() if f.options is not None]
     for key, value in data.items():
         where = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(
-                f"{source}: unknown field {where!r}; known fields here: {', '.join(names)}"
-            )
+        if key not in names and key not in sections:
+            known = ", ".join(names + sections)
+            raise ConfigError(f"{source}: unknown field {where!r}; known fields here: {known}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _apply(current, value, f"{where}.", source)
@@ -235,9 +235,39 @@ def parse_override(item: str) -> dict[str, Any]:
     return out
 
 
+def _model_first(cfg: Config, layers: list[tuple[dict[str, Any], str]]) -> None:
+    """Before any other field: import the modules named in ``model.families`` (they register
+    families whose options sections the rest may set), then apply ``model.preset``; the last
+    source that gives either wins. The preset therefore never wipes a field given beside it,
+    in the same file or in an earlier one."""
+    for key in ("families", "preset"):
+        given = [
+            (data["model"][key], source)
+            for data, source in layers
+            if isinstance(data.get("model"), dict) and key in data["model"]
+        ]
+        if not given:
+            continue
+        value, source = given[-1]
+        try:
+            if key == "families":
+                cfg.model.families = _coerce(value, list[str], "model.families")
+                for module in cfg.model.families:
+                    importlib.import_module(module)
+                cfg.model.__post_init__()  # sections of the families just registered
+            else:
+                apply_preset(cfg.model, _coerce(value, str, "model.preset"))
+        except ImportError as e:
+            raise ConfigError(f"{source}: model.families: cannot import {e.name}: {e}") from None
+        except ValueError as e:
+            msg = str(e) if str(e).startswith("model.") else f"model.{e}"
+            raise ConfigError(f"{source}: {msg}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     source = "defaults"
+    layers: list[tuple[dict[str, Any], str]] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -247,8 +277,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         source = str(path)
-        _apply(cfg, data, "", source)
-    for item in overrides or []:
-        _apply(cfg, parse_override(item), "", f"--set {item}")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level: expected a mapping, got {data!r}")
+        layers.append((data, source))
+    layers += [(parse_override(item), f"--set {item}") for item in overrides or []]
+    _model_first(cfg, layers)
+    for data, where in layers:
+        if isinstance(data.get("model"), dict):
+            model = {k: v for k, v in data["model"].items() if k not in ("families", "preset")}
+            data = {**data, "model": model}
+        _apply(cfg, data, "", where)
     cfg.validate(source if not overrides else f"{source} (with --set overrides)")
     return cfg

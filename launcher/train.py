@@ -7,6 +7,7 @@ reads each one's environment), on CPU (gloo, fp32) and CUDA (nccl, bf16).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ from plait.data.corpus import resolve_corpus
 from plait.data.loader import BlendedSequences, PackedSequences, SequenceLoader, ShardedTokens
 from plait.data.prepare import PrepareConfig, prepare_corpus
 from plait.data.tokenizer import Tokenizer
-from plait.models.common import build_model
+from plait.models.common import build_model, letter
 from plait.parallel import runtime
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import logical_numel
@@ -58,11 +59,8 @@ def build_data(cfg: Config, rt) -> tuple[Tokenizer, object, object | None]:
     if not dirs:
         auto = Path(cfg.out_dir) / "data"
         pc = PrepareConfig(
-            source=resolve_corpus(d.corpus), out=str(auto), text_field=d.text_field,
-            tokenizer=d.tokenizer, tokenizer_type=d.tokenizer_type, vocab_size=d.vocab_size,
-            workers=d.prepare_workers, docs_per_shard=d.docs_per_shard,
-            val_fraction=d.val_fraction, seed=d.seed, on_decode_error=d.on_decode_error,
-            show_progress=rt.is_main,
+            source=resolve_corpus(d.corpus), out=str(auto), show_progress=rt.is_main,
+            **dataclasses.asdict(d.prepare),
         )  # fmt: skip
         if rt.is_main:
             prepare_corpus(pc)
@@ -86,15 +84,34 @@ def build_data(cfg: Config, rt) -> tuple[Tokenizer, object, object | None]:
     return tok, train_set, split("val", shuffle=False)
 
 
+def sequence_parallel_context(cfg: Config) -> SequenceParallel:
+    """The context the model is built with, after the checks that would otherwise fail at
+    some later step: every sequence length the run will use (the warmup's too) must split
+    evenly over the context-parallel ranks in the chosen layout. Zigzag (ring attention's
+    balanced layout) only when every letter runs in it."""
+    zigzag_ok = all(letter(c).sequence_parallel.zigzag for c in set(cfg.model.pattern))
+    sp = SequenceParallel.from_parallel_state(
+        cfg.parallel.softmax_sp, zigzag=cfg.parallel.softmax_sp == "ring" and zigzag_ok
+    )
+    d = cfg.data
+    lengths = [d.seq_len]
+    if d.warmup_seq_len:
+        doublings = (d.seq_len // d.warmup_seq_len).bit_length()
+        lengths = [d.warmup_seq_len << i for i in range(doublings)]
+    for length in lengths:
+        try:
+            sp.local_index(length)
+        except ValueError as e:
+            field = "data.seq_len" if length == d.seq_len else "data.warmup_seq_len"
+            raise ConfigError(f"{field}: {e}".replace("data.seq_len: ", "")) from None
+    return sp
+
+
 def train(cfg: Config) -> list[StepStats]:
     rt = runtime.initialize(cfg.parallel, cfg.training.seed)
     try:
         tok, train_set, val_set = build_data(cfg, rt)
-        all_softmax = set(cfg.model.pattern) <= {"A"}
-        sp = SequenceParallel.from_parallel_state(
-            cfg.parallel.softmax_sp, zigzag=cfg.parallel.softmax_sp == "ring" and all_softmax
-        )
-        sp.local_index(cfg.data.seq_len)  # fails early if the length does not split evenly
+        sp = sequence_parallel_context(cfg)
         model = build_model(cfg.model, rt.tp, vocab_size=tok.vocab_size, sp=sp)
         engine, _, scheduler = build_engine(model, cfg, rt)
         loader = SequenceLoader(train_set, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
@@ -147,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    history = train(cfg)
+    try:
+        history = train(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     if history and os.environ.get("RANK", "0") == "0":
         print(
             f"done: step {history[-1].step}, loss {history[0].loss:.4f} -> {history[-1].loss:.4f}"

@@ -14,14 +14,44 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
-from plait.kernels.longconv import diag_ssm_kernel, long_conv
-from plait.kernels.shortconv import short_conv
+from plait.kernels.longconv import diag_ssm_kernel
+from plait.kernels.longconv import long_conv as long_conv_kernel
+from plait.kernels.shortconv import short_conv as short_conv_kernel
 
 from .collectives import all_gather, all_gather_nograd
 from .halo import _Halo, _shift
+
+if TYPE_CHECKING:
+    from .sequence import SequenceParallel
+
+
+def _group(sp: SequenceParallel, what: str):
+    sp.require_contiguous(what)
+    return sp.group if sp.world > 1 else None
+
+
+def short_conv(sp: SequenceParallel, x, w, bias=None, doc_ids=None) -> torch.Tensor:
+    """Depthwise causal convolution [B, T, C] in the context ``sp`` (halo of K - 1 tokens;
+    Based's C)."""
+    return short_conv_sp(x, w, bias, _group(sp, "short convolution (halo)"), doc_ids=doc_ids)
+
+
+def long_conv(sp: SequenceParallel, u, k, doc_ids=None) -> torch.Tensor:
+    """Causal long convolution [B, T, C] with kernel [C, L] in the context ``sp`` (halo when
+    the kernel fits in a chunk, else the gathered prefix; H3's shift SSM, SeqBoat's EMA)."""
+    return long_conv_sp(u, k, _group(sp, "long convolution"), doc_ids=doc_ids)
+
+
+def diag_ssm(sp: SequenceParallel, u, log_dt, A, C, doc_ids=None) -> torch.Tensor:
+    """S4D diagonal SSM as a convolution in the context ``sp`` (state passing across ranks;
+    H3's diagonal SSM)."""
+    group = _group(sp, "diagonal SSM (state passing)")
+    return diag_ssm_sp(u, log_dt, A, C, group, doc_ids=doc_ids)
 
 
 def _with_halo(x_BTC: torch.Tensor, h: int, doc_ids, group):
@@ -41,28 +71,28 @@ def _with_halo(x_BTC: torch.Tensor, h: int, doc_ids, group):
 def short_conv_sp(x_BTC, w_CK, bias_C=None, group=None, *, doc_ids=None, backend="auto"):
     K = w_CK.shape[1]
     if group is None or dist.get_world_size(group) == 1 or K == 1:
-        return short_conv(x_BTC, w_CK, bias_C, doc_ids=doc_ids, backend=backend)
+        return short_conv_kernel(x_BTC, w_CK, bias_C, doc_ids=doc_ids, backend=backend)
     x_ext, docs = _with_halo(x_BTC, K - 1, doc_ids, group)
-    return short_conv(x_ext, w_CK, bias_C, doc_ids=docs, backend=backend)[:, K - 1 :]
+    return short_conv_kernel(x_ext, w_CK, bias_C, doc_ids=docs, backend=backend)[:, K - 1 :]
 
 
 def long_conv_sp(u_BTC, k_CL, group=None, *, doc_ids=None):
     """Causal long convolution of this rank's chunk; halo when the kernel fits, else the
     gathered prefix."""
     if group is None or dist.get_world_size(group) == 1:
-        return long_conv(u_BTC, k_CL, doc_ids=doc_ids)
+        return long_conv_kernel(u_BTC, k_CL, doc_ids=doc_ids)
     B, C, _ = u_BTC.shape
     L = k_CL.shape[1]
     if L - 1 <= C:
         u_ext, docs = _with_halo(u_BTC, L - 1, doc_ids, group)
-        return long_conv(u_ext, k_CL, doc_ids=docs)[:, L - 1 :]
+        return long_conv_kernel(u_ext, k_CL, doc_ids=docs)[:, L - 1 :]
     r = dist.get_rank(group)
     W = dist.get_world_size(group)
     full = all_gather(u_BTC, group).transpose(0, 1).reshape(B, W * C, -1)[:, : (r + 1) * C]
     docs = None
     if doc_ids is not None:
         docs = all_gather_nograd(doc_ids, group).transpose(0, 1).reshape(B, W * C)[:, : (r + 1) * C]
-    return long_conv(full, k_CL, doc_ids=docs)[:, r * C :]
+    return long_conv_kernel(full, k_CL, doc_ids=docs)[:, r * C :]
 
 
 def diag_ssm_sp(u_BTC, log_dt_C, A_CS, C_CS, group=None, *, doc_ids=None):
@@ -70,7 +100,7 @@ def diag_ssm_sp(u_BTC, log_dt_C, A_CS, C_CS, group=None, *, doc_ids=None):
     single-rank operator, with one all-gather of [B, C, S] complex states."""
     B, T, ch = u_BTC.shape
     k = diag_ssm_kernel(log_dt_C, A_CS, C_CS, T)
-    local = long_conv(u_BTC, k, doc_ids=doc_ids)
+    local = long_conv_kernel(u_BTC, k, doc_ids=doc_ids)
     if group is None or dist.get_world_size(group) == 1:
         return local
     W, r = dist.get_world_size(group), dist.get_rank(group)

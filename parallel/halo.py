@@ -11,12 +11,26 @@ LASP-2H.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
 from plait.kernels.swa import swa
 
 from .collectives import _count
+
+if TYPE_CHECKING:
+    from .sequence import SequenceParallel
+
+
+def window(sp: SequenceParallel, q, k, v, window: int, doc_ids=None) -> torch.Tensor:
+    """Sliding-window attention in the context ``sp`` (halo exchange of the last window - 1
+    keys and values; letter W)."""
+    sp.require_contiguous("sliding-window attention (halo exchange)")
+    if sp.world == 1:
+        return swa(q, k, v, window, doc_ids=doc_ids)
+    return swa_sp(q, k, v, window, sp.group, doc_ids=doc_ids)
 
 
 def _shift(x: torch.Tensor, group, forward: bool) -> torch.Tensor:

@@ -21,12 +21,36 @@ attached to autograd afterwards); the backward's reduce-scatter is not overlappe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
+from plait.kernels.based import based_attention
 from plait.kernels.lightning import lightning_attention, lightning_chunk_state
 
 from .collectives import AsyncGather, all_gather, all_gather_nograd
+
+if TYPE_CHECKING:
+    from .sequence import SequenceParallel
+
+
+def lightning(sp: SequenceParallel, q, k, v, slopes, doc_ids=None, block: int = 64):
+    """Lightning attention in the context ``sp``: the plain kernel on one rank, LASP-2 over
+    the context-parallel group otherwise (letter L)."""
+    sp.require_contiguous("LASP-2")
+    if sp.world == 1:
+        return lightning_attention(q, k, v, slopes, doc_ids=doc_ids, block=block)
+    return lightning_attention_lasp2(q, k, v, slopes, sp.group, doc_ids=doc_ids, block=block)
+
+
+def based(sp: SequenceParallel, q, k, v, doc_ids=None, eps: float = 1e-6, block: int = 64):
+    """Based linear attention in the context ``sp`` (LASP-2 over the Taylor-feature states;
+    letter B)."""
+    sp.require_contiguous("Based linear attention (LASP-2)")
+    if sp.world == 1:
+        return based_attention(q, k, v, doc_ids=doc_ids, eps=eps, block=block)
+    return based_attention_lasp2(q, k, v, sp.group, doc_ids=doc_ids, eps=eps, block=block)
 
 
 def lightning_attention_lasp2(

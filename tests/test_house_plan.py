@@ -59,15 +59,28 @@ def test_no_raw_collectives_outside_parallel(pkg):
     assert not bad, "\n".join(bad)
 
 
-def test_every_package_folder_is_installed():
-    """pyproject maps each folder to plait.<folder>: a new sub-package must be listed there."""
-    import tomllib
+def test_every_package_folder_is_installed(tmp_path):
+    """The wheel holds every folder with an __init__.py as plait.<folder> (setup.py finds
+    them, so a new family folder needs no list edit), and nothing outside plait/."""
+    import subprocess
+    import sys
+    import zipfile
 
-    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(cfg["package-dir"].values())
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("plait-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
     found = {
-        str(p.parent.relative_to(REPO))
+        f"plait/{p.relative_to(REPO).as_posix()}"
         for pkg in PACKAGES
         for p in (REPO / pkg).rglob("__init__.py")
     }
-    assert found <= listed, f"not installed: {sorted(found - listed)}"
+    assert found <= set(names), f"not installed: {sorted(found - set(names))}"
+    outside = {n.split("/")[0] for n in names} - {
+        "plait",
+        wheel.name.split("-")[0] + "-0.1.0.dist-info",
+    }
+    assert not {o for o in outside if not o.endswith(".dist-info")}, outside

@@ -29,6 +29,7 @@ from plait.models.common.layers import (
     output_init,
 )
 from plait.models.common.mixers import SoftmaxAttention
+from plait.parallel import convs, halo, lasp2
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import mark_tp_sharded, tp_rank_and_size
 
@@ -52,7 +53,8 @@ class BasedLinearAttention(nn.Module):
 
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
         q, k, v = self.proj.split(x_BTC)
-        return self.proj.merge(self.sp.based(q, k, v, doc_ids_BT, eps=self.eps, block=self.block))
+        o = lasp2.based(self.sp, q, k, v, doc_ids_BT, eps=self.eps, block=self.block)
+        return self.proj.merge(o)
 
 
 class SlidingWindowAttention(SoftmaxAttention):
@@ -66,7 +68,7 @@ class SlidingWindowAttention(SoftmaxAttention):
         self.window = cfg.based.window
 
     def attend(self, q, k, v, doc_ids_BT):
-        return self.sp.window(q, k, v, self.window, doc_ids_BT)
+        return halo.window(self.sp, q, k, v, self.window, doc_ids_BT)
 
 
 class GatedShortConv(nn.Module):
@@ -116,6 +118,6 @@ class GatedShortConv(nn.Module):
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
         a, _ = self.in_conv(x_BTC)
         b, _ = self.in_gate(x_BTC)
-        a = F.silu(self.sp.short_conv(a, self.conv_weight.to(a.dtype), None, doc_ids_BT))
+        a = F.silu(convs.short_conv(self.sp, a, self.conv_weight.to(a.dtype), None, doc_ids_BT))
         out, _ = self.out_proj(a * b)
         return out

@@ -9,8 +9,10 @@ embeddings.
 
 from __future__ import annotations
 
-from plait.models.common.config import BasedOptions, ModelConfig
+from plait.models.common.config import ModelConfig
 from plait.models.common.presets import Preset
+
+from .config import BasedOptions
 
 
 def based_pattern(layers: int, linear: list[int], window: list[int]) -> str:
@@ -29,7 +31,7 @@ def based(d: int, layers: int, linear: list[int], window: list[int], vocab: int 
         vocab_size=vocab,
         vocab_multiple=8,
         tie_embeddings=True,
-        based=BasedOptions(feature_dim=16, window=256, conv_kernel=3, conv_expand=4),
+        options={"based": BasedOptions(feature_dim=16, window=256, conv_kernel=3, conv_expand=4)},
     )
 
 

@@ -1,16 +1,21 @@
-"""Building blocks shared by every model family, and the hybrid LM itself."""
+"""Building blocks shared by every model family, the family catalogue, and the hybrid LM."""
 
 from .config import ModelConfig, ModelConfigError
+from .family import Auxiliary, Family, Letter, SequenceParallelForm, letter, letters, register
 from .lm import Block, HybridLM, build_model, param_count
-from .pattern import MixerSpec, mixers
 
 __all__ = [
+    "Auxiliary",
     "Block",
+    "Family",
     "HybridLM",
-    "MixerSpec",
+    "Letter",
     "ModelConfig",
     "ModelConfigError",
+    "SequenceParallelForm",
     "build_model",
-    "mixers",
+    "letter",
+    "letters",
     "param_count",
+    "register",
 ]

@@ -1,14 +1,19 @@
 """The model's typed configuration.
 
-The hybrid layout is a pattern string, one letter per layer (see ``pattern.py``); the
-rest are the usual transformer sizes. ``validate`` names the field and the allowed values
-of whatever is wrong; the launcher's config loader prefixes the path (``model.pattern``).
+The hybrid layout is a pattern string, one letter per layer, each letter registered by a
+family (``family.py``); the rest are the usual transformer sizes, and each family's own options
+are a section named after the family (``cfg.moh.top_k``, ``model.moh.top_k`` in YAML), held in
+``options`` and created from the family's dataclass. ``validate`` names the field and the
+allowed values of whatever is wrong; the launcher's config loader prefixes the path
+(``model.pattern``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from . import family
 
 
 class ModelConfigError(ValueError):
@@ -16,94 +21,11 @@ class ModelConfigError(ValueError):
 
 
 @dataclass
-class BasedOptions:
-    """Letters B (Taylor linear attention), W (sliding window) and C (gated short conv)."""
-
-    feature_dim: int = 16
-    """Per-head q/k dimension fed to the 2nd-order Taylor feature map (153 features at 16)."""
-    window: int = 64
-    """Sliding-window size of W layers (the query's own token included)."""
-    conv_kernel: int = 3
-    """Kernel size of the depthwise causal convolution of C layers."""
-    conv_expand: int = 4
-    """C layers project hidden -> conv_expand * hidden / 2 channels for each of the conv and
-    gate halves (the reference BaseConv's expand_proj; 4 in the published configs)."""
-    eps: float = 1e-6
-    """Added to the linear attention's normaliser."""
-
-    def validate(self) -> None:
-        for name in ("feature_dim", "window", "conv_kernel", "conv_expand"):
-            if getattr(self, name) < 1:
-                raise ModelConfigError(f"based.{name}: must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass
-class H3Options:
-    """Letter H (H3: shift SSM on k, diagonal SSM on k*v, multiplicative gates)."""
-
-    state_size: int = 64
-    """SSM state size N (the diagonal SSM keeps N/2 complex conjugate pairs)."""
-    head_dim: int = 1
-    """Per-head dimension of the k v^T outer product (1 = elementwise k * v, H3's default)."""
-    ssm_lr_cap: float = 1e-3
-    """SSM parameters train at min(ssm_lr_cap, optimizer.lr), without weight decay."""
-
-    def validate(self) -> None:
-        if self.state_size < 2 or self.state_size % 2:
-            raise ModelConfigError(f"h3.state_size: must be even and >= 2, got {self.state_size}")
-        if self.head_dim < 1:
-            raise ModelConfigError(f"h3.head_dim: must be >= 1, got {self.head_dim}")
-        if self.ssm_lr_cap <= 0:
-            raise ModelConfigError(f"h3.ssm_lr_cap: must be > 0, got {self.ssm_lr_cap}")
-
-
-@dataclass
-class SeqBoatOptions:
-    """Letter S (SeqBoat: EMA, a router, GAU local attention on the active tokens only)."""
-
-    ema_dim: int = 16
-    """Components of the multi-head (per-channel) damped EMA."""
-    zdim: int = 64
-    """Shared query/key dimension of the single-head GAU."""
-    hdim: int = 0
-    """Value / gate dimension of the GAU; 0 means 2 * hidden_size."""
-    window: int = 64
-    """Local attention chunk on the compressed (active) tokens: a query sees its own chunk
-    causally and the whole previous chunk."""
-    router: Literal["learned", "on", "off"] = "learned"
-    """learned: the SMA router decides; on / off force every token active / inactive (tests)."""
-
-    def validate(self) -> None:
-        for name in ("ema_dim", "zdim", "window"):
-            if getattr(self, name) < 1:
-                raise ModelConfigError(f"seqboat.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.hdim < 0:
-            raise ModelConfigError(f"seqboat.hdim: must be >= 0, got {self.hdim}")
-        if self.zdim % 2:
-            raise ModelConfigError(f"seqboat.zdim: must be even (rotary), got {self.zdim}")
-
-
-@dataclass
-class MoHOptions:
-    """Letter M (Mixture-of-Head attention)."""
-
-    shared_heads: int = 2
-    """Heads every token uses; the other num_heads - shared_heads are routed."""
-    top_k: int = 2
-    """Routed heads each token activates."""
-    balance_coef: float = 0.01
-    """Weight of the load-balance loss added to the LM loss."""
-
-    def validate(self) -> None:
-        if self.shared_heads < 0 or self.top_k < 1 or self.balance_coef < 0:
-            raise ModelConfigError(
-                "moh: shared_heads must be >= 0, top_k >= 1 and balance_coef >= 0, got "
-                f"{self.shared_heads}, {self.top_k}, {self.balance_coef}"
-            )
-
-
-@dataclass
 class ModelConfig:
+    families: list[str] = field(default_factory=list)
+    """Python modules to import before the rest of the model config is read, each registering
+    families of its own (``plait.models.common.family.register``): families kept outside
+    plait. Empty: plait's own (``plait.models.registry``)."""
     preset: str = ""
     """Start from a named preset (``plait.models.presets``); fields given beside it override
     the preset's. Empty: no preset."""
@@ -143,21 +65,41 @@ class ModelConfig:
     the first L layer (the released models), or all."""
     embed_scale: bool = False
     """Multiply the token embeddings by sqrt(hidden_size) (TransNormerLLM)."""
-    based: BasedOptions = field(default_factory=BasedOptions)
-    h3: H3Options = field(default_factory=H3Options)
-    seqboat: SeqBoatOptions = field(default_factory=SeqBoatOptions)
-    moh: MoHOptions = field(default_factory=MoHOptions)
     init_std: float = 0.02
     """Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Each family's options by family name, read as ``cfg.<family>``; every registered
+    family with options has its section (defaults unless given)."""
+
+    def __post_init__(self) -> None:
+        for name, fam in family.families().items():
+            if fam.options is not None and name not in self.options:
+                self.options[name] = fam.options()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a family's options section. A family
+        # registered after this config was made gets its defaults on first use.
+        options = self.__dict__.get("options")
+        if options is None or name.startswith("__"):
+            raise AttributeError(name)
+        if name not in options:
+            kind = family.options_type(name)
+            if kind is None:
+                raise AttributeError(f"ModelConfig has no field or family options {name!r}")
+            options[name] = kind()
+        return options[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields with each family's section under its own name (as in YAML)."""
+        out = asdict(self)
+        out.update(out.pop("options"))
+        return out
 
     def validate(self) -> None:
-        from .pattern import mixers  # local: the mixers import torch and megatron
-
-        MIXERS = mixers()
-
-        bad = sorted({c for c in self.pattern if c not in MIXERS})
+        LETTERS = family.letters()
+        bad = sorted({c for c in self.pattern if c not in LETTERS})
         if not self.pattern or bad:
-            allowed = ", ".join(f"{k} ({v.description})" for k, v in MIXERS.items())
+            allowed = ", ".join(f"{k} ({v.description})" for k, v in LETTERS.items())
             raise ModelConfigError(
                 f"pattern: {self.pattern!r} has unknown letter(s) {bad or '(empty pattern)'}; "
                 f"allowed: {allowed}"
@@ -178,18 +120,20 @@ class ModelConfig:
             raise ModelConfigError("ffn_hidden_size and vocab_size must be >= 0")
         if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ModelConfigError("init_std, norm_eps and rope_theta must be > 0")
-        for sub in (self.based, self.h3, self.seqboat, self.moh):
-            sub.validate()
-        if "M" in self.pattern and self.moh.shared_heads + self.moh.top_k > self.num_heads:
-            raise ModelConfigError(
-                f"moh: shared_heads {self.moh.shared_heads} + top_k {self.moh.top_k} exceeds "
-                f"num_heads {self.num_heads}"
-            )
-        if "M" in self.pattern and self.moh.shared_heads >= self.num_heads:
-            raise ModelConfigError(
-                f"moh.shared_heads: {self.moh.shared_heads} of {self.num_heads} heads leaves "
-                "no routed head"
-            )
+        used = {family.family_of(c).name for c in self.pattern}
+        for name, section in self.options.items():
+            kind = family.options_type(name)
+            if kind is None or not isinstance(section, kind):
+                raise ModelConfigError(
+                    f"{name}: no registered family has options {type(section).__name__}"
+                )
+            try:
+                section.validate()
+                if name in used and hasattr(section, "check"):
+                    section.check(self)
+            except ModelConfigError as e:
+                msg = str(e)
+                raise ModelConfigError(msg if msg.startswith(name) else f"{name}.{msg}") from None
 
     @property
     def head_dim(self) -> int:
@@ -202,10 +146,6 @@ class ModelConfig:
         if self.mlp == "gelu":
             return 4 * self.hidden_size
         return -(-(8 * self.hidden_size // 3) // 64) * 64
-
-    @property
-    def seqboat_hdim(self) -> int:
-        return self.seqboat.hdim or 2 * self.hidden_size
 
     def padded_vocab_size(self, vocab_size: int | None = None) -> int:
         v = vocab_size or self.vocab_size

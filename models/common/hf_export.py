@@ -10,7 +10,8 @@ where it has one (TransNormerLLM's fused ``qkvu_proj``, Based's ``proj_q``/``Wqk
 re-laid out: plait interleaves roles per head (so that a contiguous TP split hands each rank
 whole heads); the references keep each role contiguous.
 
-Each family's ``hf_export.py`` registers a ``LetterExport`` per letter; ``to_hf`` and
+Each family's ``hf_export.py`` defines a ``LetterExport`` per letter (its family entry's
+``Letter.hf_export``); ``to_hf`` and
 ``from_hf`` are exact inverses (tested), and every tensor is mapped exactly once.
 """
 
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ModelConfig
+from . import family
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 State = dict[str, torch.Tensor]
 
@@ -74,17 +78,6 @@ def _attention_from_hf(s: State, cfg: ModelConfig, i: int) -> State:
 ATTENTION = LetterExport(_attention_to_hf, _attention_from_hf)
 
 
-@cache
-def letter_exports() -> dict[str, LetterExport]:
-    from plait.models.based.hf_export import EXPORTS as BASED
-    from plait.models.h3.hf_export import EXPORTS as H3
-    from plait.models.moh.hf_export import EXPORTS as MOH
-    from plait.models.seqboat.hf_export import EXPORTS as SEQBOAT
-    from plait.models.transnormer.hf_export import EXPORTS as TRANSNORMER
-
-    return {"A": ATTENTION, **TRANSNORMER, **BASED, **H3, **SEQBOAT, **MOH}
-
-
 _MLP = {
     "swiglu": {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"},
     "glu": {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"},
@@ -121,7 +114,7 @@ def to_hf(state: State, cfg: ModelConfig) -> State:
                     used.add(f"{p}mlp.{src}.{kind}")
         mixer = _take(state, f"{p}mixer.")
         used.update(f"{p}mixer.{k}" for k in mixer)
-        hf = letter_exports()[letter].to_hf(mixer, cfg, i)
+        hf = family.letter(letter).hf_export.to_hf(mixer, cfg, i)
         if sum(v.numel() for v in hf.values()) != sum(v.numel() for v in mixer.values()):
             raise KeyError(f"to_hf: layer {i} ({letter}): tensors {sorted(mixer)} not all mapped")
         for k, v in hf.items():
@@ -147,7 +140,9 @@ def from_hf(hf: State, cfg: ModelConfig) -> State:
             for kind in ("weight", "bias"):
                 if f"{q}mlp.{dst}.{kind}" in hf:
                     out[f"{p}mlp.{src}.{kind}"] = hf[f"{q}mlp.{dst}.{kind}"]
-        for k, v in letter_exports()[letter].from_hf(_take(hf, f"{q}mixer."), cfg, i).items():
+        for k, v in (
+            family.letter(letter).hf_export.from_hf(_take(hf, f"{q}mixer."), cfg, i).items()
+        ):
             out[f"{p}mixer.{k}"] = v
     return out
 

@@ -45,10 +45,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if learnable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = wide(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            y = y * self.weight.float()
+            y = y * self.weight.to(xf.dtype)
         return y.to(x.dtype)
 
 
@@ -66,9 +66,16 @@ class FullWidthSRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = wide(x)
         ms = sum_over_tp(xf.pow(2).sum(-1, keepdim=True)) / self.full_dim
         return (xf * torch.rsqrt(ms + self.eps)).to(x.dtype)
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32: the precision of plait's float32 islands (norms, rotary,
+    routers) for bf16 and fp32 models, without rounding a float64 model (the reference runs
+    of the tests) down to float32."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
@@ -86,7 +93,7 @@ def rotary_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float):
 
 def apply_rotary(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE (the GPT-NeoX / LLaMA convention, also what HF export will expect)."""
-    x1, x2 = x_BHTD.float().chunk(2, dim=-1)
+    x1, x2 = wide(x_BHTD).chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x_BHTD.dtype)
 

@@ -18,9 +18,10 @@ from torch import nn
 
 from plait.parallel.sequence import SequenceParallel
 
+from . import family
 from .config import ModelConfig
+from .family import Auxiliary
 from .layers import make_mlp, make_norm, normal_init
-from .pattern import mixers
 
 
 class Block(nn.Module):
@@ -32,7 +33,7 @@ class Block(nn.Module):
         super().__init__()
         self.letter = cfg.pattern[layer_idx]
         self.mixer_norm = make_norm(cfg)
-        self.mixer = mixers()[self.letter].build(cfg, mp, layer_idx, sp)
+        self.mixer = family.letter(self.letter).mixer(cfg, mp, layer_idx, sp)
         self.mlp_norm = make_norm(cfg)
         self.mlp = make_mlp(cfg, mp)
 
@@ -47,10 +48,11 @@ class HybridLM(nn.Module):
     """Decoder-only hybrid LM.
 
     ``forward(tokens)`` returns this rank's vocab shard of the logits [B, T, V/tp];
-    ``forward(tokens, labels, loss_mask)`` returns the training loss (a scalar, identical on
-    every TP rank): the mean token cross entropy plus ``moh.balance_coef`` times the mean
-    MoH balance loss when the pattern has M layers. ``metrics`` then holds the parts (detached
-    tensors, read when logging: ``lm_loss``, ``moh_balance``, ``seqboat_active``).
+    ``forward(tokens, labels, loss_mask)`` returns the loss (a scalar, identical on every TP
+    rank): the mean token cross entropy, plus, in training mode only, each auxiliary loss the
+    mixers declare (``auxiliary()``, e.g. MoH's balance loss) averaged over its layers times
+    its weight. ``metrics`` then holds the parts (detached tensors, read when logging:
+    ``lm_loss`` and every auxiliary by name, e.g. ``moh_balance``, ``seqboat_active``).
     """
 
     def __init__(
@@ -121,15 +123,17 @@ class HybridLM(nn.Module):
 
     def _add_aux(self, lm_loss: torch.Tensor) -> torch.Tensor:
         self.metrics = {"lm_loss": lm_loss.detach()}
-        balance = [b.mixer.aux_loss for b in self.blocks if b.letter == "M"]
-        active = [b.mixer.active_fraction for b in self.blocks if b.letter == "S"]
-        if active:
-            self.metrics["seqboat_active"] = torch.stack(active).mean()
-        if not balance:
-            return lm_loss
-        aux = torch.stack(balance).mean()
-        self.metrics["moh_balance"] = aux.detach()
-        return lm_loss + self.cfg.moh.balance_coef * aux
+        parts: dict[str, list[Auxiliary]] = {}
+        for block in self.blocks:
+            for aux in getattr(block.mixer, "auxiliary", list)():
+                parts.setdefault(aux.name, []).append(aux)
+        loss = lm_loss
+        for name, auxs in parts.items():
+            mean = torch.stack([a.value for a in auxs]).mean()
+            self.metrics[name] = mean.detach()
+            if auxs[0].loss_weight and self.training:  # validation reports the LM loss only
+                loss = loss + auxs[0].loss_weight * mean
+        return loss
 
 
 def param_count(cfg: ModelConfig, vocab_size: int | None = None) -> int:
@@ -142,7 +146,7 @@ def param_count(cfg: ModelConfig, vocab_size: int | None = None) -> int:
     mlp = 2 * h * f + f + h if cfg.mlp == "gelu" else 3 * h * f
     total = V * h * (1 if cfg.tie_embeddings else 2) + norm
     for i, letter in enumerate(cfg.pattern):
-        total += mixers()[letter].build.param_count(cfg, i) + mlp + 2 * norm
+        total += family.letter(letter).mixer.param_count(cfg, i) + mlp + 2 * norm
     return total
 
 

@@ -2,7 +2,8 @@
 
 Takes x [B, T, hidden] and returns [B, T, hidden]. Heads are split across tensor-parallel
 ranks through ``HeadProjections`` (fused q/k/v rows laid out head by head); the sequence-
-parallel form (LASP-2H or Ring Attention) comes from the ``SequenceParallel`` context.
+parallel form (LASP-2H or Ring Attention) runs in the ``SequenceParallel`` context. ``A`` is
+registered as the family "softmax" (``SOFTMAX``) by plait.models.registry like any other.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import torch
 from megatron.core import ModelParallelConfig
 from torch import nn
 
+from plait.parallel import softmax
 from plait.parallel.sequence import SequenceParallel
 
+from . import hf_export, tp_plan
 from .config import ModelConfig
+from .family import Family, Letter, SequenceParallelForm
 from .layers import HeadProjections, apply_rotary, rotary_cos_sin
 
 
@@ -45,4 +49,33 @@ class SoftmaxAttention(nn.Module):
         return self.proj.merge(self.attend(q, k, v, doc_ids_BT))
 
     def attend(self, q, k, v, doc_ids_BT):
-        return self.sp.attention(q, k, v, doc_ids_BT)
+        return softmax.attention(self.sp, q, k, v, doc_ids_BT)
+
+
+def _mixing_flops(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
+    """Scores and values of every head over (T + 1) / 2 keys on average (causal)."""
+    return 2 * cfg.hidden_size * (seq_len + 1)
+
+
+A = Letter(
+    symbol="A",
+    description="causal softmax attention with RoPE",
+    mixer=SoftmaxAttention,
+    tp_plan=tp_plan.ATTENTION,
+    hf_export=hf_export.ATTENTION,
+    mixing_flops=_mixing_flops,
+    sequence_parallel=SequenceParallelForm(
+        "LASP-2H (all-gather K and V; bytes grow with the sequence) or Ring Attention "
+        "(P2P ring, LSE merge), as parallel.softmax_sp says; ring attention in an all-softmax "
+        "model uses the zigzag layout",
+        (softmax.attention,),
+        zigzag=True,
+    ),
+    decode_state="keys and values of every previous token (KV cache)",
+)
+
+SOFTMAX = Family(
+    name="softmax",
+    description="causal softmax attention, the recall layer every hybrid family shares",
+    letters=(A,),
+)

@@ -2,7 +2,8 @@
 
 The split itself is done by the layers (megatron's column/row-parallel bricks, or
 ``mark_tp_sharded`` for tensors a layer splits itself); a plan states it as data so that
-checkpoint resharding and the HF export can rely on it, and a test checks that every
+checkpoint resharding and the HF export can rely on it (each letter's plan is part of
+its family entry, ``Letter.tp_plan``), and a test checks that every
 parameter of every family is covered and that the built layers agree with their plan.
   column: split along dim 0 (output features, heads, channels) -- each rank its own rows;
   row: split along dim 1 (input features), the output all-reduced;
@@ -12,12 +13,14 @@ parameter of every family is covered and that the built layers agree with their 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from torch import nn
+from . import family
 
-from .config import ModelConfig
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -52,24 +55,13 @@ ATTENTION: dict[str, Split] = {
 }
 
 
-@cache
-def letter_plans() -> dict[str, dict[str, Split]]:
-    from plait.models.based.tp_plan import PLAN as BASED
-    from plait.models.h3.tp_plan import PLAN as H3
-    from plait.models.moh.tp_plan import PLAN as MOH
-    from plait.models.seqboat.tp_plan import PLAN as SEQBOAT
-    from plait.models.transnormer.tp_plan import PLAN as TRANSNORMER
-
-    return {"A": ATTENTION, **TRANSNORMER, **BASED, **H3, **SEQBOAT, **MOH}
-
-
 def planned_split(name: str, cfg: ModelConfig) -> Split:
     """The plan's split for a parameter of the model (``HybridLM.named_parameters`` name)."""
     if not name.startswith("blocks."):
         return COMMON[name]
     _, i, rest = name.split(".", 2)
     if rest.startswith("mixer."):
-        return letter_plans()[cfg.pattern[int(i)]][rest[len("mixer.") :]]
+        return family.letter(cfg.pattern[int(i)]).tp_plan[rest[len("mixer.") :]]
     if cfg.mlp == "gelu" and rest == "mlp.w2.weight":
         return ROW
     return COMMON[rest]

@@ -1,2 +1,47 @@
 """H3 (Fu et al., 2023): shift + diagonal state-space layers with multiplicative gates, letter
 ``H``, mixed with softmax attention ``A`` at the published positions."""
+
+from plait.models.common.family import Family, Letter, SequenceParallelForm, fft_conv_flops
+from plait.parallel import convs
+
+from .config import H3Options
+from .hf_export import EXPORTS
+from .mixer import H3
+from .presets import PRESETS
+from .tp_plan import PLAN
+
+
+def _mixing_flops(cfg, layer_idx: int, seq_len: int) -> float:
+    """Two convolutions by FFT (the shift SSM over k's channels, the diagonal SSM over the
+    h * head_dim channels of k v^T), the SSM kernel itself (state/2 complex terms per lag and
+    channel, amortised over the batch row) and the gates."""
+    h, dh, N = cfg.hidden_size, cfg.h3.head_dim, cfg.h3.state_size
+    kv = h * dh
+    kernel = kv / dh / dh * (N // 2) * 8  # per lag: one complex power and multiply-add
+    return fft_conv_flops(h, seq_len) + fft_conv_flops(kv, seq_len) + kernel + 6 * kv
+
+
+LETTER = Letter(
+    symbol="H",
+    description="H3: shift and diagonal SSMs with multiplicative gates",
+    mixer=H3,
+    tp_plan=PLAN["H"],
+    hf_export=EXPORTS["H"],
+    mixing_flops=_mixing_flops,
+    sequence_parallel=SequenceParallelForm(
+        "shift SSM: halo of the last state_size - 1 inputs; diagonal SSM: LASP-2-style state "
+        "passing (each rank's complex state from zero, one all-gather, prefix combination)",
+        (convs.long_conv, convs.diag_ssm),
+    ),
+    decode_state="the shift SSM's last state_size - 1 inputs of k and the diagonal SSM's "
+    "complex state [h * head_dim, state_size / 2]",
+)
+
+FAMILY = Family(
+    name="h3",
+    description="H3 hybrids: shift and diagonal SSMs, softmax attention at a few layers",
+    letters=(LETTER,),
+    options=H3Options,
+    presets=PRESETS,
+    one_b="h3-1.3b",
+)

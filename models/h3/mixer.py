@@ -30,6 +30,7 @@ from torch import nn
 from plait.kernels.longconv import shift_ssm_kernel
 from plait.models.common.config import ModelConfig, ModelConfigError
 from plait.models.common.layers import local_heads, normal_init, output_init
+from plait.parallel import convs
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import mark_tp_sharded
 
@@ -101,11 +102,12 @@ class H3(nn.Module):
         shift = shift.clone()
         shift[:, 0] = shift[:, 0] + self.shift_D.float()  # the D_k skip is the kernel's lag 0
         shift = shift.repeat_interleave(d, 0).to(k.dtype)
-        k = self.sp.long_conv(k, shift, doc_ids_BT)
+        k = convs.long_conv(self.sp, k, shift, doc_ids_BT)
         kv = (k.view(B, T, H, d, 1) * v.view(B, T, H, 1, d)).reshape(B, T, H * d * d)
         A, C = self.ssm_A_C()
         rep = d * d
-        y = self.sp.diag_ssm(
+        y = convs.diag_ssm(
+            self.sp,
             kv.float(),
             self.log_dt.float().repeat_interleave(rep, 0),
             A.repeat_interleave(rep, 0),

@@ -8,8 +8,10 @@ LayerNorm in the reference, RMSNorm here (d fewer parameters per norm).
 
 from __future__ import annotations
 
-from plait.models.common.config import H3Options, ModelConfig
+from plait.models.common.config import ModelConfig
 from plait.models.common.presets import Preset
+
+from .config import H3Options
 
 
 def h3(d: int, layers: int, heads: int, attn: tuple[int, ...], vocab: int = 50257):
@@ -23,7 +25,7 @@ def h3(d: int, layers: int, heads: int, attn: tuple[int, ...], vocab: int = 5025
         vocab_size=vocab,
         vocab_multiple=8,
         tie_embeddings=True,
-        h3=H3Options(state_size=64, head_dim=1),
+        options={"h3": H3Options(state_size=64, head_dim=1)},
     )
 
 

@@ -1,1 +1,44 @@
 """MoH (Jin et al., 2024): Mixture-of-Head attention, letter ``M``."""
+
+from plait.models.common.family import Family, Letter, SequenceParallelForm
+from plait.parallel import softmax
+
+from .config import MoHOptions
+from .hf_export import EXPORTS
+from .mixer import MoHAttention
+from .presets import PRESETS
+from .tp_plan import PLAN
+
+
+def _mixing_flops(cfg, layer_idx: int, seq_len: int) -> float:
+    """Causal attention of the heads each token runs (every shared head and its top-k routed
+    ones) over (T + 1) / 2 keys on average; unselected heads are skipped."""
+    active = cfg.moh.shared_heads + cfg.moh.top_k
+    return 2 * cfg.head_dim * active * (seq_len + 1)
+
+
+LETTER = Letter(
+    symbol="M",
+    description="mixture-of-head attention (MoH)",
+    mixer=MoHAttention,
+    tp_plan=PLAN["M"],
+    hf_export=EXPORTS["M"],
+    mixing_flops=_mixing_flops,
+    sequence_parallel=SequenceParallelForm(
+        "keys and values all-gathered (LASP-2H's scheme, whatever parallel.softmax_sp says) "
+        "for the routed heads' selected queries; balance statistics averaged over the ranks "
+        "(SequenceParallel.mean)",
+        (softmax.gather_keys,),
+    ),
+    decode_state="keys and values of every previous token for every head (a routed head skips "
+    "queries, not keys)",
+)
+
+FAMILY = Family(
+    name="moh",
+    description="MoH: shared and top-k routed attention heads with a balance loss",
+    letters=(LETTER,),
+    options=MoHOptions,
+    presets=PRESETS,
+    one_b="moh-1b",
+)

@@ -9,7 +9,7 @@ Per token t:
 The load-balance loss over routed heads is MoE's, hr * sum_i f_i P_i (f_i: fraction of the
 top-k slots that went to head i, P_i: mean router probability): 1 for uniform routing, up to
 hr / k when every token picks the same heads. It is added to the LM loss times
-``moh.balance_coef`` (see ``HybridLM``) and logged on its own.
+``moh.balance_coef`` in training (``auxiliary()``, see ``HybridLM``) and logged on its own.
 
 Skipping: a routed head computes attention only for the queries that selected it (gathered,
 attended against all keys with their original positions, scattered back); keys and values
@@ -36,7 +36,9 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import nn
 
 from plait.models.common.config import ModelConfig
-from plait.models.common.layers import HeadProjections, apply_rotary, rotary_cos_sin
+from plait.models.common.family import Auxiliary
+from plait.models.common.layers import HeadProjections, apply_rotary, rotary_cos_sin, wide
+from plait.parallel import softmax
 from plait.parallel.sequence import SequenceParallel
 
 
@@ -48,21 +50,22 @@ def route(
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gates [B, T, shared + routed], the routed top-k mask [B, T, routed], and the routed
-    probabilities [B, T, routed] (for the balance loss). Computed in float32. ``w_mix`` is
+    probabilities [B, T, routed] (for the balance loss). Computed in float32 (float64 for a
+float64 model). ``w_mix`` is
     None without shared heads; ``w_shared`` is None with fewer than two."""
-    x = x_BTC.float()
-    p = F.softmax(x @ w_routed.float().t(), dim=-1)
+    x = wide(x_BTC)
+    p = F.softmax(x @ w_routed.to(x.dtype).t(), dim=-1)
     top = p.topk(top_k, dim=-1).indices
     mask = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, top, True)
     routed = p * mask
     routed = routed / routed.sum(-1, keepdim=True)
     if w_mix is None:
         return routed, mask, p
-    alpha = F.softmax(x @ w_mix.float().t(), dim=-1)
+    alpha = F.softmax(x @ w_mix.to(x.dtype).t(), dim=-1)
     if w_shared is None:  # one shared head: its softmax gate would be the constant 1
         shared = torch.ones_like(alpha[..., :1])
     else:
-        shared = F.softmax(x @ w_shared.float().t(), dim=-1)
+        shared = F.softmax(x @ w_shared.to(x.dtype).t(), dim=-1)
     gates = torch.cat([alpha[..., :1] * shared, alpha[..., 1:] * routed], dim=-1)
     return gates, mask, p
 
@@ -121,7 +124,15 @@ class MoHAttention(nn.Module):
         multi = self.shared > 1
         self.w_shared = nn.Parameter(torch.randn(self.shared, h) * std) if multi else None
         self.w_mix = nn.Parameter(torch.randn(2, h) * std) if self.shared else None
+        self.balance_coef = o.balance_coef
         self.aux_loss: torch.Tensor | None = None
+
+    def auxiliary(self) -> list[Auxiliary]:
+        """The balance loss of the last forward pass, added to the training loss times
+        ``moh.balance_coef``."""
+        if self.aux_loss is None:
+            return []
+        return [Auxiliary("moh_balance", self.aux_loss, self.balance_coef)]
 
     @staticmethod
     def param_count(cfg: ModelConfig, layer_idx: int) -> int:
@@ -136,7 +147,7 @@ class MoHAttention(nn.Module):
         cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         first, H = self.proj.first_head, self.proj.heads
-        k_all, v_all, k_index, k_docs, q_index = self.sp.gather_keys(k, v, doc_ids_BT)
+        k_all, v_all, k_index, k_docs, q_index = softmax.gather_keys(self.sp, k, v, doc_ids_BT)
         scale = 1.0 / math.sqrt(q.shape[-1])
         outs = []
         for j in range(H):

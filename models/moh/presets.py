@@ -4,8 +4,10 @@ all heads run per token). The names are sizes, not released checkpoints."""
 
 from __future__ import annotations
 
-from plait.models.common.config import ModelConfig, MoHOptions
+from plait.models.common.config import ModelConfig
 from plait.models.common.presets import Preset
+
+from .config import MoHOptions
 
 
 def moh(d: int, layers: int, heads: int, vocab: int = 32000) -> ModelConfig:
@@ -19,7 +21,11 @@ def moh(d: int, layers: int, heads: int, vocab: int = 32000) -> ModelConfig:
         norm="rmsnorm",
         vocab_size=vocab,
         tie_embeddings=False,
-        moh=MoHOptions(shared_heads=shared, top_k=heads * 3 // 4 - shared, balance_coef=0.01),
+        options={
+            "moh": MoHOptions(
+                shared_heads=shared, top_k=heads * 3 // 4 - shared, balance_coef=0.01
+            )
+        },
     )
 
 

@@ -42,7 +42,9 @@ from torch import nn
 
 from plait.kernels.longconv import vandermonde
 from plait.models.common.config import ModelConfig
+from plait.models.common.family import Auxiliary
 from plait.models.common.layers import apply_rotary, normal_init, output_init, rotary_cos_sin
+from plait.parallel import convs, softmax
 from plait.parallel.sequence import SequenceParallel
 
 
@@ -71,7 +73,7 @@ class MultiHeadEMA(nn.Module):
 
     def forward(self, x_BTC, doc_ids_BT, sp: SequenceParallel) -> torch.Tensor:
         T = x_BTC.shape[1] * sp.world  # the kernel spans the whole (global) sequence
-        y = sp.long_conv(x_BTC.float(), self.kernel(T), doc_ids_BT)
+        y = convs.long_conv(sp, x_BTC.float(), self.kernel(T), doc_ids_BT)
         return (y + x_BTC.float() * self.omega.float()).to(x_BTC.dtype)
 
 
@@ -122,7 +124,7 @@ class SeqBoat(nn.Module):
     ):
         super().__init__()
         h, o = cfg.hidden_size, cfg.seqboat
-        hdim, z = cfg.seqboat_hdim, o.zdim
+        hdim, z = cfg.seqboat.value_dim(cfg.hidden_size), o.zdim
         self.ema = MultiHeadEMA(h, o.ema_dim)
         init, std = normal_init(cfg.init_std), cfg.init_std
         self.w_router = nn.Parameter(torch.randn(2, h) * std)
@@ -145,10 +147,16 @@ class SeqBoat(nn.Module):
         self.sp = sp
         self.active_fraction: torch.Tensor | None = None
 
+    def auxiliary(self) -> list[Auxiliary]:
+        """The fraction of tokens the router activated (a gauge, not a loss)."""
+        if self.active_fraction is None:
+            return []
+        return [Auxiliary("seqboat_active", self.active_fraction)]
+
     @staticmethod
     def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         h, o = cfg.hidden_size, cfg.seqboat
-        hdim = cfg.seqboat_hdim
+        hdim = cfg.seqboat.value_dim(cfg.hidden_size)
         ema = h * (4 * o.ema_dim + 1)
         return ema + 2 * h + 1 + o.zdim * h + 4 * o.zdim + 2 * h * hdim + h * h + hdim * h
 
@@ -195,7 +203,7 @@ class SeqBoat(nn.Module):
         def attend(q_, k_, v_, docs_, valid_):
             return local_attention(q_, k_, v_, docs_, valid_, self.window, scale)
 
-        att = self.sp.active_window(attend, q, k, F.silu(v), docs, counts, self.window)
+        att = softmax.active_window(self.sp, attend, q, k, F.silu(v), docs, counts, self.window)
         h, _ = self.w_h(F.silu(r) * att)
         h = h * valid[..., None].to(h.dtype)
         full = hx.new_zeros(hx.shape).scatter(1, order[..., None].expand_as(h), h)

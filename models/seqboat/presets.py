@@ -5,8 +5,10 @@ the names are sizes, not published models."""
 
 from __future__ import annotations
 
-from plait.models.common.config import ModelConfig, SeqBoatOptions
+from plait.models.common.config import ModelConfig
 from plait.models.common.presets import Preset
+
+from .config import SeqBoatOptions
 
 
 def seqboat(d: int, layers: int, ffn: int, vocab: int = 50277) -> ModelConfig:
@@ -21,7 +23,7 @@ def seqboat(d: int, layers: int, ffn: int, vocab: int = 50277) -> ModelConfig:
         vocab_size=vocab,
         vocab_multiple=8,
         tie_embeddings=True,
-        seqboat=SeqBoatOptions(ema_dim=16, zdim=128, window=256),
+        options={"seqboat": SeqBoatOptions(ema_dim=16, zdim=128, window=256)},
     )
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from plait.models.common.config import ModelConfig
 from plait.models.common.layers import FullWidthSRMSNorm, HeadProjections, RMSNorm
+from plait.parallel import lasp2
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import mark_tp_sharded
 
@@ -112,7 +113,7 @@ class LightningAttention(nn.Module):
         if self.lrpe is not None:
             q, k = self.lrpe(q, positions_BT), self.lrpe(k, positions_BT)
         slopes = self.slopes.to(x_BTC.device)
-        o = self.sp.lightning(q, k, v, slopes, doc_ids_BT, block=self.block)
+        o = lasp2.lightning(self.sp, q, k, v, slopes, doc_ids_BT, block=self.block)
         if not self.full_norm:
             return self.proj.merge(self.out_norm(o) * u)
         B, H, T, D = o.shape

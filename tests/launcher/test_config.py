@@ -43,8 +43,8 @@ def test_overrides_are_typed():
     "text,needle",
     [
         (
-            "model:\n  pattern: LAXL\n",
-            "model.pattern: 'LAXL' has unknown letter(s) ['X']; allowed: L (",
+            "model:\n  pattern: LAQL\n",
+            "model.pattern: 'LAQL' has unknown letter(s) ['Q']; allowed: A (causal softmax",
         ),
         ("model:\n  pattern: LAL\n", "model.pattern: 'LAL' has 3 letters but num_layers is 4"),
         ("model:\n  hiden_size: 64\n", "unknown field 'model.hiden_size'"),
@@ -129,3 +129,51 @@ def test_list_fields():
         load_config(None, ["data.datasets=[a, b]", "data.weights=[1, x]"])
     with pytest.raises(ConfigError, match="data.datasets: expected a list"):
         load_config(None, ["data.datasets=a"])
+
+
+def test_preparation_options_have_one_owner():
+    """The trainer's automatic preparation and ``python -m plait.data.prepare`` read the same
+    dataclass, so the same corpus is split the same way by both (same defaults)."""
+    import dataclasses
+
+    from plait.data.config import DataConfig, PrepareOptions
+    from plait.data.prepare import PrepareConfig, main
+
+    shared = {f.name for f in dataclasses.fields(PrepareOptions)}
+    assert shared <= {f.name for f in dataclasses.fields(PrepareConfig)}
+    assert DataConfig().prepare == PrepareOptions()
+    cli = PrepareConfig(source="s", out="o")
+    assert {k: getattr(cli, k) for k in shared} == dataclasses.asdict(PrepareOptions())
+    # data.seed (sample order, blend) and data.prepare.seed (the split) are two values
+    assert {f.name for f in dataclasses.fields(DataConfig)} & shared == {"seed"}
+    with pytest.raises(SystemExit):  # the CLI validates with the same rules
+        main(["--source", "s", "--out", "o", "--val-fraction", "1.5"])
+
+
+def _start_up(rt, sets):
+    from plait.launcher.train import sequence_parallel_context
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", sets)
+    try:
+        sequence_parallel_context(cfg)
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+def test_sequence_lengths_are_checked_at_start_up():
+    """With CP=2 and the zigzag layout (4 chunks), seq_len 128 splits but the warmup's first
+    length 34 does not: refused before step 1, naming the field."""
+    from plait.parallel.config import ParallelConfig
+    from tests.distributed import run_distributed
+
+    par = ParallelConfig(context_parallel=2, softmax_sp="ring")
+    sets = ["model.pattern=AAAA", "parallel.context_parallel=2", "parallel.softmax_sp=ring"]
+    ok = run_distributed(_start_up, 2, sets, parallel=par)
+    assert ok == ["", ""]
+    warm = sets + ["data.seq_len=136", "data.warmup_seq_len=34", "data.warmup_seq_len_steps=4"]
+    errs = run_distributed(_start_up, 2, warm, parallel=par)
+    assert errs[0].startswith("data.warmup_seq_len: 34 tokens cannot be split evenly"), errs
+    lala = ["parallel.context_parallel=2", "parallel.softmax_sp=ring", "data.seq_len=136",
+            "data.warmup_seq_len=34", "data.warmup_seq_len_steps=4"]  # fmt: skip
+    assert run_distributed(_start_up, 2, lala, parallel=par) == ["", ""]  # LASP-2: contiguous

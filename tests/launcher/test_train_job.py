@@ -88,10 +88,11 @@ def test_demo_learns_and_logs_tensorboard(tmp_path):
     # PLAIT_UPDATE_GOLDEN=1 when a numerics change is intended, and say why in the commit).
     # rtol 1e-4 absorbs summation-order differences between CPUs, not a changed algorithm.
     first10 = [train[s]["loss"] for s in range(1, 11)]
-    if os.environ.get("PLAIT_UPDATE_GOLDEN"):
+    if os.environ.get("PLAIT_UPDATE_GOLDEN"):  # write them; comparing with them is moot
         GOLDEN.write_text(json.dumps({"config": "configs/tiny.yaml", "losses": first10}, indent=1))
-    golden = json.loads(GOLDEN.read_text())["losses"]
-    assert first10 == pytest.approx(golden, rel=1e-4)
+    else:
+        golden = json.loads(GOLDEN.read_text())["losses"]
+        assert first10 == pytest.approx(golden, rel=1e-4)
 
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()

@@ -7,12 +7,13 @@ import torch
 from plait.models.common import ModelConfig, build_model
 from plait.models.common.hf_export import from_hf, to_hf
 from plait.models.common.tp_plan import check_plan
-from plait.models.presets import FAMILIES, get_preset
+from plait.models.presets import get_preset
+from plait.models.registry import SHIPPED
 from plait.parallel.config import ParallelConfig
 from plait.parallel.tensor_parallel import gather_full
 from tests.distributed import run_distributed
 
-TINY = [f"{fam}-tiny" for fam in FAMILIES]
+TINY = [f"{f.name}-tiny" for f in SHIPPED if f.letters and f.presets]
 
 
 def _mixed() -> ModelConfig:

@@ -10,6 +10,7 @@ from megatron.core import ModelParallelConfig
 from plait.models.common import ModelConfig, build_model
 from plait.models.presets import get_preset
 from plait.models.transnormer.mixer import LightningAttention, alibi_slopes, transnormer_decay
+from plait.parallel import lasp2
 from plait.parallel.sequence import SequenceParallel
 from tests.distributed import run_distributed
 
@@ -54,7 +55,7 @@ def _norm(rt):
     x = torch.randn(2, 13, 32)
     pos = torch.arange(13).expand(2, 13)
     q, k, v, u = m.proj.split(x)
-    o = m.sp.lightning(torch.nn.functional.silu(q), torch.nn.functional.silu(k), v, m.slopes)
+    o = lasp2.lightning(m.sp, torch.nn.functional.silu(q), torch.nn.functional.silu(k), v, m.slopes)
     o = o.transpose(1, 2).reshape(2, 13, 32)
     ref = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
     want = m.proj.out_proj(ref * u.transpose(1, 2).reshape(2, 13, 32))[0]

@@ -1,0 +1,180 @@
+"""What a model family declares, and the catalogue the families are registered in.
+
+A family (one folder under models/) exports one ``Family``: its letters, each a ``Letter``
+that says everything the rest of plait needs to know about a token mixer (the module, its
+parameter count, how tensor parallelism splits it, how it maps to the HF layout, what it
+costs, how it runs under sequence parallelism, what a decode cache keeps for it), its options
+section of ``ModelConfig`` and its presets. ``plait.models.registry`` registers the families
+plait ships; code outside plait registers its own with the same ``register`` call, and a run
+config can import such a module (``model.families``). Nothing in models/common names a family
+or a letter beyond the shared softmax attention ``A``.
+
+This module imports nothing of plait at run time, so every other module of common/ can look
+letters up here without an import cycle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import ModelConfig
+    from .hf_export import LetterExport
+    from .presets import Preset
+    from .tp_plan import Split
+
+
+@dataclass(frozen=True)
+class SequenceParallelForm:
+    """How a letter runs when the sequence is split over the context-parallel ranks."""
+
+    scheme: str
+    """In words: what crosses the ranks and why it is enough (e.g. LASP-2's one all-gather of
+    fixed-size states)."""
+    operators: tuple[Callable[..., Any], ...]
+    """The functions in plait.parallel that run it, each called with the ``SequenceParallel``
+    context first (read them to see the communication)."""
+    zigzag: bool = False
+    """Runs with the zigzag token layout (ring attention's balanced causal split); letters
+    that pass states or halos from rank to rank need the contiguous layout."""
+
+
+@dataclass(frozen=True)
+class Letter:
+    """One token mixer: a pattern letter."""
+
+    symbol: str
+    description: str
+    mixer: type[nn.Module]
+    """Built as ``mixer(cfg, mp, layer_idx, sp)``; maps x [B, T, hidden] (with positions
+    [B, T] and doc ids [B, T] or None) to [B, T, hidden]. Its static ``param_count(cfg,
+    layer_idx)`` gives the logical parameter count from the config alone. A mixer with
+    auxiliary losses or metrics also has ``auxiliary() -> list[Auxiliary]`` (see lm.py)."""
+    tp_plan: Mapping[str, Split]
+    """Split of every mixer parameter (names relative to ``blocks.{i}.mixer.``)."""
+    hf_export: LetterExport
+    """Mapping of the mixer's tensors to the HF layout and back."""
+    mixing_flops: Callable[[ModelConfig, int, int], float]
+    """(cfg, layer_idx, seq_len) -> forward FLOPs per token spent mixing tokens, beyond the
+    2 x parameters of the mixer's projections: with ``param_count`` it is the letter's cost
+    estimate for the pipeline-stage balancer (a softmax layer at 32K does not cost what a
+    lightning layer does)."""
+    sequence_parallel: SequenceParallelForm
+    decode_state: str
+    """What a decode cache keeps for this letter between tokens (the generation path's
+    contract: constant-size for linear and SSM letters, growing for softmax ones)."""
+
+    def cost(self, cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
+        """Forward FLOPs per token of the mixer: 2 x parameters + token mixing."""
+        return 2.0 * self.mixer.param_count(cfg, layer_idx) + self.mixing_flops(
+            cfg, layer_idx, seq_len
+        )
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    """Also the name of the options section: ``model.<name>.<field>``."""
+    description: str
+    letters: tuple[Letter, ...]
+    options: type | None = None
+    """A dataclass with defaults and ``validate()``, held as ``cfg.<name>``; it may also
+    define ``check(cfg)`` for checks that need the rest of the model config, run when the
+    pattern uses one of the family's letters."""
+    presets: Mapping[str, Preset] = field(default_factory=dict)
+    one_b: str = ""
+    """The family's 1B-class preset (what the Slurm templates train); empty: none."""
+
+
+@dataclass
+class Auxiliary:
+    """A mixer's auxiliary output of the last forward pass, returned by its ``auxiliary()``
+    method: a loss the model adds to the LM loss in training, or a gauge it only logs."""
+
+    name: str
+    """Metric name (logged as ``train/<name>``); averaged over the layers that report it."""
+    value: Any
+    """A scalar tensor (carrying gradient when it is a loss)."""
+    loss_weight: float = 0.0
+    """The layer mean is added to the training loss times this; 0: logged only."""
+
+
+def fft_conv_flops(channels: int, seq_len: int) -> float:
+    """FLOPs per token of a causal convolution by FFT over 2T points (three real FFTs of
+    ~2.5 N log2 N FLOPs each, plus the pointwise product), for ``mixing_flops``."""
+    n = 2 * seq_len
+    return channels * (3 * 2.5 * n * math.log2(max(n, 2)) + 6 * n) / seq_len
+
+
+class RegistryError(ValueError):
+    """A family or letter clashes with one already registered, or is incomplete."""
+
+
+_FAMILIES: dict[str, Family] = {}
+_LETTERS: dict[str, tuple[Family, Letter]] = {}
+_PRESETS: dict[str, tuple[Family, Preset]] = {}
+
+
+def register(family: Family) -> Family:
+    """Add a family to the catalogue (idempotent for the same record)."""
+    if _FAMILIES.get(family.name) is family:
+        return family
+    if family.name in _FAMILIES:
+        raise RegistryError(f"family {family.name!r} is already registered")
+    for letter in family.letters:
+        if len(letter.symbol) != 1 or not letter.symbol.isalpha() or not letter.symbol.isupper():
+            raise RegistryError(f"family {family.name}: letter {letter.symbol!r} is not A-Z")
+        if letter.symbol in _LETTERS:
+            other = _LETTERS[letter.symbol][0].name
+            raise RegistryError(
+                f"family {family.name}: letter {letter.symbol} is already {other}'s"
+            )
+        if not hasattr(letter.mixer, "param_count"):
+            raise RegistryError(f"family {family.name}: {letter.mixer} has no param_count")
+    clash = sorted(set(family.presets) & set(_PRESETS))
+    if clash:
+        raise RegistryError(f"family {family.name}: presets {clash} are already registered")
+    if family.one_b and family.one_b not in family.presets:
+        raise RegistryError(f"family {family.name}: one_b {family.one_b!r} is not a preset")
+    _FAMILIES[family.name] = family
+    for letter in family.letters:
+        _LETTERS[letter.symbol] = (family, letter)
+    for name, preset in family.presets.items():
+        _PRESETS[name] = (family, preset)
+    return family
+
+
+def families() -> dict[str, Family]:
+    return dict(_FAMILIES)
+
+
+def letters() -> dict[str, Letter]:
+    return {symbol: letter for symbol, (_, letter) in _LETTERS.items()}
+
+
+def letter(symbol: str) -> Letter:
+    if symbol not in _LETTERS:
+        known = ", ".join(f"{s} ({lt.description})" for s, lt in letters().items())
+        raise KeyError(f"letter {symbol!r} is not registered; known: {known}")
+    return _LETTERS[symbol][1]
+
+
+def family_of(symbol: str) -> Family:
+    letter(symbol)
+    return _LETTERS[symbol][0]
+
+
+def presets() -> dict[str, tuple[Family, Preset]]:
+    return dict(_PRESETS)
+
+
+def options_type(name: str) -> type | None:
+    """The options dataclass of the family called ``name`` (None: no such family, or one
+    without options)."""
+    family = _FAMILIES.get(name)
+    return family.options if family else None

@@ -1,0 +1,31 @@
+"""Presets of hybrids that mix families' letters (no letters of their own): the embedded
+default of ``make demo`` and configs/tiny.yaml."""
+
+from plait.models.common.config import ModelConfig
+from plait.models.common.family import Family
+from plait.models.common.presets import Preset
+
+
+def _tiny() -> ModelConfig:
+    """Lightning attention (with plait's per-head norm, not TransNormerLLM's full set) and
+    softmax attention in turn, LLaMA-style channel mixer; the vocabulary comes from the
+    tokenizer."""
+    return ModelConfig(
+        pattern="LALA",
+        num_layers=4,
+        hidden_size=128,
+        num_heads=4,
+        ffn_hidden_size=384,
+        mlp="swiglu",
+        norm="rmsnorm",
+        tie_embeddings=True,
+        lightning_block=64,
+    )
+
+
+FAMILY = Family(
+    name="hybrid",
+    description="plait's mixed hybrids (letters of the other families)",
+    letters=(),
+    presets={"hybrid-tiny": Preset(_tiny, None, "the embedded CPU default (configs/tiny.yaml)")},
+)
