@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from plait.kernels.longconv import diag_ssm_kernel
+from plait.kernels.longconv import diag_ssm_kernel, discretise
 from plait.kernels.longconv import long_conv as long_conv_kernel
 from plait.kernels.shortconv import short_conv as short_conv_kernel
 
@@ -47,11 +47,13 @@ def long_conv(sp: SequenceParallel, u, k, doc_ids=None) -> torch.Tensor:
     return long_conv_sp(u, k, _group(sp, "long convolution"), doc_ids=doc_ids)
 
 
-def diag_ssm(sp: SequenceParallel, u, log_dt, A, C, doc_ids=None) -> torch.Tensor:
+def diag_ssm(
+    sp: SequenceParallel, u, log_dt, A, C, doc_ids=None, method: str = "bilinear"
+) -> torch.Tensor:
     """S4D diagonal SSM as a convolution in the context ``sp`` (state passing across ranks;
     H3's diagonal SSM)."""
     group = _group(sp, "diagonal SSM (state passing)")
-    return diag_ssm_sp(u, log_dt, A, C, group, doc_ids=doc_ids)
+    return diag_ssm_sp(u, log_dt, A, C, group, doc_ids=doc_ids, method=method)
 
 
 def _with_halo(x_BTC: torch.Tensor, h: int, doc_ids, group):
@@ -95,19 +97,17 @@ def long_conv_sp(u_BTC, k_CL, group=None, *, doc_ids=None):
     return long_conv_kernel(full, k_CL, doc_ids=docs)[:, r * C :]
 
 
-def diag_ssm_sp(u_BTC, log_dt_C, A_CS, C_CS, group=None, *, doc_ids=None):
+def diag_ssm_sp(u_BTC, log_dt_C, A_CS, C_CS, group=None, *, doc_ids=None, method="bilinear"):
     """The S4D convolution y = k * u (k = diag_ssm_kernel) of this rank's chunk, exactly as the
     single-rank operator, with one all-gather of [B, C, S] complex states."""
     B, T, ch = u_BTC.shape
-    k = diag_ssm_kernel(log_dt_C, A_CS, C_CS, T)
+    k = diag_ssm_kernel(log_dt_C, A_CS, C_CS, T, method)
     local = long_conv_kernel(u_BTC, k, doc_ids=doc_ids)
     if group is None or dist.get_world_size(group) == 1:
         return local
     W, r = dist.get_world_size(group), dist.get_rank(group)
     rdt = A_CS.real.dtype
-    dt = log_dt_C.exp().to(rdt)[:, None]
-    log_A_bar = dt * A_CS  # log of A_bar = exp(dt A)
-    B_bar = (torch.exp(log_A_bar) - 1) / A_CS
+    log_A_bar, B_bar = discretise(log_dt_C, A_CS, method)
     t = torch.arange(T, device=u_BTC.device, dtype=rdt)
     # state from zero at the chunk end: sum_j A_bar^(T-1-j) B_bar u_j over the last document
     w = torch.exp(log_A_bar[..., None] * (T - 1 - t))  # [ch, S, T]

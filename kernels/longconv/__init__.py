@@ -8,11 +8,19 @@ from plait.kernels.docs import resolve_doc_ids
 
 from .fft import long_conv_fft
 from .naive import long_conv_naive
-from .ssm import diag_ssm_kernel, diag_ssm_step, shift_ssm_kernel, shift_ssm_step, vandermonde
+from .ssm import (
+    diag_ssm_kernel,
+    diag_ssm_step,
+    discretise,
+    shift_ssm_kernel,
+    shift_ssm_step,
+    vandermonde,
+)
 
 __all__ = [
     "diag_ssm_kernel",
     "diag_ssm_step",
+    "discretise",
     "long_conv",
     "long_conv_fft",
     "long_conv_naive",

@@ -4,8 +4,11 @@ H3 applies two state-space models as long convolutions (Fu et al., 2023):
   * the shift SSM: A is the shift matrix and B = e_1, so the state is the last N inputs and
     the kernel is just the learned C, k[n] = C[n] for n < N and 0 after;
   * the diagonal SSM (S4D): diagonal complex A (in conjugate pairs, of which N/2 are kept),
-    zero-order-hold discretisation with step dt:
-        A_bar = exp(dt A),  B_bar = (exp(dt A) - 1) / A,
+    B = 1, discretised with step dt by
+        bilinear (H3's released kernel, its default):
+            A_bar = (1 + dt A / 2) / (1 - dt A / 2),  B_bar = dt / (1 - dt A / 2);
+        zero-order hold (S4D's paper, ``discretisation="zoh"``):
+            A_bar = exp(dt A),  B_bar = (exp(dt A) - 1) / A;
         x_t = A_bar x_{t-1} + B_bar u_t,  y_t = 2 Re(C . x_t),
     whose convolution kernel is k[l] = 2 Re(sum_s C_s B_bar_s A_bar_s^l).
 The kernels feed ``long_conv`` (FFT); the recurrences are the step forms for generation and
@@ -15,7 +18,11 @@ and initialised) belongs to the H3 model family.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+Discretisation = Literal["bilinear", "zoh"]
 
 
 def shift_ssm_kernel(C_CN: torch.Tensor, L: int) -> torch.Tensor:
@@ -26,12 +33,17 @@ def shift_ssm_kernel(C_CN: torch.Tensor, L: int) -> torch.Tensor:
     return torch.nn.functional.pad(C_CN, (0, L - N))
 
 
-def _discretise(log_dt_C, A_CS, C_CS):
+def discretise(log_dt_C: torch.Tensor, A_CS: torch.Tensor, method: Discretisation = "bilinear"):
+    """(log A_bar, B_bar), both [C, S] complex: the powers A_bar^l are exp(l log A_bar), which
+    the Vandermonde product and the state passing need; any branch of the log gives the same
+    integer powers."""
     dt = log_dt_C.exp().to(A_CS.real.dtype)[:, None]
     dtA = dt * A_CS
-    A_bar = torch.exp(dtA)
-    B_bar = (A_bar - 1) / A_CS
-    return A_bar, B_bar * C_CS
+    if method == "zoh":
+        return dtA, (torch.exp(dtA) - 1) / A_CS
+    if method == "bilinear":
+        return torch.log(1 + dtA / 2) - torch.log(1 - dtA / 2), dt / (1 - dtA / 2)
+    raise ValueError(f"h3.discretisation: {method!r} is not 'bilinear' or 'zoh'")
 
 
 def _vandermonde_chunk(w_CS, logz_CS, start: int, n: int) -> torch.Tensor:
@@ -64,13 +76,16 @@ def vandermonde(w_CS: torch.Tensor, logz_CS: torch.Tensor, L: int, chunk: int = 
 
 
 def diag_ssm_kernel(
-    log_dt_C: torch.Tensor, A_CS: torch.Tensor, C_CS: torch.Tensor, L: int
+    log_dt_C: torch.Tensor,
+    A_CS: torch.Tensor,
+    C_CS: torch.Tensor,
+    L: int,
+    method: Discretisation = "bilinear",
 ) -> torch.Tensor:
     """S4D kernel [C, L] from log step sizes [C], complex A and C [C, N/2]:
-    k[l] = 2 Re(sum_s (C B_bar)_s A_bar_s^l), with log A_bar = dt A exactly."""
-    A_bar, CB = _discretise(log_dt_C, A_CS, C_CS)
-    dt = log_dt_C.exp().to(A_CS.real.dtype)[:, None]
-    return 2 * vandermonde(CB, dt * A_CS, L).real
+    k[l] = 2 Re(sum_s (C B_bar)_s A_bar_s^l)."""
+    log_A_bar, B_bar = discretise(log_dt_C, A_CS, method)
+    return 2 * vandermonde(C_CS * B_bar, log_A_bar, L).real
 
 
 def diag_ssm_step(
@@ -79,9 +94,11 @@ def diag_ssm_step(
     A_CS: torch.Tensor,
     C_CS: torch.Tensor,
     state_BCS: torch.Tensor | None = None,
+    method: Discretisation = "bilinear",
 ):
     """One token of the diagonal SSM: returns (y [B, C], complex state [B, C, S])."""
-    A_bar, B_bar = _discretise(log_dt_C, A_CS, torch.ones_like(C_CS))
+    log_A_bar, B_bar = discretise(log_dt_C, A_CS, method)
+    A_bar = torch.exp(log_A_bar)
     if state_BCS is None:
         state_BCS = torch.zeros(u_BC.shape[0], *A_CS.shape, dtype=A_CS.dtype, device=u_BC.device)
     x = A_bar[None] * state_BCS + B_bar[None] * u_BC.to(A_CS.real.dtype)[..., None]

@@ -14,7 +14,8 @@ class BasedOptions:
     feature_dim: int = 16
     """Per-head q/k dimension fed to the 2nd-order Taylor feature map (153 features at 16)."""
     window: int = 64
-    """Sliding-window size of W layers (the query's own token included)."""
+    """Keys a W layer's query sees, itself included (the released layer's window 256 is
+    flash attention's (128, 0): 129 keys; the presets say 129)."""
     conv_kernel: int = 3
     """Kernel size of the depthwise causal convolution of C layers."""
     conv_expand: int = 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from plait.models.common.config import ModelConfigError
 
@@ -17,6 +18,10 @@ class H3Options:
     """Per-head dimension of the k v^T outer product (1 = elementwise k * v, H3's default)."""
     ssm_lr_cap: float = 1e-3
     """SSM parameters train at min(ssm_lr_cap, optimizer.lr), without weight decay."""
+    discretisation: Literal["bilinear", "zoh"] = "bilinear"
+    """How the diagonal SSM turns dt and A into A_bar, B_bar: bilinear is what H3's released
+    S4D kernel computes (its default; no released config overrides it), zoh (zero-order
+    hold) is the S4D paper's. The kernel, the step form and the SP state passing all follow."""
 
     def validate(self) -> None:
         if self.state_size < 2 or self.state_size % 2:

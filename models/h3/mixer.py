@@ -80,6 +80,7 @@ class H3(nn.Module):
             p._lr_cap = o.ssm_lr_cap
             p._no_weight_decay = True
         self.sp = sp
+        self.discretisation = o.discretisation
 
     @staticmethod
     def param_count(cfg: ModelConfig, layer_idx: int) -> int:
@@ -113,6 +114,7 @@ class H3(nn.Module):
             A.repeat_interleave(rep, 0),
             C.repeat_interleave(rep, 0),
             doc_ids_BT,
+            method=self.discretisation,
         )
         y = (y + kv.float() * self.D.float().repeat_interleave(rep, 0)).to(q.dtype)
         y = (q.view(B, T, H, d, 1) * y.view(B, T, H, d, d)).sum(3).reshape(B, T, H * d)

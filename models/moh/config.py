@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from plait.models.common.config import ModelConfig, ModelConfigError
 
@@ -16,7 +17,10 @@ class MoHOptions:
     top_k: int = 2
     """Routed heads each token activates."""
     balance_coef: float = 0.01
-    """Weight of the load-balance loss added to the LM loss."""
+    """Weight of the load-balance loss added to the training loss (the released value)."""
+    gates: Literal["released", "paper"] = "released"
+    """released: the released code's gate factors (2 on the shared/routed split, S on shared
+    gates, k on routed gates; each active head ~1 at init); paper: without them."""
 
     def validate(self) -> None:
         if self.shared_heads < 0 or self.top_k < 1 or self.balance_coef < 0:

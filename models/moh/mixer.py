@@ -1,15 +1,18 @@
 """Mixture-of-Head attention, letter ``M``.
 
 Heads are shared (every token uses them) or routed (each token picks ``moh.top_k`` of them).
-Per token t:
-    alpha = softmax(W_a x)                  2-way: shared versus routed (absent without shared)
-    g_shared = alpha_0 * softmax(W_s x)
-    p = softmax(W_r x);  g_routed = alpha_1 * renorm(p * topk_mask(p))
+Per token t, with S shared heads (SkyworkAI/MoH's released code, ``moh.gates: released``):
+    alpha = 2 softmax(W_a x)                2-way: shared versus routed (absent without shared)
+    g_shared = alpha_0 * S * softmax(W_s x)
+    p = softmax(W_r x);  g_routed = alpha_1 * k * renorm(p * topk_mask(p))
     out = W_o concat_h(g_h * head_h)        a weighted sum of heads instead of a plain sum
-The load-balance loss over routed heads is MoE's, hr * sum_i f_i P_i (f_i: fraction of the
-top-k slots that went to head i, P_i: mean router probability): 1 for uniform routing, up to
-hr / k when every token picks the same heads. It is added to the LM loss times
-``moh.balance_coef`` in training (``auxiliary()``, see ``HybridLM``) and logged on its own.
+so every active head's gate is 1 when the routers are uniform (MoH then equals multi-head
+attention); ``moh.gates: paper`` drops the factors 2, S and k (the paper's formulas). Without
+shared heads the routed gates are k * renorm(...). The load-balance loss over the R routed
+heads is the released one, R * sum_i f_i P_i (f_i: fraction of tokens that selected head i,
+P_i: mean router probability): k for uniform routing, R when every token picks the same
+heads. It is added to the LM loss times ``moh.balance_coef`` in training (``auxiliary()``,
+see ``HybridLM``) and logged on its own.
 
 Skipping: a routed head computes attention only for the queries that selected it (gathered,
 attended against all keys with their original positions, scattered back); keys and values
@@ -48,6 +51,7 @@ def route(
     w_shared: torch.Tensor | None,
     w_mix: torch.Tensor | None,
     top_k: int,
+    scaled: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gates [B, T, shared + routed], the routed top-k mask [B, T, routed], and the routed
     probabilities [B, T, routed] (for the balance loss). Computed in float32 (float64 for a
@@ -60,21 +64,24 @@ float64 model). ``w_mix`` is
     routed = p * mask
     routed = routed / routed.sum(-1, keepdim=True)
     if w_mix is None:
-        return routed, mask, p
+        return routed * (top_k if scaled else 1), mask, p
     alpha = F.softmax(x @ w_mix.to(x.dtype).t(), dim=-1)
     if w_shared is None:  # one shared head: its softmax gate would be the constant 1
         shared = torch.ones_like(alpha[..., :1])
     else:
         shared = F.softmax(x @ w_shared.to(x.dtype).t(), dim=-1)
+    if scaled:  # the released code's factors: every active head's gate is ~1 at init
+        shared, routed, alpha = shared * shared.shape[-1], routed * top_k, alpha * 2
     gates = torch.cat([alpha[..., :1] * shared, alpha[..., 1:] * routed], dim=-1)
     return gates, mask, p
 
 
 def balance_loss(mask_BTR: torch.Tensor, p_BTR: torch.Tensor, sp: SequenceParallel | None = None):
-    """hr * sum_i f_i P_i over routed heads (MoE's load-balance loss); f carries no gradient."""
+    """R * sum_i f_i P_i over the R routed heads, f_i the fraction of tokens that selected head
+    i and P_i its mean router probability (the released code's loss; f carries no gradient):
+    k for uniform routing, R when every token picks the same k heads."""
     R = p_BTR.shape[-1]
-    k = mask_BTR[0, 0].sum()
-    f = mask_BTR.float().mean((0, 1)) / k
+    f = mask_BTR.float().mean((0, 1))
     P = p_BTR.mean((0, 1))
     if sp is not None:
         f, P = sp.mean(f), sp.mean(P)
@@ -125,6 +132,7 @@ class MoHAttention(nn.Module):
         self.w_shared = nn.Parameter(torch.randn(self.shared, h) * std) if multi else None
         self.w_mix = nn.Parameter(torch.randn(2, h) * std) if self.shared else None
         self.balance_coef = o.balance_coef
+        self.scaled = o.gates == "released"
         self.aux_loss: torch.Tensor | None = None
 
     def auxiliary(self) -> list[Auxiliary]:
@@ -140,7 +148,9 @@ class MoHAttention(nn.Module):
         return 4 * h * h + h * (cfg.num_heads - s) + (2 * h if s else 0) + (h * s if s > 1 else 0)
 
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
-        gates, mask, p = route(x_BTC, self.w_routed, self.w_shared, self.w_mix, self.top_k)
+        gates, mask, p = route(
+            x_BTC, self.w_routed, self.w_shared, self.w_mix, self.top_k, self.scaled
+        )
         self.aux_loss = balance_loss(mask, p, self.sp)
         gates = copy_to_tensor_model_parallel_region(gates)
         q, k, v = self.proj.split(x_BTC)

@@ -1,6 +1,9 @@
-"""MoH presets: LLaMA-style LMs whose attention is MoH with 75% of heads active (the
-MoH-LLaMA3 setting: a quarter of the heads shared, top-k of the routed ones so that 75% of
-all heads run per token). The names are sizes, not released checkpoints."""
+"""MoH presets: LLaMA-style LMs whose attention is MoH with the paper's learned routers
+(SkyworkAI/MoH's ViT/DiT code: shared-head and routed-head routers, a 2-way mix, the balance
+loss) and 75% of the heads active per token: a quarter shared, top-k of the routed ones. The
+names are sizes, not released checkpoints. MoH-LLaMA3 (the released LM) routes differently:
+half the heads shared, routed heads chosen by their query norm with binary gates, GQA and no
+balance loss; plait has no option for that router yet."""
 
 from __future__ import annotations
 

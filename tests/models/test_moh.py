@@ -1,4 +1,5 @@
-"""MoH: reduction to multi-head attention with scaled heads, the balance loss's minimum,
+"""MoH: reduction to multi-head attention (released gate factors) or scaled heads (the
+paper's), the balance loss's minimum,
 selected-query attention against a dense reference, and that unselected heads are skipped."""
 
 import pytest
@@ -17,9 +18,9 @@ from tests.helpers import assert_rel_close
 T, H, D = 29, 6, 8
 
 
-def _layer(shared: int, top_k: int) -> MoHAttention:
+def _layer(shared: int, top_k: int, gates: str = "released") -> MoHAttention:
     cfg = ModelConfig(pattern="M", num_layers=1, hidden_size=H * D, num_heads=H)
-    cfg.moh.shared_heads, cfg.moh.top_k = shared, top_k
+    cfg.moh.shared_heads, cfg.moh.top_k, cfg.moh.gates = shared, top_k, gates
     mp = ModelParallelConfig(use_cpu_initialization=True, params_dtype=torch.float32)
     return MoHAttention(cfg, mp, 0, SequenceParallel())
 
@@ -33,16 +34,18 @@ def _mha_scaled(m: MoHAttention, x, scales):
     return m.proj.merge(o * scales.view(1, H, 1, 1))
 
 
-def _reduction(rt, shared, seed):
+def _reduction(rt, shared, seed, gates):
     torch.manual_seed(seed)
-    m = _layer(shared, H - shared)  # top-k = every routed head
+    m = _layer(shared, H - shared, gates)  # top-k = every routed head
     with torch.no_grad():  # uniform gates
         for p in (m.w_routed, m.w_shared, m.w_mix):
             if p is not None:
                 p.zero_()
     x = torch.randn(2, T, H * D)
     routed = H - shared
-    if shared:
+    if gates == "released":  # 2 * 1/2 * S * 1/S = 2 * 1/2 * k * 1/k = 1: plain MHA
+        scales = torch.ones(H)
+    elif shared:
         scales = torch.tensor([0.5 / shared] * shared + [0.5 / routed] * routed)
     else:
         scales = torch.full((H,), 1.0 / routed)
@@ -57,10 +60,13 @@ def _reduction(rt, shared, seed):
     return outs
 
 
-@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("shared", [0, 1, 2])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_all_heads_uniform_gates_is_scaled_multi_head_attention(shared, seed):
-    fast, ref = run_distributed(_reduction, 1, shared, seed)[0]
+@pytest.mark.parametrize("gates", ["released", "paper"])
+def test_all_heads_uniform_gates_is_scaled_multi_head_attention(shared, seed, gates):
+    """Released gates: uniform routers give plain multi-head attention (every head's gate 1);
+    the paper's: heads scaled by 1/2 * 1/S (shared) and 1/2 * 1/R (routed)."""
+    fast, ref = run_distributed(_reduction, 1, shared, seed, gates)[0]
     for a, b, what in zip(fast, ref, ("output", "dx", "d in_proj"), strict=True):
         assert_rel_close(a, b, 1e-5, what)
 
@@ -71,17 +77,17 @@ def test_balance_loss_is_minimal_for_uniform_routing():
     for R, k in ((4, 1), (6, 2), (8, 3)):
         _, mask, p = route(x, torch.zeros(R, 32), None, None, k)
         uniform = balance_loss(mask, p).item()
-        assert abs(uniform - 1.0) < 1e-6
+        assert abs(uniform - k) < 1e-6  # the released loss: R * sum f_i P_i = R * R (k/R)(1/R)
         for scale in (0.1, 1.0, 10.0):
             w = torch.randn(R, 32, generator=g) * scale
             _, mask, p = route(x, w, None, None, k)
             assert balance_loss(mask, p).item() > uniform
-        # every token sends its top-k to the same heads: the worst case, R / k
+        # every token sends its top-k to the same heads: the worst case, R
         skew = torch.zeros(R, 32)
         skew[:k, 0] = 100.0
         _, mask, p = route(x.abs(), skew, None, None, k)
         worst = balance_loss(mask, p).item()
-        assert 0.95 * R / k < worst <= R / k + 1e-6
+        assert 0.95 * R < worst <= R + 1e-6
 
 
 def _dense_selected(q, k, v, sel, docs, scale):

@@ -230,13 +230,13 @@ def _run_conv(rt, op, seed, T, use_docs, arg):
     elif op == "long":
         out = long_conv_sp(x, arg, group, doc_ids=d)
     else:
-        out = diag_ssm_sp(x, *arg, group, doc_ids=d)
+        out = diag_ssm_sp(x, *arg[:3], group, doc_ids=d, method=arg[3])
     (out * dy[:, sl]).sum().backward()
     return out.detach(), x.grad
 
 
 @pytest.mark.parametrize("W", [2, 4])
-@pytest.mark.parametrize("op", ["short", "long_halo", "long_gather", "diag_ssm"])
+@pytest.mark.parametrize("op", ["short", "long_halo", "long_gather", "diag_ssm", "diag_ssm_zoh"])
 @pytest.mark.parametrize("use_docs", [False, True])
 def test_convolutions_under_sp_equal_single_rank(W, op, use_docs):
     from plait.kernels.longconv import diag_ssm_kernel, long_conv
@@ -256,14 +256,16 @@ def test_convolutions_under_sp_equal_single_rank(W, op, use_docs):
         log_dt = torch.randn(6, generator=g) * 0.3 - 2
         A = torch.complex(-torch.rand(6, 4, generator=g) - 0.1, torch.randn(6, 4, generator=g))
         Cc = torch.complex(torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g))
-        arg = (log_dt, A, Cc)
-        ref_fn = lambda x: long_conv(x, diag_ssm_kernel(log_dt, A, Cc, T), doc_ids=docs)  # noqa: E731
+        method = "zoh" if op.endswith("zoh") else "bilinear"
+        arg = (log_dt, A, Cc, method)
+        k = diag_ssm_kernel(log_dt, A, Cc, T, method)
+        ref_fn = lambda x: long_conv(x, k, doc_ids=docs)  # noqa: E731
     x = u.clone().requires_grad_()
     ref = ref_fn(x)
     (ref * dy).sum().backward()
     kind = {"long_halo": "long", "long_gather": "long"}.get(op, op)
     outs = run_distributed(
-        _run_conv, W, "diag" if kind == "diag_ssm" else kind, 0, T, use_docs, arg
+        _run_conv, W, "diag" if kind.startswith("diag") else kind, 0, T, use_docs, arg
     )
     assert_rel_close(torch.cat([o for o, _ in outs], 1), ref.detach(), 1e-5, f"{op} output")
     assert_rel_close(torch.cat([gr for _, gr in outs], 1), x.grad, 1e-5, f"{op} du")
