@@ -75,6 +75,34 @@ def letters_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def release_table() -> str:
+    """Each letter against the authors' released code (``Letter.release`` and
+    ``Letter.differs_from_release``)."""
+    rows = [
+        "| letter | computes by default | differs from the release |",
+        "|---|---|---|",
+    ]
+    for fam in SHIPPED:
+        for lt in fam.letters:
+            rows.append(f"| {lt.symbol} | {lt.release} | {lt.differs_from_release} |")
+    return "\n".join(rows) + "\n"
+
+
+RELEASE_HEADER = """
+## Against the released code
+
+Each letter computes, by default, what its authors' released code computes (checked by tests
+written from the released formulas; the research notes with file and line citations are in
+docs/fidelity/). Where the paper and the release differ, or a released model needs it, an
+option selects the other form (`h3.discretisation`, `moh.gates`, `moh.router`,
+`softmax.bias`/`rotary`/`rotary_dim`, `seqboat.*`). What plait still does differently, on
+purpose, is listed here. Applies to every letter: no dropout; the residual stream is added
+in the training dtype (the H3 and Based releases keep it in float32); weight decay never
+applies to 1-D tensors; packed documents reset every layer's state (the releases train on
+unpacked or concatenated text without document boundaries).
+"""
+
+
 ADDING_A_FAMILY = """
 ## Adding a family
 
@@ -158,6 +186,9 @@ def markdown() -> str:
         DOC_HEADER
         + "\n"
         + letters_table()
+        + RELEASE_HEADER
+        + "\n"
+        + release_table()
         + PARAMS_HEADER
         + "\n"
         + "\n".join(rows)

@@ -46,6 +46,14 @@ B = Letter(
         (lasp2.based,),
     ),
     decode_state="per head the [F, d + 1] Taylor-feature state (numerator and normaliser)",
+    release=(
+        "HazyResearch/based's Taylor linear attention (feature dim 16, eps 1e-6, the fla_parallel"
+        " path of the 360M and 1.3B models)"
+    ),
+    differs_from_release=(
+        "the based-1b (10B tokens) release ran the quadratic path with eps 1e-12 (denominators "
+        "are >= 1: negligible)"
+    ),
 )
 W = Letter(
     symbol="W",
@@ -60,6 +68,11 @@ W = Letter(
         (halo.window,),
     ),
     decode_state="keys and values of the last window - 1 tokens",
+    release=(
+        "HazyResearch/based's sliding-window attention: based.window counts the keys a query sees"
+        " including itself, so the released window_size 256 (flash-attn (128, 0)) is 129"
+    ),
+    differs_from_release="none in function",
 )
 C = Letter(
     symbol="C",
@@ -73,6 +86,11 @@ C = Letter(
         (convs.short_conv,),
     ),
     decode_state="the last conv_kernel - 1 inputs of the convolved half",
+    release="HazyResearch/based's BaseConv (gated short convolution, biases on the projections)",
+    differs_from_release=(
+        "the fused in_proj is two matrices (a TP rank holds matching channels of both halves; the"
+        " export fuses them)"
+    ),
 )
 
 FAMILY = Family(

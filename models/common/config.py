@@ -40,11 +40,14 @@ class ModelConfig:
     """Heads of every token mixer; hidden_size must be divisible by it."""
     ffn_hidden_size: int = 0
     """Inner width of the channel mixer; 0 means 8/3 * hidden rounded up to a multiple of 64."""
-    mlp: Literal["swiglu", "glu", "gelu"] = "swiglu"
+    mlp: Literal["swiglu", "glu", "gelu", "none"] = "swiglu"
     """swiglu: W3(silu(W1 x) * W2 x); glu: TransNormerLLM's SGLU, W3(W1 x * W2 x), no
-    activation; gelu: the GPT-2 MLP W2(gelu(W1 x)) (H3's), with biases."""
-    norm: Literal["rmsnorm", "srmsnorm"] = "rmsnorm"
-    """rmsnorm has a learned scale; srmsnorm (simple RMSNorm) has none."""
+    activation; gelu: the GPT-2 MLP W2(gelu(W1 x)) (H3's), with biases; none: no channel
+    mixer, each block is its token mixer alone (SeqBoat's released enwik8 model)."""
+    norm: Literal["rmsnorm", "srmsnorm", "layernorm"] = "rmsnorm"
+    """rmsnorm has a learned scale; srmsnorm (simple RMSNorm) has none; layernorm subtracts
+    the mean and has a learned scale and bias (the GPT-2 blocks of H3's and SeqBoat's
+    released models)."""
     norm_eps: float = 1e-6
     """Epsilon inside the norms' rsqrt."""
     vocab_size: int = 0
@@ -141,6 +144,8 @@ class ModelConfig:
 
     @property
     def ffn_size(self) -> int:
+        if self.mlp == "none":
+            return 0
         if self.ffn_hidden_size:
             return self.ffn_hidden_size
         if self.mlp == "gelu":

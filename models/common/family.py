@@ -68,6 +68,11 @@ class Letter:
     decode_state: str
     """What a decode cache keeps for this letter between tokens (the generation path's
     contract: constant-size for linear and SSM letters, growing for softmax ones)."""
+    release: str = ""
+    """The authors' released code this letter computes by default (repository and module)."""
+    differs_from_release: str = ""
+    """Every deliberate difference from that code (docs/models.md's column of that name);
+    "none" when it computes the same function."""
 
     def cost(self, cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
         """Forward FLOPs per token of the mixer: 2 x parameters + token mixing."""

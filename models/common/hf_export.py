@@ -37,6 +37,10 @@ class LetterExport:
     """(mixer tensors named relative to ``blocks.{i}.mixer.``, cfg, layer) -> HF tensors
     named relative to ``model.layers.{i}.mixer.``"""
     from_hf: Callable[[State, ModelConfig, int], State]
+    constants: tuple[str, ...] = ()
+    """HF names the export writes that hold no plait parameter: fixed values of a released
+    parameter plait folds into another (H3's SSM B vectors), which ``from_hf`` folds back,
+    so a released checkpoint whose B trained imports exactly."""
 
 
 def split_roles(w: torch.Tensor, heads: int, dims: tuple[int, ...]) -> list[torch.Tensor]:
@@ -57,22 +61,26 @@ def merge_roles(parts: list[torch.Tensor], heads: int, dims: tuple[int, ...]) ->
 
 def _attention_to_hf(s: State, cfg: ModelConfig, i: int) -> State:
     d = cfg.head_dim
-    q, k, v = split_roles(s["proj.in_proj.weight"], cfg.num_heads, (d, d, d))
-    return {
-        "q_proj.weight": q,
-        "k_proj.weight": k,
-        "v_proj.weight": v,
-        "o_proj.weight": s["proj.out_proj.weight"],
-    }
+    out = {"o_proj.weight": s["proj.out_proj.weight"]}
+    for kind in ("weight", "bias"):
+        if f"proj.in_proj.{kind}" in s:  # biases with softmax.bias
+            q, k, v = split_roles(s[f"proj.in_proj.{kind}"], cfg.num_heads, (d, d, d))
+            out.update({f"q_proj.{kind}": q, f"k_proj.{kind}": k, f"v_proj.{kind}": v})
+    if "proj.out_proj.bias" in s:
+        out["o_proj.bias"] = s["proj.out_proj.bias"]
+    return out
 
 
 def _attention_from_hf(s: State, cfg: ModelConfig, i: int) -> State:
     d = cfg.head_dim
-    parts = [s["q_proj.weight"], s["k_proj.weight"], s["v_proj.weight"]]
-    return {
-        "proj.in_proj.weight": merge_roles(parts, cfg.num_heads, (d, d, d)),
-        "proj.out_proj.weight": s["o_proj.weight"],
-    }
+    out = {"proj.out_proj.weight": s["o_proj.weight"]}
+    for kind in ("weight", "bias"):
+        if f"q_proj.{kind}" in s:
+            parts = [s[f"q_proj.{kind}"], s[f"k_proj.{kind}"], s[f"v_proj.{kind}"]]
+            out[f"proj.in_proj.{kind}"] = merge_roles(parts, cfg.num_heads, (d, d, d))
+    if "o_proj.bias" in s:
+        out["proj.out_proj.bias"] = s["o_proj.bias"]
+    return out
 
 
 ATTENTION = LetterExport(_attention_to_hf, _attention_from_hf)
@@ -82,9 +90,10 @@ _MLP = {
     "swiglu": {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"},
     "glu": {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"},
     "gelu": {"w1": "fc1", "w2": "fc2"},
+    "none": {},
 }
 _TOP = {"embedding.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}  # fmt: skip
+        "final_norm.bias": "model.norm.bias", "output.weight": "lm_head.weight"}  # fmt: skip
 _NORMS = {"mixer_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 
 
@@ -104,9 +113,10 @@ def to_hf(state: State, cfg: ModelConfig) -> State:
     for i, letter in enumerate(cfg.pattern):
         p, q = f"blocks.{i}.", f"model.layers.{i}."
         for src, dst in _NORMS.items():
-            if f"{p}{src}.weight" in state:
-                out[f"{q}{dst}.weight"] = state[f"{p}{src}.weight"]
-                used.add(f"{p}{src}.weight")
+            for kind in ("weight", "bias"):
+                if f"{p}{src}.{kind}" in state:
+                    out[f"{q}{dst}.{kind}"] = state[f"{p}{src}.{kind}"]
+                    used.add(f"{p}{src}.{kind}")
         for src, dst in _MLP[cfg.mlp].items():
             for kind in ("weight", "bias"):
                 if f"{p}mlp.{src}.{kind}" in state:
@@ -114,8 +124,10 @@ def to_hf(state: State, cfg: ModelConfig) -> State:
                     used.add(f"{p}mlp.{src}.{kind}")
         mixer = _take(state, f"{p}mixer.")
         used.update(f"{p}mixer.{k}" for k in mixer)
-        hf = family.letter(letter).hf_export.to_hf(mixer, cfg, i)
-        if sum(v.numel() for v in hf.values()) != sum(v.numel() for v in mixer.values()):
+        export = family.letter(letter).hf_export
+        hf = export.to_hf(mixer, cfg, i)
+        mapped = sum(v.numel() for k, v in hf.items() if k not in export.constants)
+        if mapped != sum(v.numel() for v in mixer.values()):
             raise KeyError(f"to_hf: layer {i} ({letter}): tensors {sorted(mixer)} not all mapped")
         for k, v in hf.items():
             out[f"{q}mixer.{k}"] = v
@@ -134,8 +146,9 @@ def from_hf(hf: State, cfg: ModelConfig) -> State:
     for i, letter in enumerate(cfg.pattern):
         p, q = f"blocks.{i}.", f"model.layers.{i}."
         for src, dst in _NORMS.items():
-            if f"{q}{dst}.weight" in hf:
-                out[f"{p}{src}.weight"] = hf[f"{q}{dst}.weight"]
+            for kind in ("weight", "bias"):
+                if f"{q}{dst}.{kind}" in hf:
+                    out[f"{p}{src}.{kind}"] = hf[f"{q}{dst}.{kind}"]
         for src, dst in _MLP[cfg.mlp].items():
             for kind in ("weight", "bias"):
                 if f"{q}mlp.{dst}.{kind}" in hf:

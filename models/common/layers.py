@@ -78,8 +78,33 @@ def wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def make_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
+class LayerNorm(nn.Module):
+    """(x - mean) * rsqrt(var + eps) * weight + bias, in float32 like ``RMSNorm`` (GPT-2's
+    norm, which H3's and SeqBoat's released models use)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = wide(x)
+        y = F.layer_norm(
+            xf, xf.shape[-1:], self.weight.to(xf.dtype), self.bias.to(xf.dtype), self.eps
+        )
+        return y.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return LayerNorm(dim or cfg.hidden_size, cfg.norm_eps)
     return RMSNorm(dim or cfg.hidden_size, cfg.norm_eps, learnable=cfg.norm == "rmsnorm")
+
+
+def norm_params(cfg: ModelConfig) -> int:
+    """Parameters of one norm over the model width."""
+    return {"rmsnorm": 1, "srmsnorm": 0, "layernorm": 2}[cfg.norm] * cfg.hidden_size
 
 
 def rotary_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float):
@@ -92,10 +117,15 @@ def rotary_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float):
 
 
 def apply_rotary(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the GPT-NeoX / LLaMA convention, also what HF export will expect)."""
-    x1, x2 = wide(x_BHTD).chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x_BHTD.dtype)
+    """Rotate-half RoPE (the GPT-NeoX / LLaMA convention, also what HF export will expect).
+    With tables for fewer dims than x has (``rotary_cos_sin(positions, r, ...)``), only the
+    first r dims rotate and the rest pass through (partial rotary, flash-attn's and
+    GPT-NeoX's ``rotary_dim``)."""
+    r = 2 * cos.shape[-1]
+    xr, rest = x_BHTD[..., :r], x_BHTD[..., r:]
+    x1, x2 = wide(xr).chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x_BHTD.dtype)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
 def local_heads(num_heads: int, what: str = "num_heads") -> tuple[int, int]:
@@ -114,7 +144,8 @@ class HeadProjections(nn.Module):
 
     Output rows are laid out head by head, [head, role, dim] with ``dims`` giving each role's
     size (q, k, v, u ...), so a contiguous TP split hands each rank whole heads with all their
-    roles. The out projection is row-parallel from ``heads * out_dim`` to hidden.
+    roles. The out projection is row-parallel from ``heads * out_dim`` to hidden. With
+    ``bias`` both have biases (zero at init; the out bias is added once, after the reduce).
     """
 
     def __init__(
@@ -124,6 +155,7 @@ class HeadProjections(nn.Module):
         num_heads: int,
         dims: tuple[int, ...],
         out_dim: int,
+        bias: bool = False,
     ):
         super().__init__()
         self.dims = dims
@@ -132,7 +164,7 @@ class HeadProjections(nn.Module):
             cfg.hidden_size,
             num_heads * sum(dims),
             config=mp,
-            bias=False,
+            bias=bias,
             gather_output=False,
             init_method=normal_init(cfg.init_std),
         )
@@ -140,7 +172,7 @@ class HeadProjections(nn.Module):
             num_heads * out_dim,
             cfg.hidden_size,
             config=mp,
-            bias=False,
+            bias=bias,
             input_is_parallel=True,
             skip_bias_add=False,
             init_method=output_init(cfg),
@@ -179,7 +211,10 @@ class GeluMLP(nn.Module):
         return out
 
 
-def make_mlp(cfg: ModelConfig, mp: ModelParallelConfig) -> nn.Module:
+def make_mlp(cfg: ModelConfig, mp: ModelParallelConfig) -> nn.Module | None:
+    """The channel mixer, or None for ``mlp: none``."""
+    if cfg.mlp == "none":
+        return None
     return GeluMLP(cfg, mp) if cfg.mlp == "gelu" else GatedMLP(cfg, mp)
 
 

@@ -21,11 +21,12 @@ from plait.parallel.sequence import SequenceParallel
 from . import family
 from .config import ModelConfig
 from .family import Auxiliary
-from .layers import make_mlp, make_norm, normal_init
+from .layers import make_mlp, make_norm, norm_params, normal_init
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) (no second half
+    with ``mlp: none``)."""
 
     def __init__(
         self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
@@ -34,13 +35,15 @@ class Block(nn.Module):
         self.letter = cfg.pattern[layer_idx]
         self.mixer_norm = make_norm(cfg)
         self.mixer = family.letter(self.letter).mixer(cfg, mp, layer_idx, sp)
-        self.mlp_norm = make_norm(cfg)
         self.mlp = make_mlp(cfg, mp)
+        self.mlp_norm = make_norm(cfg) if self.mlp is not None else None
 
     def forward(
         self, x: torch.Tensor, positions_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None
     ) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), positions_BT, doc_ids_BT)
+        if self.mlp is None:
+            return x
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -142,8 +145,8 @@ def param_count(cfg: ModelConfig, vocab_size: int | None = None) -> int:
     (``param_count`` of its class), the channel mixer and the norms, and the final norm.
     Tests check it against the parameters of built models, including every preset."""
     h, f, V = cfg.hidden_size, cfg.ffn_size, cfg.padded_vocab_size(vocab_size)
-    norm = h if cfg.norm == "rmsnorm" else 0
-    mlp = 2 * h * f + f + h if cfg.mlp == "gelu" else 3 * h * f
+    norm = norm_params(cfg)
+    mlp = {"gelu": 2 * h * f + f + h, "none": -norm}.get(cfg.mlp, 3 * h * f)  # none: no norm
     total = V * h * (1 if cfg.tie_embeddings else 2) + norm
     for i, letter in enumerate(cfg.pattern):
         total += family.letter(letter).mixer.param_count(cfg, i) + mlp + 2 * norm

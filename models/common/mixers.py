@@ -8,6 +8,8 @@ registered as the family "softmax" (``SOFTMAX``) by plait.models.registry like a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core import ModelParallelConfig
 from torch import nn
@@ -16,9 +18,37 @@ from plait.parallel import softmax
 from plait.parallel.sequence import SequenceParallel
 
 from . import hf_export, tp_plan
-from .config import ModelConfig
+from .config import ModelConfig, ModelConfigError
 from .family import Family, Letter, SequenceParallelForm
 from .layers import HeadProjections, apply_rotary, rotary_cos_sin
+
+
+@dataclass
+class SoftmaxOptions:
+    """Letter A (causal softmax attention): ``model.softmax.*``. The defaults are the
+    LLaMA-style layer every family's presets use; H3's released checkpoints have biases and
+    no positions in their attention layers (the H3 layers carry position), and the 2.7B
+    rotates the first 64 dims of each 128-dim head."""
+
+    bias: bool = False
+    """Biases on the q/k/v and output projections (flash-attn's MHA in H3's models)."""
+    rotary: bool = True
+    """Rotary positions on q and k; false: no positional encoding in the attention layers."""
+    rotary_dim: int = 0
+    """How many leading dims of each head rotate (rotate-half pairs within them); 0 means
+    the whole head."""
+
+    def validate(self) -> None:
+        if self.rotary_dim < 0 or self.rotary_dim % 2:
+            raise ModelConfigError(
+                f"softmax.rotary_dim: must be even and >= 0, got {self.rotary_dim}"
+            )
+
+    def check(self, cfg: ModelConfig) -> None:
+        if self.rotary_dim > cfg.head_dim:
+            raise ModelConfigError(
+                f"softmax.rotary_dim: {self.rotary_dim} exceeds head_dim {cfg.head_dim}"
+            )
 
 
 class SoftmaxAttention(nn.Module):
@@ -28,14 +58,16 @@ class SoftmaxAttention(nn.Module):
         self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
     ):
         super().__init__()
-        d = cfg.head_dim
-        self.proj = HeadProjections(cfg, mp, cfg.num_heads, (d, d, d), d)
+        d, o = cfg.head_dim, cfg.softmax
+        self.proj = HeadProjections(cfg, mp, cfg.num_heads, (d, d, d), d, bias=o.bias)
         self.rope_theta = cfg.rope_theta
+        self.rotary_dim = (o.rotary_dim or d) if o.rotary else 0
         self.sp = sp
 
     @staticmethod
     def param_count(cfg: ModelConfig, layer_idx: int) -> int:
-        return 4 * cfg.hidden_size**2
+        h = cfg.hidden_size
+        return 4 * h * h + (4 * h if cfg.softmax.bias else 0)
 
     def forward(
         self,
@@ -44,8 +76,9 @@ class SoftmaxAttention(nn.Module):
         doc_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q, k, v = self.proj.split(x_BTC)
-        cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rotary_dim:
+            cos, sin = rotary_cos_sin(positions_BT, self.rotary_dim, self.rope_theta)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.proj.merge(self.attend(q, k, v, doc_ids_BT))
 
     def attend(self, q, k, v, doc_ids_BT):
@@ -72,10 +105,16 @@ A = Letter(
         zigzag=True,
     ),
     decode_state="keys and values of every previous token (KV cache)",
+    release=(
+        "LLaMA's attention (HF transformers' LlamaAttention); with softmax.bias, rotary: false or"
+        " rotary_dim, flash-attn's MHA as H3's released models use it"
+    ),
+    differs_from_release="none in function (no attention dropout: safari trains H3 with 0.1)",
 )
 
 SOFTMAX = Family(
     name="softmax",
     description="causal softmax attention, the recall layer every hybrid family shares",
     letters=(A,),
+    options=SoftmaxOptions,
 )

@@ -38,9 +38,11 @@ COLUMN, ROW, REPLICATED = Split("column"), Split("row"), Split("replicated")
 COMMON: dict[str, Split] = {
     "embedding.weight": Split("column", "vocab-parallel: each rank a slice of the vocabulary"),
     "output.weight": Split("column", "vocab-parallel logits, never gathered (parallel CE)"),
-    "final_norm.weight": REPLICATED,
-    "mixer_norm.weight": REPLICATED,
-    "mlp_norm.weight": REPLICATED,
+    **{
+        f"{n}.{k}": REPLICATED
+        for n in ("final_norm", "mixer_norm", "mlp_norm")
+        for k in ("weight", "bias")
+    },
     "mlp.w1.weight": COLUMN,
     "mlp.w1.bias": COLUMN,
     "mlp.w2.weight": Split("column", "gated MLPs; in the GELU MLP w2 is the row-parallel fc2"),
@@ -51,7 +53,9 @@ COMMON: dict[str, Split] = {
 
 ATTENTION: dict[str, Split] = {
     "proj.in_proj.weight": Split("column", "rows [head, role, dim]: whole heads per rank"),
+    "proj.in_proj.bias": COLUMN,
     "proj.out_proj.weight": ROW,
+    "proj.out_proj.bias": Split("replicated", "added after the all-reduce"),
 }
 
 

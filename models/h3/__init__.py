@@ -35,6 +35,15 @@ LETTER = Letter(
     ),
     decode_state="the shift SSM's last state_size - 1 inputs of k and the diagonal SSM's "
     "complex state [h * head_dim, state_size / 2]",
+    release=(
+        "HazyResearch/H3's H3 layer: shift SSM per channel, S4D-Lin diagonal SSM discretised "
+        "bilinearly (h3.discretisation: zoh is the S4D paper's), float32 convolutions and readout"
+    ),
+    differs_from_release=(
+        "the SSMs' B vectors are folded into C (the kernels depend on C * B only; export writes B"
+        " = 1 and e_1, import folds a trained B); readout channels (h d) as the release's fused "
+        "CUDA path, the export permutes to its Python path's (d h)"
+    ),
 )
 
 FAMILY = Family(

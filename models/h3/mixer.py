@@ -1,21 +1,36 @@
 """The H3 layer, letter ``H``.
 
     q, k, v = W_q x, W_k x, W_v x                       (heads of ``h3.head_dim`` channels)
-    k <- ShiftSSM(k) + D_k * k                          (a learned FIR of ``state_size`` taps)
+    k <- ShiftSSM(k) + D_k * k                          (a learned FIR of ``state_size`` taps
+                                                         and a skip, one per channel)
     kv = k v^T per head  (k * v when head_dim = 1)
     y  = DiagSSM(kv) + D * kv                           (S4D, complex diagonal A)
     out = W_o (q^T y)
 
 The shift SSM remembers recent tokens (like a short conv), the diagonal SSM carries them far;
 the q gate reads them out, which is how H3 does associative recall. One SSM kernel per head,
-shared by the head's channels (the reference code's ``H = d_model / head_dim``).
+shared by the head's head_dim^2 channels (the released code's ``H = d_model / head_dim``);
+one shift kernel and one skip D_k per channel of k, whatever head_dim (as released).
 
-Parameterisation (S4D-Lin, as the reference): A = -exp(A_real_log) + i A_imag with
-A_real_log = log 0.5 and A_imag = pi n at init; log_dt ~ U(log 1e-3, log 1e-1); complex C
-~ N(0, 1/2) per part. dt and A are the SSM's dynamics: they train at min(h3.ssm_lr_cap, lr)
-without weight decay (attributes ``_lr_cap``/``_no_weight_decay`` read by the optimizer's
-parameter groups), as the reference's ``register(..., lr)`` does; C, D and the projections
-train like every other weight.
+Parameterisation (S4D-Lin, as HazyResearch/H3's SSKernelDiag): A = -exp(A_real_log) +
+i A_imag with A_real_log = log 0.5 and A_imag = pi n at init; log_dt ~ U(log 1e-3, log 1e-1);
+complex C ~ N(0, 1/2) per part; discretised bilinearly by default (``h3.discretisation``).
+The shift SSM's taps start as the released Conv1d-style init, U(+-1/sqrt(N)). dt and A are
+the SSM's dynamics: they train at min(h3.ssm_lr_cap, lr) without weight decay (attributes
+``_lr_cap``/``_no_weight_decay`` read by the optimizer's parameter groups), as the
+reference's ``register(..., lr)`` does; C, D and the projections train like every other
+weight. The output projection is initialised N(0, init_std) without the depth scaling other
+residual-writing layers get: the released init rescales only layers named ``out_proj`` or
+``fc2``, and H3's is ``output_linear``.
+
+Deliberate differences from the release (docs/models.md): the released layer has trainable
+B vectors in both SSMs (diag B [H, N/2] complex, init 1; shift B [d, N], init e_1); the
+kernels depend only on the products C * B (diag) and the cross-correlation B * C (shift), so
+plait keeps the folded C alone (same function, fewer parameters; the HF export writes
+B = 1 / e_1 and folds a released B into C on import). With head_dim > 1 the released Python
+path orders the readout's channels (d h) and its fused CUDA path (h d); plait computes (h d),
+which keeps a TP rank's channels contiguous, and the export permutes out_proj's columns to
+the Python path's (d h).
 """
 
 from __future__ import annotations
@@ -29,7 +44,7 @@ from torch import nn
 
 from plait.kernels.longconv import shift_ssm_kernel
 from plait.models.common.config import ModelConfig, ModelConfigError
-from plait.models.common.layers import local_heads, normal_init, output_init
+from plait.models.common.layers import local_heads, normal_init
 from plait.parallel import convs
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import mark_tp_sharded
@@ -57,20 +72,21 @@ class H3(nn.Module):
         self.v_proj = ColumnParallelLinear(h, h, init_method=init, **common)
         self.out_proj = RowParallelLinear(
             h, h, config=mp, bias=True, input_is_parallel=True, skip_bias_add=False,
-            init_method=output_init(cfg),
+            init_method=init,
         )  # fmt: skip
         N, S = o.state_size, o.state_size // 2
         n = self.heads
         # Drawn whole, in a fixed order, then sliced: same logical init at every TP size.
-        shift_C = torch.randn(heads, N)
-        shift_D = torch.randn(heads)
+        shift_C = torch.empty(h, N).uniform_(-1 / math.sqrt(N), 1 / math.sqrt(N))
+        shift_D = torch.randn(h)
         log_dt = torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1))
         A_real_log = torch.full((heads, S), math.log(0.5))
         A_imag = (math.pi * torch.arange(S, dtype=torch.float32)).expand(heads, S)
         C = torch.randn(heads, S, 2) * math.sqrt(0.5)
         D = torch.randn(heads)
-        self.shift_C = _sharded(shift_C, first, n)
-        self.shift_D = _sharded(shift_D, first, n)
+        d = o.head_dim  # the shift SSM is per channel: this rank's heads' channels
+        self.shift_C = _sharded(shift_C, first * d, n * d)
+        self.shift_D = _sharded(shift_D, first * d, n * d)
         self.log_dt = _sharded(log_dt, first, n)
         self.A_real_log = _sharded(A_real_log, first, n)
         self.A_imag = _sharded(A_imag, first, n)
@@ -86,7 +102,7 @@ class H3(nn.Module):
     def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         h, N = cfg.hidden_size, cfg.h3.state_size
         heads = h // cfg.h3.head_dim
-        return 4 * h * h + 4 * h + heads * (3 * N + 3)
+        return 4 * h * h + 4 * h + h * (N + 1) + heads * (2 * N + 2)
 
     def ssm_A_C(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The diagonal SSM's complex A and C, [heads_local, N/2], in float32."""
@@ -102,21 +118,22 @@ class H3(nn.Module):
         shift = shift_ssm_kernel(self.shift_C.float(), min(T, self.shift_C.shape[1]))
         shift = shift.clone()
         shift[:, 0] = shift[:, 0] + self.shift_D.float()  # the D_k skip is the kernel's lag 0
-        shift = shift.repeat_interleave(d, 0).to(k.dtype)
-        k = convs.long_conv(self.sp, k, shift, doc_ids_BT)
-        kv = (k.view(B, T, H, d, 1) * v.view(B, T, H, 1, d)).reshape(B, T, H * d * d)
+        # From here on float32, as the released layer (both convolutions, k v^T and q^T y):
+        # the SSM state sums many lags, and bf16 products would round before the sum.
+        k = convs.long_conv(self.sp, k.float(), shift, doc_ids_BT)
+        kv = (k.view(B, T, H, d, 1) * v.float().view(B, T, H, 1, d)).reshape(B, T, H * d * d)
         A, C = self.ssm_A_C()
         rep = d * d
         y = convs.diag_ssm(
             self.sp,
-            kv.float(),
+            kv,
             self.log_dt.float().repeat_interleave(rep, 0),
             A.repeat_interleave(rep, 0),
             C.repeat_interleave(rep, 0),
             doc_ids_BT,
             method=self.discretisation,
         )
-        y = (y + kv.float() * self.D.float().repeat_interleave(rep, 0)).to(q.dtype)
-        y = (q.view(B, T, H, d, 1) * y.view(B, T, H, d, d)).sum(3).reshape(B, T, H * d)
-        out, _ = self.out_proj(y)
+        y = y + kv * self.D.float().repeat_interleave(rep, 0)
+        y = (q.float().view(B, T, H, d, 1) * y.view(B, T, H, d, d)).sum(3).reshape(B, T, H * d)
+        out, _ = self.out_proj(y.to(q.dtype))
         return out

@@ -32,6 +32,15 @@ LETTER = Letter(
     ),
     decode_state="keys and values of every previous token for every head (a routed head skips "
     "queries, not keys)",
+    release=(
+        "SkyworkAI/MoH's ViT/DiT attention (learned shared/routed/mix routers, the released gate "
+        "factors and balance loss); moh.router: query_norm is MoH-LLaMA3's parameter-free router"
+    ),
+    differs_from_release=(
+        "no q/k/v/out biases (ViT/DiT have them; LLaMA-style here); router init N(0, init_std) "
+        "(DiT: xavier-uniform); routing in float32; unselected queries skipped (same function); "
+        "no grouped-query attention for the MoH-LLaMA3 form"
+    ),
 )
 
 FAMILY = Family(

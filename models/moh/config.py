@@ -20,7 +20,15 @@ class MoHOptions:
     """Weight of the load-balance loss added to the training loss (the released value)."""
     gates: Literal["released", "paper"] = "released"
     """released: the released code's gate factors (2 on the shared/routed split, S on shared
-    gates, k on routed gates; each active head ~1 at init); paper: without them."""
+    gates, k on routed gates; each active head ~1 at init); paper: without them. Learned
+    router only."""
+    router: Literal["learned", "query_norm"] = "learned"
+    """learned: the paper's routers (SkyworkAI/MoH's ViT and DiT code: a routed-head router,
+    a shared-head router and the 2-way mix, soft gates, the balance loss); query_norm:
+    MoH-LLaMA3's released router, with no parameters: each token's top_k routed heads are
+    those whose query has the largest L2 norm (before rotary), gates are 1 on the selected
+    and the shared heads and 0 elsewhere, and there is no balance loss. MoH-LLaMA3 shares
+    half the heads and selects a quarter (16 shared, top 8 of 16 routed of 32)."""
 
     def validate(self) -> None:
         if self.shared_heads < 0 or self.top_k < 1 or self.balance_coef < 0:

@@ -7,7 +7,11 @@ Per token t, with S shared heads (SkyworkAI/MoH's released code, ``moh.gates: re
     p = softmax(W_r x);  g_routed = alpha_1 * k * renorm(p * topk_mask(p))
     out = W_o concat_h(g_h * head_h)        a weighted sum of heads instead of a plain sum
 so every active head's gate is 1 when the routers are uniform (MoH then equals multi-head
-attention); ``moh.gates: paper`` drops the factors 2, S and k (the paper's formulas). Without
+attention); ``moh.gates: paper`` drops the factors 2, S and k (the paper's formulas).
+``moh.router: query_norm`` is MoH-LLaMA3's released router instead: no router weights, the
+top-k routed heads by the L2 norm of the token's (pre-rotary) query, gates 1 on them and on
+the shared heads, no balance loss (the released code computes every head and multiplies by
+the 0/1 gate; plait skips the unselected ones, which is the same function). Without
 shared heads the routed gates are k * renorm(...). The load-balance loss over the R routed
 heads is the released one, R * sum_i f_i P_i (f_i: fraction of tokens that selected head i,
 P_i: mean router probability): k for uniform routing, R when every token picks the same
@@ -23,9 +27,13 @@ router (three small [hidden -> heads] matrices) is replicated and every rank rou
 itself, which equals gathering the logits without a collective. The gates then pass
 ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward) before a
 rank scales its own heads, so the router's gradient sums every rank's heads and stays
-identical on all ranks. Sequence parallelism: keys and values are all-gathered (LASP-2H's
-scheme, whatever ``parallel.softmax_sp`` says) and the balance statistics are averaged over
-the sequence-parallel ranks, so both equal the single-process values.
+identical on all ranks. The query-norm router needs every head's query norm: each rank
+computes its heads' norms and megatron's ``gather_from_tensor_model_parallel_region``
+all-gathers them ([B, T, heads], no gradient: the gates are 0/1).
+
+Sequence parallelism: keys and values are all-gathered (LASP-2H's scheme, whatever
+``parallel.softmax_sp`` says) and the balance statistics are averaged over the
+sequence-parallel ranks, so both equal the single-process values.
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
 from torch import nn
 
 from plait.models.common.config import ModelConfig
@@ -54,9 +65,9 @@ def route(
     scaled: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gates [B, T, shared + routed], the routed top-k mask [B, T, routed], and the routed
-    probabilities [B, T, routed] (for the balance loss). Computed in float32 (float64 for a
-float64 model). ``w_mix`` is
-    None without shared heads; ``w_shared`` is None with fewer than two."""
+        probabilities [B, T, routed] (for the balance loss). Computed in float32 (float64 for a
+    float64 model). ``w_mix`` is
+        None without shared heads; ``w_shared`` is None with fewer than two."""
     x = wide(x_BTC)
     p = F.softmax(x @ w_routed.to(x.dtype).t(), dim=-1)
     top = p.topk(top_k, dim=-1).indices
@@ -74,6 +85,20 @@ float64 model). ``w_mix`` is
         shared, routed, alpha = shared * shared.shape[-1], routed * top_k, alpha * 2
     gates = torch.cat([alpha[..., :1] * shared, alpha[..., 1:] * routed], dim=-1)
     return gates, mask, p
+
+
+def route_by_query_norm(
+    norms_BTH: torch.Tensor, shared: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoH-LLaMA3's router: gates [B, T, heads] (1 on the shared heads and on the top_k
+    routed heads by query norm, 0 elsewhere) and the routed mask [B, T, routed]. The release
+    ranks softmax(norms / std(norms)) over the routed heads, a monotone map of the norms, and
+    keeps only the top-k indicator."""
+    routed = norms_BTH[..., shared:]
+    top = routed.topk(top_k, dim=-1).indices
+    mask = torch.zeros_like(routed, dtype=torch.bool).scatter_(-1, top, True)
+    ones = torch.ones_like(norms_BTH[..., :shared])
+    return torch.cat([ones, mask.to(ones.dtype)], dim=-1), mask
 
 
 def balance_loss(mask_BTR: torch.Tensor, p_BTR: torch.Tensor, sp: SequenceParallel | None = None):
@@ -126,11 +151,13 @@ class MoHAttention(nn.Module):
         self.sp = sp
         std = cfg.init_std
         h = cfg.hidden_size
+        self.query_norm = o.router == "query_norm"
+        learned = not self.query_norm
         # Replicated router: drawn whole on every rank in the same order, so identical.
-        self.w_routed = nn.Parameter(torch.randn(self.routed, h) * std)
-        multi = self.shared > 1
+        self.w_routed = nn.Parameter(torch.randn(self.routed, h) * std) if learned else None
+        multi = self.shared > 1 and learned
         self.w_shared = nn.Parameter(torch.randn(self.shared, h) * std) if multi else None
-        self.w_mix = nn.Parameter(torch.randn(2, h) * std) if self.shared else None
+        self.w_mix = nn.Parameter(torch.randn(2, h) * std) if self.shared and learned else None
         self.balance_coef = o.balance_coef
         self.scaled = o.gates == "released"
         self.aux_loss: torch.Tensor | None = None
@@ -145,15 +172,23 @@ class MoHAttention(nn.Module):
     @staticmethod
     def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         h, s = cfg.hidden_size, cfg.moh.shared_heads
+        if cfg.moh.router == "query_norm":
+            return 4 * h * h
         return 4 * h * h + h * (cfg.num_heads - s) + (2 * h if s else 0) + (h * s if s > 1 else 0)
 
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
-        gates, mask, p = route(
-            x_BTC, self.w_routed, self.w_shared, self.w_mix, self.top_k, self.scaled
-        )
-        self.aux_loss = balance_loss(mask, p, self.sp)
-        gates = copy_to_tensor_model_parallel_region(gates)
         q, k, v = self.proj.split(x_BTC)
+        if self.query_norm:
+            norms = gather_from_tensor_model_parallel_region(
+                q.detach().float().norm(dim=-1).transpose(1, 2).contiguous()
+            )  # [B, T, all heads]
+            gates, mask = route_by_query_norm(norms, self.shared, self.top_k)
+        else:
+            gates, mask, p = route(
+                x_BTC, self.w_routed, self.w_shared, self.w_mix, self.top_k, self.scaled
+            )
+            self.aux_loss = balance_loss(mask, p, self.sp)
+            gates = copy_to_tensor_model_parallel_region(gates)
         cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         first, H = self.proj.first_head, self.proj.heads

@@ -1,9 +1,10 @@
 """MoH presets: LLaMA-style LMs whose attention is MoH with the paper's learned routers
 (SkyworkAI/MoH's ViT/DiT code: shared-head and routed-head routers, a 2-way mix, the balance
-loss) and 75% of the heads active per token: a quarter shared, top-k of the routed ones. The
-names are sizes, not released checkpoints. MoH-LLaMA3 (the released LM) routes differently:
-half the heads shared, routed heads chosen by their query norm with binary gates, GQA and no
-balance loss; plait has no option for that router yet."""
+loss, the released gate factors) and 75% of the heads active per token: a quarter shared,
+top-k of the routed ones. The names are sizes, not released checkpoints. MoH-LLaMA3 (the
+released LM, a fine-tune of LLaMA3-8B) routes differently: ``moh.router: query_norm`` with
+half the heads shared and a quarter selected (``moh.shared_heads = heads / 2``, ``moh.top_k
+= heads / 4``) is its router; its grouped-query attention (8 KV heads) is not in plait."""
 
 from __future__ import annotations
 
@@ -25,9 +26,7 @@ def moh(d: int, layers: int, heads: int, vocab: int = 32000) -> ModelConfig:
         vocab_size=vocab,
         tie_embeddings=False,
         options={
-            "moh": MoHOptions(
-                shared_heads=shared, top_k=heads * 3 // 4 - shared, balance_coef=0.01
-            )
+            "moh": MoHOptions(shared_heads=shared, top_k=heads * 3 // 4 - shared, balance_coef=0.01)
         },
     )
 

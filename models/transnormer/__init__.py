@@ -33,6 +33,11 @@ L = Letter(
         (lasp2.lightning,),
     ),
     decode_state="per head the [d, d] linear-attention state, decayed every token",
+    release=(
+        "OpenNLPLab/TransNormerLLM's HF modeling code (lightning attention with per-head decay, "
+        "LRPE on the first layer, SRMSNorm, SGLU)"
+    ),
+    differs_from_release="none in function (logits equal to 1.5e-7 with copied weights)",
 )
 
 FAMILY = Family(

@@ -18,9 +18,12 @@ from tests.helpers import assert_rel_close
 T, H, D = 29, 6, 8
 
 
-def _layer(shared: int, top_k: int, gates: str = "released") -> MoHAttention:
+def _layer(
+    shared: int, top_k: int, gates: str = "released", router: str = "learned"
+) -> MoHAttention:
     cfg = ModelConfig(pattern="M", num_layers=1, hidden_size=H * D, num_heads=H)
     cfg.moh.shared_heads, cfg.moh.top_k, cfg.moh.gates = shared, top_k, gates
+    cfg.moh.router = router
     mp = ModelParallelConfig(use_cpu_initialization=True, params_dtype=torch.float32)
     return MoHAttention(cfg, mp, 0, SequenceParallel())
 
@@ -139,3 +142,47 @@ def test_unselected_heads_are_skipped():
     assert seen[:2] == [T, T]
     assert seen[2:] == [n for n in per_head if n > 0]
     assert sum(per_head) < 2 * T  # top-1 of 4 routed heads: far fewer than 4 T query rows
+
+
+def _query_norm(rt, shared, top_k, seed):
+    torch.manual_seed(seed)
+    m = _layer(shared, top_k, router="query_norm")
+    x = torch.randn(2, T, H * D)
+    pos = torch.arange(T).expand(2, T)
+    q = m.proj.split(x)[0].detach()  # [B, H, T, D], before rotary
+    # MoH-LLaMA3: softmax(||q_h|| / std) over the routed heads, top-k, one-hot; shared: 1.
+    score = q.norm(dim=-1)[:, shared:]  # [B, R, T]
+    score = (score / score.std(dim=1, keepdim=True)).softmax(dim=1)
+    top = score.topk(top_k, dim=1).indices
+    gate = torch.zeros_like(score).scatter_(1, top, 1.0)
+    gate = torch.cat([torch.ones_like(q[:, :shared, :, 0]), gate], 1)  # [B, H, T]
+    outs = []
+    for fn in (lambda xi: m(xi, pos), lambda xi: _mha_gated(m, xi, gate)):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad.clone(), m.proj.in_proj.weight.grad.clone()))
+    names = [n for n, _ in m.named_parameters()]
+    return outs, names, m.auxiliary()
+
+
+def _mha_gated(m: MoHAttention, x, gate_BHT):
+    """The release's form: every head computed, its output times the 0/1 gate."""
+    q, k, v = m.proj.split(x)
+    cos, sin = rotary_cos_sin(torch.arange(T).expand(2, T), D, m.rope_theta)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return m.proj.merge(o * gate_BHT[..., None])
+
+
+@pytest.mark.parametrize("shared,top_k", [(3, 1), (2, 2), (0, 3)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_query_norm_router_is_moh_llama3(shared, top_k, seed):
+    """moh.router: query_norm equals all heads computed and multiplied by MoH-LLaMA3's 0/1
+    gates (top-k routed heads by softmax(||q|| / std)); no router parameters, no balance
+    loss."""
+    (fast, ref), names, aux = run_distributed(_query_norm, 1, shared, top_k, seed)[0]
+    for a, b, what in zip(fast, ref, ("output", "dx", "d in_proj"), strict=True):
+        assert_rel_close(a, b, 1e-5, what)
+    assert all(n.startswith("proj.") for n in names) and aux == []

@@ -23,6 +23,7 @@ from plait.models.common.family import RegistryError, families, letters, registe
 from plait.models.common.hf_export import from_hf, to_hf
 from plait.models.common.tp_plan import check_plan
 from plait.models.presets import get_preset
+from plait.models.registry import SHIPPED
 from plait.parallel.config import ParallelConfig
 from plait.parallel.tensor_parallel import gather_full, logical_numel
 from tests.distributed import run_distributed
@@ -258,3 +259,10 @@ def test_common_imports_no_family():
                 f"{module} imports {d}" for d in deps if d.split(".")[2] in names | {"registry"}
             ]
     assert not bad, "\n".join(bad)
+
+
+def test_every_shipped_letter_states_its_release_and_differences():
+    """docs/models.md's "differs from the release" column is filled for every letter."""
+    for fam in SHIPPED:
+        for lt in fam.letters:
+            assert lt.release and lt.differs_from_release, lt.symbol

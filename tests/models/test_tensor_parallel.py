@@ -55,3 +55,26 @@ def test_same_seed_same_logical_weights_at_any_tp():
     out = run_distributed(_run, 2, cfg, None, 0, parallel=ParallelConfig(tensor_parallel=2), seed=7)
     for name, t in ref["state"].items():
         torch.testing.assert_close(out[0]["state"][name], t, rtol=0, atol=0, msg=name)
+
+
+def _options_cfg() -> ModelConfig:
+    """The released-model options: MoH's query-norm router (its norms are all-gathered over
+    TP), attention with biases and partial rotary, H3 with head_dim 2 (per-channel shift
+    SSM), LayerNorm and the GELU MLP."""
+    cfg = ModelConfig(pattern="MAH", num_layers=3, hidden_size=64, num_heads=4,
+                      ffn_hidden_size=96, norm="layernorm", mlp="gelu")  # fmt: skip
+    cfg.moh.router, cfg.moh.shared_heads, cfg.moh.top_k = "query_norm", 2, 1
+    cfg.softmax.bias, cfg.softmax.rotary_dim = True, 8
+    cfg.h3.head_dim, cfg.h3.state_size = 2, 8
+    return cfg
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tp2_equals_tp1_released_options(seed):
+    cfg = _options_cfg()
+    ref = run_distributed(_run, 1, cfg, None, seed, seed=seed)[0]
+    out = run_distributed(
+        _run, 2, cfg, ref["state"], seed, parallel=ParallelConfig(tensor_parallel=2), seed=seed
+    )
+    for rank_out in out:
+        assert_tp_equal(rank_out, ref)
