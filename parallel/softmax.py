@@ -65,8 +65,10 @@ def active_window(
     sp: SequenceParallel, attend, q, k, v, docs, counts, window: int
 ) -> torch.Tensor:
     """Windowed attention over the *compressed* active tokens of the whole sequence
-    (SeqBoat): query i (in compressed order) sees compressed keys from the start of the
-    previous ``window`` chunk up to itself, wherever those tokens live.
+    (SeqBoat): query i (in compressed order) is given the compressed keys from the start of
+    the previous ``window``-aligned chunk up to itself, wherever those tokens live, and
+    ``attend`` keeps its own band within them (SeqBoat's exact window of ``window`` keys,
+    i - window < j <= i, always lies inside).
 
     q, k [B, n, Z], v [B, n, E], docs [B, n] or None: this rank's active tokens in order,
     valid where j < counts[b]. ``attend(q, k, v, docs, valid)`` runs the windowed attention

@@ -13,13 +13,12 @@ from .tp_plan import PLAN
 
 def _mixing_flops(cfg, layer_idx: int, seq_len: int) -> float:
     """The EMA as a convolution by FFT, and, as an upper bound with every token active (the
-    router's budget is learned), the GAU's local attention: on average 1.5 window keys per
-    query (its own chunk causally and the previous chunk)."""
+    router's budget is learned), the GAU's local attention: ``window`` keys per query, fewer
+    when the sequence is shorter than twice the window (on average (T + 1) / 2 causally)."""
     o = cfg.seqboat
-    keys = min(1.5 * o.window, (seq_len + 1) / 2)
-    return fft_conv_flops(cfg.hidden_size, seq_len) + 2 * (
-        o.zdim + o.value_dim(cfg.hidden_size)
-    ) * keys
+    keys = min(o.window, (seq_len + 1) / 2)
+    attention = 2 * (o.zdim + o.value_dim(cfg.hidden_size)) * keys
+    return fft_conv_flops(cfg.hidden_size, seq_len) + attention
 
 
 LETTER = Letter(
@@ -30,13 +29,28 @@ LETTER = Letter(
     hf_export=EXPORTS["S"],
     mixing_flops=_mixing_flops,
     sequence_parallel=SequenceParallelForm(
-        "EMA: the gathered prefix (exact long convolution); attention: every rank's active "
+        "EMA: a halo of the truncated kernel's length, or the gathered prefix when it is "
+        "longer than a rank's chunk (exact long convolution); attention: every rank's active "
         "keys and values all-gathered (bytes proportional to the active tokens), each rank "
         "attending over the global compressed chunk before its first active token",
         (convs.long_conv, softmax.active_window),
     ),
-    decode_state="the EMA's state [hidden, ema_dim] and the keys and values of the active "
-    "tokens in the current and previous compressed chunk",
+    release=(
+        "renll/SeqBoat's SeqBoatUnit as its LM runs it (causal, local, rotary, softmax): v from "
+        "the EMA output, biases on every projection, an exact window of seqboat.window "
+        "compressed keys (the released chunk 1024 is 1025), the EMA kernel cut at 2048 taps, "
+        "the released truncated-normal inits and learned router temperature"
+    ),
+    differs_from_release=(
+        "the block adds SiLU(hx + g h) to x (the release: SiLU(x + hx + g h)); compression per "
+        "row (the release skips it for the whole batch when any row is fully active: the same "
+        "at batch 1, its setting); documents reset the EMA, attention and positions; no "
+        "dropout; rotary on halves (the export permutes z's channels to the release's "
+        "interleaved pairs); the final norm keeps its affine; embeddings start N(0, init_std) "
+        "(the release: N(0, hidden^-1/2), before its sqrt(hidden) scale)"
+    ),
+    decode_state="the EMA's last ema_truncation inputs (its state [hidden, ema_dim] when "
+    "untruncated) and the keys and values of the last window - 1 active tokens",
 )
 
 FAMILY = Family(

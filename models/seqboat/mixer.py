@@ -1,18 +1,39 @@
-"""SeqBoat's token mixer, letter ``S``.
+"""SeqBoat's token mixer, letter ``S``: what the authors' released layer computes
+(renll/SeqBoat's ``SeqBoatUnit``, causal, local, rotary, softmax; docs/fidelity/seqboat.md).
 
-    mx = SiLU(EMA(x))                         multi-head damped EMA, per channel (Mega's)
-    logits = W_r mx;  p = softmax(logits / tau)      tau learned
-    active = p_1 > p_0;  g = p_1 on active tokens    (the SMA router)
-    z = SiLU(W_z mx);  q, k = z * gamma + beta (two per-dim affines)
-    v = SiLU(W_v x);  r = SiLU(W_rr mx);  hx = W_hx mx
-    on the active tokens only, compressed (index = mask * cumsum(mask)) with their
-    positions: local causal attention, window w (its own chunk and the previous one),
-    rotary on the original positions;  h = W_h (r * attn v)
-    scatter h back (zeros on inactive tokens), times g     (the router's gradient path)
-    out = SiLU(hx + g * h)
-The block adds ``out`` to the residual stream like every other letter (the paper's layer
-folds the residual inside the SiLU; a uniform pre-norm residual lets any pattern mix S with
-other letters). The attention cost scales with the number of active tokens.
+    mx = SiLU(EMA(x))                   multi-head damped EMA per channel (Mega's), the kernel
+                                        cut at ``ema_truncation`` taps
+    u = W_u mx + b_u;  p = softmax(u / tau)      2 logits, tau = exp(log_tau) learned
+    active = p_1 > p_0;  g = p_1 on active tokens, else 0     (the SMA router)
+    on the active tokens only, compressed in order (per row) with their original positions:
+      z, r, v = SiLU(W_z mx + b_z), SiLU(W_r mx + b_r), SiLU(W_v mx + b_v)
+      q, k = z * gamma_q + beta_q, z * gamma_k + beta_k          (per-dim affines)
+      a = softmax attention of rope(q), rope(k), v, scale zdim^-1/2, where compressed query i
+          sees keys i - window + 1 .. i (an exact sliding window over the active tokens)
+      h = W_h (r * a) + b_h
+    scatter h back (zeros on inactive tokens), times g     (the router's only gradient path)
+    out = SiLU(W_hx mx + b_hx + g * h)
+
+z, r and v all come from mx (the released ``mx_proj``), the router logits and hx from one
+more projection of mx (``hx_proj``); every projection has a bias, zero at init, and every
+weight starts as a normal of std init_std cut at +-2 std, W_h included (no depth scaling);
+gamma starts the same way (not around 1) and beta at 0, so the attention starts near
+uniform; tau starts at ``router_temperature`` * sqrt(hidden). plait's rotary rotates halves
+where the released code rotates interleaved pairs: the same function up to a fixed
+permutation of the zdim channels, which the HF export applies (hf_export.py).
+
+Deliberate differences from the released layer:
+- The residual is outside the SiLU: the block adds SiLU(hx + g h) to x, the released layer
+  returns SiLU(x + hx + g h). A uniform pre-norm residual lets any pattern mix S with other
+  letters.
+- Compression is per row. The released layer skips compression for the whole batch when any
+  row is fully active (the window then counts raw positions, inactive keys masked); the two
+  agree at batch size 1, the released setting, and whenever no row is fully active.
+- Packed documents: the EMA, the attention and the rotary positions restart at each document
+  (the released code has no document boundaries).
+- No dropout (the released enwik8 run uses 0.15 on mx, on hx + g h and on the embeddings).
+- The model's final norm keeps its affine (the released one has none).
+The attention cost scales with the number of active tokens.
 
 Tensor parallelism: the EMA, router, z and hx paths are replicated or reduced to full width
 (they are small, and the router must see every token's whole state); v, r and W_h are split
@@ -20,10 +41,11 @@ over the GAU's hdim. The single attention head's probabilities are then replicat
 meets a sharded v, so z passes ``copy_to_tensor_model_parallel_region`` (all-reduce in
 backward) and its gradient is complete and equal on every rank.
 
-Sequence parallelism: the EMA is a long convolution over the whole sequence (the context's
-gathered prefix); the compressed sequence's chunks cross rank borders at data-dependent
-places, so the active tokens' keys and values are all-gathered and each rank attends over the
-chunk before its first active token plus its own (``SequenceParallel.active_window``).
+Sequence parallelism: the EMA is a long convolution over the whole sequence (a halo when the
+truncated kernel fits in a rank's chunk, else the gathered prefix); the compressed sequence's
+windows cross rank borders at data-dependent places, so the active tokens' keys and values
+are all-gathered and each rank attends over the window-aligned chunk before its first active
+token's chunk plus its own (``SequenceParallel.active_window``), a superset of every band.
 """
 
 from __future__ import annotations
@@ -43,27 +65,52 @@ from torch import nn
 from plait.kernels.longconv import vandermonde
 from plait.models.common.config import ModelConfig
 from plait.models.common.family import Auxiliary
-from plait.models.common.layers import apply_rotary, normal_init, output_init, rotary_cos_sin
+from plait.models.common.layers import apply_rotary, rotary_cos_sin
 from plait.parallel import convs, softmax
 from plait.parallel.sequence import SequenceParallel
+
+
+def trunc_normal_init(std: float):
+    """The released init of every SeqBoat weight: a normal of ``std`` cut at +-2 std (drawn
+    whole, so every TP size gets the same logical tensor)."""
+
+    def init_(w: torch.Tensor) -> torch.Tensor:
+        return nn.init.trunc_normal_(w, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+    return init_
 
 
 class MultiHeadEMA(nn.Module):
     """Mega's damped EMA, causal: per channel c and component n,
     h_t = (1 - p a) h_{t-1} + p b x_t,   y_t = sum_n gamma_n h_t,n * sqrt(1/N) + omega x_t,
-    computed as a long convolution whose kernel is k[t] = sum_n gamma_n p_n b_n (1 - p_n a_n)^t.
+    computed as a long convolution whose kernel is k[t] = sum_n gamma_n p_n b_n (1 - p_n a_n)^t
+    for t < min(truncation, T) and zero beyond (``truncation`` 0: the whole length T).
+
+    The truncation is the released LM's (2048 taps): past it the EMA forgets abruptly rather
+    than geometrically, and a kernel shorter than a rank's chunk makes the sequence-parallel
+    convolution a halo exchange instead of a gathered prefix. Inits as released: truncated
+    normals (+-2 std) around Mega's values, delta and alpha std 0.2, beta std 0.02 plus
+    +1, -1, +1, ... across the components, gamma and omega std 1.
     """
 
-    def __init__(self, dim: int, ndim: int):
+    def __init__(self, dim: int, ndim: int, truncation: int = 0):
         super().__init__()
-        self.ndim = ndim
-        self.delta = nn.Parameter(torch.randn(dim, ndim) * 0.2)
-        self.alpha = nn.Parameter(torch.randn(dim, ndim) * 0.2)
-        beta = torch.ones(dim, ndim)
-        beta[:, 1::2] = -1  # Mega's init: alternating signs, plus noise
-        self.beta = nn.Parameter(beta + torch.randn(dim, ndim) * 0.02)
-        self.gamma = nn.Parameter(torch.randn(dim, ndim))
-        self.omega = nn.Parameter(torch.randn(dim))
+        self.ndim, self.truncation = ndim, truncation
+
+        def tn(std: float, *shape: int) -> torch.Tensor:
+            return trunc_normal_init(std)(torch.empty(*shape))
+
+        self.delta = nn.Parameter(tn(0.2, dim, ndim))
+        self.alpha = nn.Parameter(tn(0.2, dim, ndim))
+        sign = torch.ones(ndim)
+        sign[1::2] = -1
+        self.beta = nn.Parameter(tn(0.02, dim, ndim) + sign)
+        self.gamma = nn.Parameter(tn(1.0, dim, ndim))
+        self.omega = nn.Parameter(tn(1.0, dim))
+
+    def kernel_length(self, T: int) -> int:
+        """Taps of the kernel for a (global) sequence of T tokens."""
+        return min(self.truncation, T) if self.truncation else T
 
     def kernel(self, L: int) -> torch.Tensor:
         p = torch.sigmoid(self.delta.float())
@@ -72,8 +119,9 @@ class MultiHeadEMA(nn.Module):
         return vandermonde(w, torch.log(decay), L)  # chunked: no [C, N, L] tensor is kept
 
     def forward(self, x_BTC, doc_ids_BT, sp: SequenceParallel) -> torch.Tensor:
-        T = x_BTC.shape[1] * sp.world  # the kernel spans the whole (global) sequence
-        y = convs.long_conv(sp, x_BTC.float(), self.kernel(T), doc_ids_BT)
+        # the kernel's length follows the whole (global) sequence, the same on every rank
+        L = self.kernel_length(x_BTC.shape[1] * sp.world)
+        y = convs.long_conv(sp, x_BTC.float(), self.kernel(L), doc_ids_BT)
         return (y + x_BTC.float() * self.omega.float()).to(x_BTC.dtype)
 
 
@@ -85,10 +133,15 @@ def compress(mask_BT: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def local_attention(q, k, v, docs, valid, window: int, scale: float):
-    """Causal attention where query i sees keys in its own chunk of ``window`` (up to itself)
-    and the whole previous chunk. q, k [B, n, Z], v [B, n, E]; O(n * window)."""
+    """Causal sliding-window attention: query i sees keys j with i - window < j <= i (same
+    document, valid), exactly ``window`` keys including itself away from the start.
+    q, k [B, n, Z], v [B, n, E]; O(n * window).
+
+    Laid out in chunks of ``window`` (fewer when the whole sequence is shorter), each next
+    to the one before it, so that every key a query may see is in its own chunk or the
+    previous one; the band condition then trims the previous chunk to the exact window."""
     B, n, _ = q.shape
-    w = window
+    w = min(window, n)  # one chunk holds the whole band when n <= window
     m = -(-n // w)
     pad = m * w - n
 
@@ -111,7 +164,8 @@ def local_attention(q, k, v, docs, valid, window: int, scale: float):
     kidx, kok, kdoc = with_prev(idx), with_prev(ok), with_prev(dc)
     first = torch.zeros(B, m, 2 * w, dtype=torch.bool, device=q.device)
     first[:, 0, :w] = True  # chunk 0 has no previous chunk
-    allowed = (kidx[:, :, None, :] <= idx[..., None]) & kok[:, :, None, :] & ~first[:, :, None, :]
+    qi, kj = idx[..., None], kidx[:, :, None, :]
+    allowed = (kj <= qi) & (kj > qi - window) & kok[:, :, None, :] & ~first[:, :, None, :]
     allowed = allowed & (kdoc[:, :, None, :] == dc[..., None])
     allowed[..., w] |= ~allowed.any(-1)  # padding rows: attend to something, dropped later
     o = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=allowed, scale=scale)
@@ -119,30 +173,34 @@ def local_attention(q, k, v, docs, valid, window: int, scale: float):
 
 
 class SeqBoat(nn.Module):
+    """The S letter (see the module docstring for the function and what differs from the
+    released layer)."""
+
     def __init__(
         self, cfg: ModelConfig, mp: ModelParallelConfig, layer_idx: int, sp: SequenceParallel
     ):
         super().__init__()
         h, o = cfg.hidden_size, cfg.seqboat
-        hdim, z = cfg.seqboat.value_dim(cfg.hidden_size), o.zdim
-        self.ema = MultiHeadEMA(h, o.ema_dim)
-        init, std = normal_init(cfg.init_std), cfg.init_std
-        self.w_router = nn.Parameter(torch.randn(2, h) * std)
-        self.log_tau = nn.Parameter(torch.zeros(1))  # 1-D: DeepSpeed cannot broadcast 0-d tensors
-        self.w_z = nn.Parameter(torch.randn(z, h) * std)
-        self.qk_gamma = nn.Parameter(torch.randn(2, z) * std + 1.0)
+        hdim, z = o.value_dim(h), o.zdim
+        init = trunc_normal_init(cfg.init_std)
+        self.ema = MultiHeadEMA(h, o.ema_dim, o.ema_truncation)
+        # the router's logits are rows 0-1 of the released hx_proj; kept apart because the
+        # router must see whole tokens (replicated) while W_hx is row-parallel
+        self.w_router = nn.Parameter(init(torch.empty(2, h)))
+        self.b_router = nn.Parameter(torch.zeros(2)) if o.bias else None
+        tau0 = math.log(o.router_temperature * math.sqrt(h))
+        self.log_tau = nn.Parameter(torch.full((1,), tau0))  # 1-D: DeepSpeed cannot broadcast 0-d
+        self.w_z = nn.Parameter(init(torch.empty(z, h)))
+        self.b_z = nn.Parameter(torch.zeros(z)) if o.bias else None
+        # not centred on 1: q.k starts ~init_std^2 small and the attention near uniform
+        self.qk_gamma = nn.Parameter(init(torch.empty(2, z)))
         self.qk_beta = nn.Parameter(torch.zeros(2, z))
-        col = dict(config=mp, bias=False, gather_output=False, init_method=init)
+        col = dict(config=mp, bias=o.bias, gather_output=False, init_method=init)
         self.w_v = ColumnParallelLinear(h, hdim, **col)
         self.w_r = ColumnParallelLinear(h, hdim, **col)
-        self.w_hx = RowParallelLinear(
-            h, h, config=mp, bias=False, input_is_parallel=False, skip_bias_add=False,
-            init_method=init,
-        )  # fmt: skip
-        self.w_h = RowParallelLinear(
-            hdim, h, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
-            init_method=output_init(cfg),
-        )  # fmt: skip
+        row = dict(config=mp, bias=o.bias, skip_bias_add=False, init_method=init)
+        self.w_hx = RowParallelLinear(h, h, input_is_parallel=False, **row)
+        self.w_h = RowParallelLinear(hdim, h, input_is_parallel=True, **row)  # no depth scaling
         self.window, self.router, self.rope_theta = o.window, o.router, cfg.rope_theta
         self.sp = sp
         self.active_fraction: torch.Tensor | None = None
@@ -156,9 +214,12 @@ class SeqBoat(nn.Module):
     @staticmethod
     def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         h, o = cfg.hidden_size, cfg.seqboat
-        hdim = cfg.seqboat.value_dim(cfg.hidden_size)
+        hdim, z, b = o.value_dim(h), o.zdim, int(o.bias)
         ema = h * (4 * o.ema_dim + 1)
-        return ema + 2 * h + 1 + o.zdim * h + 4 * o.zdim + 2 * h * hdim + h * h + hdim * h
+        router = 2 * h + 2 * b + 1
+        qk = z * h + z * b + 4 * z
+        v_r = 2 * (h * hdim + hdim * b)
+        return ema + router + qk + v_r + (h * h + h * b) + (hdim * h + h * b)
 
     def gates(self, mx_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(active mask [B, T], gate [B, T]: p_1 where active, else 0)."""
@@ -166,9 +227,10 @@ class SeqBoat(nn.Module):
             on = self.router == "on"
             mask = torch.full(mx_BTC.shape[:2], on, dtype=torch.bool, device=mx_BTC.device)
             return mask, mask.to(torch.float32)
-        logits = mx_BTC.float() @ self.w_router.float().t()
+        bias = self.b_router.float() if self.b_router is not None else None
+        logits = F.linear(mx_BTC.float(), self.w_router.float(), bias)
         p = F.softmax(logits / self.log_tau.exp(), dim=-1)
-        mask = p[..., 1] > p[..., 0]
+        mask = p[..., 1] > p[..., 0]  # argmax; a tie goes to option 0, as torch.max does
         return mask, p[..., 1] * mask
 
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
@@ -187,15 +249,16 @@ class SeqBoat(nn.Module):
         def pick(t):  # [B, T, ...] -> the active tokens [B, n, ...]
             return t.gather(1, order.view(B, n, *[1] * (t.dim() - 2)).expand(B, n, *t.shape[2:]))
 
-        xa, mxa = pick(x_BTC), pick(mx)
-        z = F.silu(mxa @ self.w_z.to(mxa.dtype).t())
+        mxa = pick(mx)
+        b_z = self.b_z.to(mxa.dtype) if self.b_z is not None else None
+        z = F.silu(F.linear(mxa, self.w_z.to(mxa.dtype), b_z))
         z = copy_to_tensor_model_parallel_region(z)
         q = z * self.qk_gamma[0].to(z.dtype) + self.qk_beta[0].to(z.dtype)
         k = z * self.qk_gamma[1].to(z.dtype) + self.qk_beta[1].to(z.dtype)
         pos = pick(positions_BT)
         cos, sin = rotary_cos_sin(pos, q.shape[-1], self.rope_theta)
         q, k = apply_rotary(q[:, None], cos, sin)[:, 0], apply_rotary(k[:, None], cos, sin)[:, 0]
-        v, _ = self.w_v(xa)
+        v, _ = self.w_v(mxa)
         r, _ = self.w_r(mxa)
         docs = pick(doc_ids_BT) if doc_ids_BT is not None else None
         scale = 1.0 / math.sqrt(q.shape[-1])
