@@ -86,6 +86,15 @@ class TrainingConfig:
     seed: int = 1234
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on CUDA, fp32 on CPU (where bf16 matmul is ~100x slower)."""
+    time_limit: float = 0.0
+    """Wall-clock seconds this process may train; the run saves and exits (with the requeue
+    code) ``exit_margin`` seconds before. 0: no limit of its own. Under Slurm the job's end
+    time (``SLURM_JOB_END_TIME``) is a limit too, whichever comes first."""
+    exit_margin: float = 300.0
+    """Seconds before a time limit at which the run saves and exits (a save must fit)."""
+    max_skipped_in_a_row: int = 3
+    """Steps skipped for a non-finite loss or gradient norm, in a row, that stop the run (with
+    a checkpoint of the last good state and exit code 3)."""
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "eval_batches"):
@@ -93,20 +102,39 @@ class TrainingConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every: must be >= 0, got {self.eval_every}")
+        if self.time_limit < 0 or self.exit_margin < 0 or self.max_skipped_in_a_row < 1:
+            raise ConfigError(
+                "time_limit and exit_margin must be >= 0 and max_skipped_in_a_row >= 1"
+            )
 
 
 @dataclass
 class CheckpointConfig:
     dir: str = ""
-    """Where DeepSpeed checkpoints go; empty means <out_dir>/checkpoints."""
+    """Where checkpoints go; empty means <out_dir>/checkpoints (launcher/checkpoint.py says
+    what one holds)."""
     save_every: int = 0
-    """Save every this many steps (and at the end of the run); 0 saves only at the end."""
-    resume: bool = True
-    """Resume from the latest checkpoint in ``dir`` if there is one."""
+    """Save every this many steps (and at the end of the run, on preemption and at a time
+    limit); 0 saves only then."""
+    resume: str = "auto"
+    """auto: the newest complete checkpoint in ``dir`` if there is one (incomplete or corrupt
+    ones are reported and skipped); never: start fresh; or the path of one checkpoint."""
+    keep_last: int = 3
+    """Complete checkpoints kept (older ones deleted after each save); 0 keeps all."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, permanently; 0: none."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Run differences a resume accepts: ``data`` (datasets, tokenizer, sequence length,
+    data seed). The model and the optimizer must match."""
 
     def validate(self) -> None:
-        if self.save_every < 0:
-            raise ConfigError(f"save_every: must be >= 0, got {self.save_every}")
+        if self.save_every < 0 or self.keep_last < 0 or self.keep_every < 0:
+            raise ConfigError("save_every, keep_last and keep_every must be >= 0")
+        bad = sorted(set(self.allow_changes) - {"data"})
+        if bad:
+            raise ConfigError(f"allow_changes: {bad} not allowed; only 'data' can change")
+        if not self.resume:
+            raise ConfigError("resume: give auto, never or a checkpoint path")
 
 
 @dataclass

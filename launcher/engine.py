@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from plait.parallel.finite import GuardedAdamW, GuardedLamb
 from plait.parallel.lamb import Lamb, param_groups
 from plait.parallel.mpu import MegatronMpu
 from plait.parallel.runtime import Runtime
@@ -58,8 +59,9 @@ def build_optimizer(model: nn.Module, cfg: Config, mpu: MegatronMpu) -> torch.op
         g["lr"] = o.lr * g["lr_scale"]
         if g["lr_cap"] is not None:
             g["lr"] = min(g["lr"], g["lr_cap"])
+    zero0 = cfg.parallel.zero_stage == 0  # DeepSpeed skips non-finite steps only under ZeRO
     if o.name == "lamb":
-        return Lamb(
+        return (GuardedLamb if zero0 else Lamb)(
             groups,
             lr=o.lr,
             betas=(o.beta1, o.beta2),
@@ -71,7 +73,7 @@ def build_optimizer(model: nn.Module, cfg: Config, mpu: MegatronMpu) -> torch.op
             tensor_parallel_group=mpu.get_tensor_model_parallel_group(),
         )
     # foreach=False: the flat ZeRO partitions are single tensors; nothing to batch.
-    return torch.optim.AdamW(
+    return (GuardedAdamW if zero0 else torch.optim.AdamW)(
         groups,
         lr=o.lr,
         betas=(o.beta1, o.beta2),
@@ -94,7 +96,9 @@ def deepspeed_config(cfg: Config, rt: Runtime) -> dict:
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
+        # check_grad_overflow: a step with a non-finite gradient norm is skipped on every
+        # rank and counted (skipped_steps), in bf16 as in fp32 (parallel/finite.py).
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

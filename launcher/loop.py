@@ -9,6 +9,7 @@ to TensorBoard and to ``metrics.jsonl`` in the run directory.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ class StepStats:
     grad_norm: float
     step_time_s: float
     tokens_per_s: float
+    skipped_steps: int = 0
+    """Optimizer steps skipped so far for a non-finite gradient norm (all ranks agree)."""
     parts: dict[str, float] = field(default_factory=dict)
     """The model's own loss parts and gauges (``HybridLM.metrics``: lm_loss, moh_balance,
     seqboat_active), averaged like the loss; logged as train/<name>."""
@@ -104,6 +107,16 @@ def evaluate(engine, cfg: Config, rt: Runtime, val, sp=None) -> float:
     return data_parallel_mean(torch.stack(losses).mean()).item()
 
 
+def _nan_injected(step: int, rank: int) -> bool:
+    """Fault injection for the numerical-fault tests: ``PLAIT_TEST_NAN_AT=<step>,...:<rank>``
+    makes that rank's loss (hence every gradient it contributes) NaN at those steps."""
+    spec = os.environ.get("PLAIT_TEST_NAN_AT", "")
+    if not spec:
+        return False
+    steps, _, who = spec.partition(":")
+    return step in {int(x) for x in steps.split(",")} and rank == int(who or 0)
+
+
 def train_step(
     engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoader, sp=None
 ) -> StepStats:
@@ -117,6 +130,8 @@ def train_step(
         batch = _local(warmup_reshape(loader.next_micro_batch(), length), sp)
         b = _to_device(batch, rt.device)
         loss = _forward(engine, b, cfg)
+        if _nan_injected(engine.global_steps + 1, rt.rank):
+            loss = loss * float("nan")
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())
@@ -129,7 +144,9 @@ def train_step(
     dt = time.perf_counter() - t0
     t = cfg.training
     tokens = t.micro_batch_size * t.grad_accum * rt.dp * cfg.data.seq_len
-    return StepStats(engine.global_steps, loss, lr, gn, dt, tokens / dt, means)
+    return StepStats(
+        engine.global_steps, loss, lr, gn, dt, tokens / dt, engine.skipped_steps, means
+    )
 
 
 def run(
@@ -142,8 +159,9 @@ def run(
     on_step=None,
     sp=None,
 ) -> list[StepStats]:
-    """Train from ``engine.global_steps`` to ``training.steps``. ``on_step(step)`` runs after
-    each step (checkpointing hooks in there)."""
+    """Train from ``engine.global_steps`` to ``training.steps``. ``on_step(stats)`` runs after
+    each step (checkpoints, preemption, fault handling) and stops the run by returning a
+    reason (any true value)."""
     sink = MetricsSink(cfg, rt)
     history: list[StepStats] = []
     start = engine.global_steps
@@ -175,8 +193,8 @@ def run(
                 sink.scalars(s.step, {"loss": vl}, "val")
                 if rt.is_main:
                     bar.write(f"step {s.step}: train loss {s.loss:.4f}  val loss {vl:.4f}")
-            if on_step is not None:
-                on_step(s.step)
+            if on_step is not None and on_step(s):
+                break
     finally:
         bar.close()
         sink.close()

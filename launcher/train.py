@@ -2,6 +2,17 @@
 
 Works unchanged under torchrun, the deepspeed launcher and srun (plait.parallel.runtime
 reads each one's environment), on CPU (gloo, fp32) and CUDA (nccl, bf16).
+
+Exit codes (what a Slurm template acts on):
+    0   trained to ``training.steps``
+    2   a user error: the config, or a checkpoint that does not fit this run (one line)
+    3   too many non-finite steps in a row (``training.max_skipped_in_a_row``); a checkpoint
+        of the last good weights was saved
+    75  stopped early to be requeued: SIGUSR1 or SIGTERM (Slurm's ``--signal``), or a time
+        limit (``training.time_limit``, ``SLURM_JOB_END_TIME``) within ``exit_margin``; a
+        checkpoint was saved and ``checkpoint.resume: auto`` continues from it
+An early stop also writes ``<out_dir>/stop.json`` (reason, step, exit code): torchrun turns
+any failing worker's code into its own 1, so job scripts read the file there.
 """
 
 from __future__ import annotations
@@ -10,7 +21,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -25,6 +38,7 @@ from plait.parallel import runtime
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import logical_numel
 
+from . import checkpoint
 from .config import Config, ConfigError, load_config
 from .engine import build_engine
 from .loop import StepStats, run
@@ -107,27 +121,78 @@ def sequence_parallel_context(cfg: Config) -> SequenceParallel:
     return sp
 
 
-def train(cfg: Config) -> list[StepStats]:
+EXIT_NONFINITE = 3
+EXIT_REQUEUE = 75
+
+
+class _Preemption:
+    """SIGUSR1 / SIGTERM only set a flag; the run acts on it at the next step boundary, once
+    every rank agrees (an all-reduce), so no rank saves alone or dies mid-collective."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _deadline(cfg: Config, start: float) -> float:
+    """When to stop and save: the earliest of this run's time limit and the Slurm job's end,
+    less the exit margin (inf when neither is set)."""
+    t = cfg.training
+    limits = [start + t.time_limit] if t.time_limit else []
+    end = os.environ.get("SLURM_JOB_END_TIME", "")
+    if end.isdigit():
+        limits.append(float(end))
+    return min(limits) - t.exit_margin if limits else float("inf")
+
+
+def _resume(cfg: Config, rt, engine, scheduler, loader, identity) -> None:
+    c = cfg.checkpoint
+    if c.resume == "never":
+        return
+    if c.resume == "auto":
+        path, problems = checkpoint.find_resumable(_checkpoint_dir(cfg))
+    else:
+        path, problems = Path(c.resume), []
+        why = checkpoint.verify(path) if path.is_dir() else "not a directory"
+        if why:
+            raise checkpoint.CheckpointError(f"checkpoint.resume: {path}: {why}")
+    if rt.is_main:
+        for line in problems:
+            print(f"checkpoint: {line}", flush=True)
+    if path is None:
+        return
+    meta = checkpoint.load(path, engine, scheduler, loader, cfg, rt, identity)
+    if rt.is_main:
+        how = f", resharded from {meta['layout']}" if meta["resharded"] else ""
+        print(f"resumed from {path} at step {engine.global_steps}{how}", flush=True)
+
+
+def train(cfg: Config) -> tuple[list[StepStats], str]:
+    """Train; returns the step history and why it stopped ("" when it reached the end,
+    "preempted", "time limit" or "non-finite")."""
+    start = time.time()
     rt = runtime.initialize(cfg.parallel, cfg.training.seed)
+    preemption = _Preemption()
     try:
         tok, train_set, val_set = build_data(cfg, rt)
         sp = sequence_parallel_context(cfg)
         model = build_model(cfg.model, rt.tp, vocab_size=tok.vocab_size, sp=sp)
         engine, _, scheduler = build_engine(model, cfg, rt)
         loader = SequenceLoader(train_set, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
-
-        ckpt_dir = _checkpoint_dir(cfg)
-        if cfg.checkpoint.resume and (ckpt_dir / "latest").is_file():
-            path, client = engine.load_checkpoint(str(ckpt_dir))
-            if path is None:
-                raise RuntimeError(
-                    f"checkpoint.dir: could not load the latest checkpoint in {ckpt_dir}"
-                )
-            loader.load_state_dict(client["loader"])
-            if rt.is_main:
-                print(f"resumed from {path} at step {engine.global_steps}", flush=True)
+        identity = checkpoint.run_identity(cfg, tok.sha256)
+        _resume(cfg, rt, engine, scheduler, loader, identity)
 
         if rt.is_main:
+            (Path(cfg.out_dir) / "stop.json").unlink(missing_ok=True)
             n_params = logical_numel(model)
             print(
                 f"plait: {cfg.model.pattern} ({cfg.model.num_layers} layers, "
@@ -141,17 +206,53 @@ def train(cfg: Config) -> list[StepStats]:
             Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.out_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-        def save(step: int) -> None:
-            every = cfg.checkpoint.save_every
-            if (every and step % every == 0) or step == cfg.training.steps:
-                engine.save_checkpoint(
-                    str(ckpt_dir),
-                    tag=f"step{step}",
-                    client_state={"loader": loader.state_dict()},
-                )
+        deadline = _deadline(cfg, start)
+        seen = {"skipped": engine.skipped_steps, "in_a_row": 0}
+        stopped = {"why": ""}
 
-        return run(engine, scheduler, cfg, rt, loader, val_set, on_step=save, sp=sp)
+        def save(step: int) -> None:
+            checkpoint.save(
+                _checkpoint_dir(cfg), step, engine, scheduler, loader, cfg, rt, identity
+            )
+
+        def on_step(s: StepStats) -> str:
+            if s.skipped_steps > seen["skipped"]:
+                seen["in_a_row"] += 1
+                if rt.is_main:
+                    print(f"step {s.step}: non-finite gradient norm, step skipped "
+                          f"({s.skipped_steps} so far)", flush=True)  # fmt: skip
+            else:
+                seen["in_a_row"] = 0
+            seen["skipped"] = s.skipped_steps
+            flags = torch.tensor(
+                [preemption.requested, time.time() > deadline,
+                 seen["in_a_row"] >= cfg.training.max_skipped_in_a_row],
+                dtype=torch.float32,
+            )  # fmt: skip
+            runtime.all_reduce_max(flags)
+            why = ""
+            if flags[2]:
+                why = "non-finite"
+            elif flags[0]:
+                why = "preempted"
+            elif flags[1]:
+                why = "time limit"
+            every = cfg.checkpoint.save_every
+            if why or (every and s.step % every == 0) or s.step == cfg.training.steps:
+                save(s.step)
+            stopped["why"] = why
+            return why
+
+        history = run(engine, scheduler, cfg, rt, loader, val_set, on_step=on_step, sp=sp)
+        if rt.is_main and stopped["why"]:
+            # For job scripts: launchers such as torchrun report their own exit code.
+            stop = {"reason": stopped["why"], "step": engine.global_steps,
+                    "exit_code": EXIT_NONFINITE if stopped["why"] == "non-finite"
+                    else EXIT_REQUEUE}  # fmt: skip
+            (Path(cfg.out_dir) / "stop.json").write_text(json.dumps(stop) + "\n")
+        return history, stopped["why"]
     finally:
+        preemption.restore()
         runtime.shutdown()
 
 
@@ -165,11 +266,27 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        history = train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        history, why = train(cfg)
+    except (ConfigError, checkpoint.CheckpointError) as e:
+        print(f"{'config' if isinstance(e, ConfigError) else 'checkpoint'} error: {e}",
+              file=sys.stderr)  # fmt: skip
         return 2
-    if history and os.environ.get("RANK", "0") == "0":
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if why == "non-finite":
+        if main_rank:
+            print(
+                f"stopped: {cfg.training.max_skipped_in_a_row} steps in a row had a non-finite "
+                "gradient norm; the last good weights are saved in "
+                f"{_checkpoint_dir(cfg)} (look at the data and the learning rate)",
+                file=sys.stderr,
+            )
+        return EXIT_NONFINITE
+    if why:
+        if main_rank:
+            print(f"stopped ({why}) at step {history[-1].step if history else '?'}: "
+                  f"checkpoint saved, exit {EXIT_REQUEUE} to be requeued", flush=True)  # fmt: skip
+        return EXIT_REQUEUE
+    if history and main_rank:
         print(
             f"done: step {history[-1].step}, loss {history[0].loss:.4f} -> {history[-1].loss:.4f}"
         )

@@ -248,3 +248,11 @@ def data_parallel_mean(values: torch.Tensor) -> torch.Tensor:
     out = values.detach().clone()
     dist.all_reduce(out, group=group)
     return out / n
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """In place: the elementwise maximum over every rank (flags all ranks must agree on:
+    preemption, time limits, faults). A no-op in a single process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values

@@ -1,0 +1,578 @@
+"""Checkpoints a cluster can trust: one logical tensor per parameter, written atomically,
+loadable under any (TP, CP, DP, ZeRO stage) layout.
+
+Why plait writes its own format rather than calling DeepSpeed's ``save_checkpoint``: that
+writer pickles (loading needs ``torch.load(weights_only=False)``), fsyncs nothing and writes
+``latest`` before its final barrier, so a pointer can name a half-written checkpoint; its
+files hold TP shards and ZeRO partitions tied to the layout that wrote them, and its
+resharding route (the universal-checkpoint converter) fails on megatron-core's
+``_extra_state`` entries and supports neither ZeRO-0 nor optimizers whose state is not Adam's
+(measured with DeepSpeed 0.19.8; docs/checkpoints.md). The logical format sidesteps all of
+it: whatever wrote it, a checkpoint holds each parameter's full fp32 master weight and its
+optimizer moments as plain tensors (safetensors: no pickle, lazy slicing), and every layout
+reads its own TP slice and hands ZeRO its own partition.
+
+A checkpoint ``<dir>/step<N>/``:
+    shard-00000.safetensors ...  ``<param>`` (fp32 master weight), ``<param>::exp_avg``,
+                                 ``<param>::exp_avg_sq``, in files of at most ~1 GiB
+    rng-<rank>.safetensors       that rank's RNG states (torch, CUDA, numpy, python, megatron's
+                                 model-parallel tracker), restored only under the same layout
+    meta.json                    counters, LR schedule, loader position, layout, config,
+                                 fingerprints, optimizer step, tensor index, file sizes and
+                                 sha256
+    COMPLETE                     written last, holds meta.json's sha256
+``<dir>/latest`` names the newest complete one; it is replaced (write, fsync, rename) only
+after every rank finished writing and the directory was renamed into place.
+
+What a save does: gather (DP all-reduce of the ZeRO fragments, TP all-gather), rank 0 writes
+the shards into ``.tmp-step<N>`` as it goes, every rank its RNG file, fsync, barrier, rank 0
+writes meta.json and COMPLETE, renames the directory, moves ``latest``, prunes
+(``checkpoint.keep_last``, ``checkpoint.keep_every``; a failed delete is reported, never
+fatal). A process killed anywhere in this leaves either the old ``latest`` or the new, and a
+``.tmp-*`` directory that resume reports and removes.
+
+DeepSpeed internals this reads (pinned DeepSpeed version; tests/launcher/test_checkpoint.py
+is the canary): the ZeRO-1/2 optimizer's ``bit16_groups``, ``single_partition_of_fp32_groups``,
+``real_dp_process_group``, the client optimizer's ``state``, each parameter's
+``_hp_mapping`` fragment addresses, ``update_lp_params`` and the optimizer-state links
+(``_hp_optimizer_states_linked``) -- the same ones DeepSpeed's own universal loader uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = 1
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+META = "meta.json"
+SHARD_BYTES = 1 << 30
+DEEPSPEED_TAG = "deepspeed"
+_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as asked (mismatched run, nothing loadable): one
+    line for the user, the run exits non-zero."""
+
+
+def _kill_point(point: str) -> None:
+    """Fault injection for the atomicity tests: ``PLAIT_TEST_KILL_IN_SAVE=<point>[:<rank>]``
+    SIGKILLs this process (rank 0 by default) at that point of a save, as ``kill -9`` would."""
+    spec = os.environ.get("PLAIT_TEST_KILL_IN_SAVE", "")
+    if not spec:
+        return
+    name, _, rank = spec.partition(":")
+    me = dist.get_rank() if dist.is_initialized() else 0
+    if name == point and int(rank or 0) == me:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+# ----------------------------------------------------------------------------- the state
+
+
+def _zero(engine):
+    """The ZeRO-1/2 optimizer, or None at ZeRO-0 (DeepSpeed hands back the client one)."""
+    o = engine.optimizer
+    return o if hasattr(o, "single_partition_of_fp32_groups") else None
+
+
+def _client(engine):
+    z = _zero(engine)
+    return z.optimizer if z is not None else engine.optimizer
+
+
+def _tp():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+
+
+def _tp_full(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """All-gather a TP-sharded tensor along its partition dim (identity when replicated)."""
+    group, size = _tp()
+    if size == 1 or not getattr(p, "tensor_model_parallel", False):
+        return local
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=p.partition_dim)
+
+
+def _tp_local(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    if not getattr(p, "tensor_model_parallel", False):
+        return full
+    size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    return full.chunk(size, dim=p.partition_dim)[rank]
+
+
+def _group_of(z) -> dict[int, int]:
+    return {id(lp): i for i, lps in enumerate(z.bit16_groups) for lp in lps}
+
+
+@torch.no_grad()
+def _logical_tensors(engine):
+    """Yield (name, {"": weight, "exp_avg": ..., "exp_avg_sq": ...}, optimizer step) per
+    parameter, each full (TP-gathered, ZeRO-gathered) float32, on every rank. Collective: all
+    ranks iterate in the same order."""
+    z = _zero(engine)
+    groups = _group_of(z) if z is not None else {}
+    client = _client(engine)
+    for name, p in engine.module.named_parameters():
+        local: dict[str, torch.Tensor] = {}
+        step: Any = 0
+        if z is None:
+            st = client.state.get(p, {})
+            local[""] = p.detach().float()
+            for k in _KEYS:
+                local[k] = st[k].float() if k in st else torch.zeros_like(local[""])
+            step = st.get("step", 0)
+        else:
+            i = groups[id(p)]
+            flat = z.single_partition_of_fp32_groups[i]
+            st = client.state.get(flat, {})
+            srcs = {"": flat, **{k: st.get(k) for k in _KEYS}}
+            m = p._hp_mapping
+            for k, src in srcs.items():
+                buf = torch.zeros(p.numel(), dtype=torch.float32, device=flat.device)
+                if m is not None and src is not None:
+                    a, h = m.lp_fragment_address, m.hp_fragment_address
+                    buf.narrow(0, a.start, a.numel).copy_(src.narrow(0, h.start, h.numel))
+                dist.all_reduce(buf, group=z.real_dp_process_group[i])  # fragments are disjoint
+                local[k] = buf.view(p.shape)
+            step = st.get("step", 0)
+        if torch.is_tensor(step):
+            step = step.item()
+        yield name, {k: _tp_full(p, v).cpu() for k, v in local.items()}, int(step)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    out["numpy.keys"] = torch.from_numpy(keys.astype(np.int64))
+    out["numpy.rest"] = torch.tensor([pos, has_gauss], dtype=torch.int64)
+    out["numpy.gauss"] = torch.tensor([gauss], dtype=torch.float64)
+    version, internal, gauss_next = random.getstate()
+    out["python.state"] = torch.tensor(internal, dtype=torch.int64)
+    out["python.version"] = torch.tensor([version], dtype=torch.int64)
+    out["python.gauss"] = torch.tensor(
+        [float("nan") if gauss_next is None else gauss_next], dtype=torch.float64
+    )
+    for k, s in get_cuda_rng_tracker().get_states().items():
+        out[f"tracker.{k}"] = s
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    pos, has_gauss = state["numpy.rest"].tolist()
+    np.random.set_state(
+        ("MT19937", state["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss,
+         float(state["numpy.gauss"][0]))
+    )  # fmt: skip
+    g = float(state["python.gauss"][0])
+    random.setstate(
+        (int(state["python.version"][0]), tuple(state["python.state"].tolist()),
+         None if g != g else g)
+    )  # fmt: skip
+    tracker = {k[len("tracker.") :]: v for k, v in state.items() if k.startswith("tracker.")}
+    if tracker:
+        get_cuda_rng_tracker().set_states(tracker)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+@dataclasses.dataclass
+class RunIdentity:
+    """What a checkpoint must agree with to be resumed: checked at load, field by field."""
+
+    model: dict
+    optimizer: str
+    data: dict
+    tokenizer_sha256: str
+
+    def differences(self, other: RunIdentity) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for part in ("model", "data"):
+            a, b = getattr(self, part), getattr(other, part)
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if keys:
+                out[part] = [f"{part}.{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in keys]
+        if self.optimizer != other.optimizer:
+            out["optimizer"] = [f"optimizer.name: {other.optimizer} -> {self.optimizer}"]
+        if self.tokenizer_sha256 != other.tokenizer_sha256:
+            out.setdefault("data", []).append("tokenizer (sha256 differs)")
+        return out
+
+
+def run_identity(cfg, tokenizer_sha256: str) -> RunIdentity:
+    data = dataclasses.asdict(cfg.data)
+    model = cfg.model.to_dict()
+    model.pop("preset", None)  # a name; the fields it set are compared one by one
+    return RunIdentity(model, cfg.optimizer.name, data, tokenizer_sha256)
+
+
+def _layout(rt, cfg) -> dict[str, int]:
+    return {"tp": rt.tp, "pp": rt.pp, "cp": rt.cp, "dp": rt.dp, "world": rt.world_size,
+            "zero_stage": cfg.parallel.zero_stage}  # fmt: skip
+
+
+def save(
+    ckpt_dir: Path, step: int, engine, scheduler, loader, cfg, rt, identity: RunIdentity
+) -> Path:
+    """Write checkpoint ``step<step>`` atomically (every rank calls this) and prune. Returns
+    its path."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"step{step}"
+    tmp = ckpt_dir / f".tmp-{tag}"
+    main = _rank() == 0
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+
+    index: dict[str, str] = {}
+    files: list[str] = []
+    shapes: dict[str, list[int]] = {}
+    buffer: dict[str, torch.Tensor] = {}
+    size = 0
+    steps: set[int] = {0}
+    zero3 = cfg.parallel.zero_stage == 3
+
+    def flush() -> None:
+        nonlocal buffer, size
+        if not buffer:
+            return
+        name = f"shard-{len(files):05d}.safetensors"
+        save_file(buffer, str(tmp / name), metadata={"format": str(FORMAT)})
+        _fsync_file(tmp / name)
+        files.append(name)
+        buffer, size = {}, 0
+
+    if zero3:
+        # ZeRO-3 partitions every parameter; its state goes through DeepSpeed's own writer
+        # into this temporary directory (same layout to resume), under the rules above.
+        engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
+    for name, tensors, opt_step in [] if zero3 else _logical_tensors(engine):
+        steps.discard(0)
+        steps.add(opt_step)
+        if not main:
+            continue
+        shapes[name] = list(tensors[""].shape)
+        for k, t in tensors.items():
+            key = name if not k else f"{name}::{k}"
+            buffer[key] = t.contiguous()
+            index[key] = f"shard-{len(files):05d}.safetensors"
+            size += t.numel() * t.element_size()
+        if size >= SHARD_BYTES:
+            flush()
+        _kill_point("shards")
+    if main:
+        flush()
+
+    rng_name = f"rng-{_rank():05d}.safetensors"
+    save_file(_rng_state(), str(tmp / rng_name))
+    _fsync_file(tmp / rng_name)
+    _kill_point("rng")
+    _barrier()
+
+    path = ckpt_dir / tag
+    if main:
+        if len(steps) != 1:
+            raise CheckpointError(f"optimizer steps differ between parameters: {sorted(steps)}")
+        all_files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        meta = {
+            "format": FORMAT,
+            "kind": "deepspeed-zero3" if zero3 else "logical",
+            "step": step,
+            "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples,
+            "skipped_steps": engine.skipped_steps,
+            "optimizer_step": steps.pop(),
+            "scheduler": scheduler.state_dict(),
+            "loader": loader.state_dict(),
+            "layout": _layout(rt, cfg),
+            "identity": dataclasses.asdict(identity),
+            "config": cfg.to_dict(),
+            "index": index,
+            "shapes": shapes,
+            "files": {
+                f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                for f in all_files
+            },  # fmt: skip
+            "saved_at": time.time(),
+        }
+        _write_atomic(tmp / META, json.dumps(meta, indent=1))
+        _kill_point("meta")
+        _write_atomic(tmp / COMPLETE, _sha256(tmp / META) + "\n")
+        _kill_point("complete")
+        if path.exists():  # the same step saved again (e.g. after a skipped-step abort)
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(ckpt_dir)
+        _kill_point("rename")
+        _write_atomic(ckpt_dir / LATEST, tag + "\n")
+        prune(ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, keep=tag)
+    _barrier()
+    return path
+
+
+def _step_of(tag: str) -> int | None:
+    m = re.fullmatch(r"step(\d+)", tag)
+    return int(m.group(1)) if m else None
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep_every: int, keep: str = "") -> list[str]:
+    """Delete complete checkpoints beyond the newest ``keep_last`` (0: keep all), except every
+    ``keep_every``-th step and ``keep``. A failed delete is printed, not raised."""
+    if keep_last <= 0:
+        return []
+    tags = sorted(
+        (t for t in (p.name for p in Path(ckpt_dir).iterdir()) if _step_of(t) is not None),
+        key=_step_of,
+    )
+    doomed = []
+    for t in tags[:-keep_last]:
+        s = _step_of(t)
+        if t == keep or (keep_every and s % keep_every == 0):
+            continue
+        try:
+            shutil.rmtree(Path(ckpt_dir) / t)
+            doomed.append(t)
+        except OSError as e:
+            print(f"checkpoint: could not delete {Path(ckpt_dir) / t}: {e}", flush=True)
+    return doomed
+
+
+# ----------------------------------------------------------------------------- finding
+
+
+def verify(path: Path) -> str:
+    """'' when ``path`` is a complete, intact checkpoint; else what is wrong with it."""
+    if not (path / COMPLETE).is_file():
+        return "no completion marker (a save that did not finish)"
+    if not (path / META).is_file():
+        return "meta.json is missing"
+    if (path / COMPLETE).read_text().strip() != _sha256(path / META):
+        return "meta.json does not match its completion marker"
+    meta = json.loads((path / META).read_text())
+    if meta.get("format") != FORMAT:
+        return f"format {meta.get('format')} (this plait reads {FORMAT})"
+    for name, info in meta["files"].items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, expected {info['bytes']}"
+        if _sha256(f) != info["sha256"]:
+            return f"{name}: sha256 mismatch"
+    return ""
+
+
+def find_resumable(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint in ``ckpt_dir`` by step, and a line per unusable one
+    found on the way (incomplete, corrupt, leftover temporaries). ``latest`` is not trusted
+    for this: a process killed between the rename and the pointer's move leaves a newer
+    complete checkpoint than ``latest`` names."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None, []
+    problems = [f"{p}: an interrupted save (no completion), ignored" for p in
+                sorted(ckpt_dir.glob(".tmp-step*"))]  # fmt: skip
+    tags = sorted((p.name for p in ckpt_dir.iterdir() if _step_of(p.name) is not None),
+                  key=_step_of, reverse=True)  # fmt: skip
+    for t in tags:
+        why = verify(ckpt_dir / t)
+        if not why:
+            return ckpt_dir / t, problems
+        problems.append(f"{ckpt_dir / t}: {why}; skipped")
+    return None, problems
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _Reader:
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.index = path, meta["index"]
+        self.files: dict[str, Any] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self.index[key]
+        if name not in self.files:
+            self.files[name] = safe_open(str(self.path / name), framework="pt")
+        return self.files[name].get_tensor(key)
+
+
+@torch.no_grad()
+def load(path: Path, engine, scheduler, loader, cfg, rt, identity: RunIdentity) -> dict:
+    """Load checkpoint ``path`` into this rank's engine, whatever layout wrote it. Checks the
+    run identity first (``checkpoint.allow_changes`` lifts the data check). Returns meta."""
+    path = Path(path)
+    meta = json.loads((path / META).read_text())
+    saved = RunIdentity(**meta["identity"])
+    diff = identity.differences(saved)
+    for part in cfg.checkpoint.allow_changes:
+        diff.pop(part, None)
+    if diff:
+        lines = "; ".join(x for v in diff.values() for x in v)
+        raise CheckpointError(
+            f"{path}: this run differs from the checkpoint ({lines}); "
+            "checkpoint.allow_changes=[data] continues deliberately on new data"
+        )
+    same_layout = meta["layout"] == _layout(rt, cfg)
+    if meta["kind"] == "deepspeed-zero3" or cfg.parallel.zero_stage == 3:
+        if not same_layout:
+            raise CheckpointError(
+                f"{path}: ZeRO-3 checkpoints (DeepSpeed's format) load only under the layout "
+                f"that wrote them, {meta['layout']}; this run is {_layout(rt, cfg)}"
+            )
+        got, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG)
+        if got is None:
+            raise CheckpointError(f"{path}: DeepSpeed could not load its ZeRO-3 state")
+        loader.load_state_dict(meta["loader"])
+        _restore_rng(path, True, cfg, rt, meta)
+        meta["resharded"] = False
+        return meta
+    names = [n for n, _ in engine.module.named_parameters()]
+    missing = sorted(set(names) - set(meta["shapes"]))
+    extra = sorted(set(meta["shapes"]) - set(names))
+    if missing or extra:
+        raise CheckpointError(f"{path}: parameters missing {missing[:5]}, unexpected {extra[:5]}")
+    reader = _Reader(path, meta)
+    step = meta["optimizer_step"]
+    z = _zero(engine)
+    client = _client(engine)
+
+    def local(name, p, k=""):
+        t = reader.get(name if not k else f"{name}::{k}")
+        return _tp_local(p, t).reshape(p.shape).to(torch.float32)
+
+    def step_value(template):
+        if isinstance(template, torch.Tensor) or isinstance(client, torch.optim.AdamW):
+            return torch.tensor(float(step))  # AdamW increments its own tensor in place
+        return step
+
+    if z is None:
+        for name, p in engine.module.named_parameters():
+            p.data.copy_(local(name, p).to(p.dtype))
+            if step:
+                client.state[p] = {"step": step_value(None),
+                                   **{k: local(name, p, k).clone() for k in _KEYS}}  # fmt: skip
+    else:
+        groups = _group_of(z)
+        by_name = dict(engine.module.named_parameters())
+        fresh: dict[int, dict] = {}
+        for name in names:
+            p = by_name[name]
+            i = groups[id(p)]
+            flat = z.single_partition_of_fp32_groups[i]
+            st = fresh.setdefault(
+                i, {"step": step_value(None), **{k: torch.zeros_like(flat) for k in _KEYS}}
+            )
+            m = p._hp_mapping
+            if m is None:
+                continue
+            a, h = m.lp_fragment_address, m.hp_fragment_address
+            for k, dst in (("", flat), *((k, st[k]) for k in _KEYS)):
+                src = local(name, p, k).flatten().narrow(0, a.start, a.numel)
+                dst.narrow(0, h.start, h.numel).copy_(src)
+        if step:
+            for i, st in fresh.items():
+                client.state[z.single_partition_of_fp32_groups[i]] = st
+            z._hp_optimizer_states_linked = False
+            z._lazy_init_hp_params_optimizer_state()
+        z.update_lp_params()  # fp32 masters -> the model's parameters (DP all-gather)
+
+    engine.global_steps = meta["global_steps"]
+    engine.global_samples = meta["global_samples"]
+    engine.skipped_steps = meta["skipped_steps"]
+    scheduler.load_state_dict(meta["scheduler"])
+    for g, lr in zip(client.param_groups, scheduler.get_last_lr(), strict=True):
+        g["lr"] = lr  # LambdaLR writes lr only at its next step
+    loader.load_state_dict(meta["loader"])
+    _restore_rng(path, same_layout, cfg, rt, meta)
+    meta["resharded"] = not same_layout
+    return meta
+
+
+def _restore_rng(path: Path, same_layout: bool, cfg, rt, meta: dict) -> None:
+    """Every RNG as saved by this rank; under another layout the ranks do not correspond, so
+    every generator is reseeded deterministically from (seed, step) instead."""
+    rng = path / f"rng-{_rank():05d}.safetensors"
+    if same_layout and rng.is_file():
+        with safe_open(str(rng), framework="pt") as f:
+            _set_rng_state({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    else:
+        from plait.parallel.runtime import seed_everything
+
+        seed_everything(cfg.training.seed + meta["step"], rt.pp_rank)
