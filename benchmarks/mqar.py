@@ -109,8 +109,8 @@ def main() -> None:
     lines = [
         f"## MQAR recall (synthetic, CPU): {', '.join(map(str, args.pairs))} pairs",
         "",
-        "Command: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/mqar.py "
-        + " ".join(sys.argv[1:])
+        "Command: `"
+        + " ".join(["OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/mqar.py", *sys.argv[1:]])
         + "`  ",
         f"Machine: {machine()}  ",
         f"Task: vocab {VOCAB}, sequences of {T} tokens, {QUERIES} queries each; models: "

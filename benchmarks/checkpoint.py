@@ -1,0 +1,136 @@
+"""Checkpoint save and load: time and size for the tiny demo model and a ~125M preset, with
+plait's logical format (launcher/checkpoint.py) beside DeepSpeed's own ``save_checkpoint``
+(what plait used before, and what a user of plain DeepSpeed gets).
+
+    .venv/bin/python benchmarks/checkpoint.py              # writes the "checkpoint" section
+
+One process, ZeRO-1, fp32, LAMB, after one optimizer step (so the moments exist); the
+checkpoint goes to a temporary directory on the local disk. Both formats hold the same state
+(weights and both moments in fp32); DeepSpeed's is written synchronously too (its
+asynchronous writers need CUDA or an I/O extension this machine lacks). Best of 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+import torch  # noqa: E402
+from common import machine, write_section  # noqa: E402
+
+from plait.launcher import checkpoint  # noqa: E402
+from plait.launcher.config import Config  # noqa: E402
+from plait.launcher.engine import build_engine  # noqa: E402
+from plait.models.common import build_model  # noqa: E402
+from plait.models.presets import get_preset  # noqa: E402
+from plait.parallel import runtime  # noqa: E402
+from plait.parallel.config import ParallelConfig  # noqa: E402
+
+VOCAB = 2048
+
+
+class _Loader:
+    def state_dict(self):
+        return {"consumed_samples": 0}
+
+    def load_state_dict(self, s):
+        pass
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def measure(preset: str, root: Path) -> dict[str, float]:
+    cfg = Config()
+    cfg.model = get_preset(preset)
+    cfg.model.vocab_size = VOCAB
+    cfg.training.precision, cfg.training.micro_batch_size = "fp32", 1
+    cfg.data.seq_len = 64
+    rt = runtime.initialize(ParallelConfig(zero_stage=1), 0)
+    try:
+        model = build_model(cfg.model, 1, vocab_size=VOCAB)
+        engine, _, scheduler = build_engine(model, cfg, rt)
+        tok = torch.randint(0, VOCAB, (1, 65))
+        engine.backward(engine(tok[:, :-1], tok[:, 1:]))
+        engine.step()
+        identity = checkpoint.run_identity(cfg, "benchmark")
+        loader = _Loader()
+        out: dict[str, float] = {"params": sum(p.numel() for p in model.parameters())}
+        times = {"plait_save": [], "plait_load": [], "ds_save": [], "ds_load": []}
+        for rep in range(3):
+            d = root / f"{preset}-{rep}"
+            t0 = time.perf_counter()
+            path = checkpoint.save(d / "plait", 1, engine, scheduler, loader, cfg, rt, identity)
+            times["plait_save"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            checkpoint.load(path, engine, scheduler, loader, cfg, rt, identity)
+            times["plait_load"].append(time.perf_counter() - t0)
+            out["plait_bytes"] = _size(path)
+            t0 = time.perf_counter()
+            engine.save_checkpoint(str(d / "ds"), tag="step1")
+            times["ds_save"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            engine.load_checkpoint(str(d / "ds"), tag="step1")
+            times["ds_load"].append(time.perf_counter() - t0)
+            out["ds_bytes"] = _size(d / "ds" / "step1")
+            shutil.rmtree(d)
+        out.update({k: min(v) for k, v in times.items()})
+        return out
+    finally:
+        runtime.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["hybrid-tiny", "h3-125m"])
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        for preset in args.presets:
+            r = measure(preset, Path(tmp))
+            print(preset, r, flush=True)
+            rows.append(
+                f"| {preset} | {r['params'] / 1e6:.1f}M | {r['plait_bytes'] / 2**20:.1f} | "
+                f"{r['ds_bytes'] / 2**20:.1f} | {r['plait_save']:.2f} | {r['ds_save']:.2f} | "
+                f"{r['plait_save'] / r['ds_save']:.2f}x | {r['plait_load']:.2f} | "
+                f"{r['ds_load']:.2f} | {r['plait_load'] / r['ds_load']:.2f}x |"
+            )
+    if args.no_write:
+        return
+    write_section(
+        "checkpoint",
+        "\n".join(
+            [
+                "## Checkpoint save and load (CPU)",
+                "",
+                "Command: `.venv/bin/python benchmarks/checkpoint.py`  ",
+                f"Machine: {machine()}  ",
+                "One process, ZeRO-1, fp32 weights and LAMB moments after one step (vocab "
+                f"{VOCAB}), local disk, best of 3. plait: launcher/checkpoint.py (gather, "
+                "safetensors, fsync, sha256 of every file, rename); DeepSpeed: its own "
+                "`save_checkpoint` / `load_checkpoint` (pickle, no fsync, no hashes), "
+                "synchronous like plait's (no asynchronous writer runs on this machine).",
+                "",
+                "| preset | params | plait MiB | DeepSpeed MiB | plait save s | DeepSpeed "
+                "save s | ratio | plait load s | DeepSpeed load s | ratio |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+                *rows,
+                "",
+                "The save cost is dominated by writing 12 bytes per parameter and hashing "
+                "them; both formats hold the same state. plait's load includes checking the "
+                "run identity and redistributing to the current layout.",
+            ]
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()
