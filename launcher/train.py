@@ -158,13 +158,21 @@ def _resume(cfg: Config, rt, engine, scheduler, loader, identity) -> None:
     c = cfg.checkpoint
     if c.resume == "never":
         return
-    if c.resume == "auto":
-        path, problems = checkpoint.find_resumable(_checkpoint_dir(cfg))
-    else:
-        path, problems = Path(c.resume), []
-        why = checkpoint.verify(path) if path.is_dir() else "not a directory"
-        if why:
-            raise checkpoint.CheckpointError(f"checkpoint.resume: {path}: {why}")
+    # Rank 0 checks (hashing every file once, not once per rank) and tells the others.
+    found: list = [None, [], ""]
+    if rt.is_main:
+        if c.resume == "auto":
+            path, problems = checkpoint.find_resumable(_checkpoint_dir(cfg))
+            found = [str(path) if path else None, problems, ""]
+        else:
+            why = (
+                checkpoint.verify(Path(c.resume)) if Path(c.resume).is_dir() else "not a directory"
+            )
+            found = [c.resume, [], why]
+    found = runtime.broadcast_object(found)
+    if found[2]:
+        raise checkpoint.CheckpointError(f"checkpoint.resume: {found[0]}: {found[2]}")
+    path, problems = (Path(found[0]) if found[0] else None), found[1]
     if rt.is_main:
         for line in problems:
             print(f"checkpoint: {line}", flush=True)

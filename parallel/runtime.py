@@ -256,3 +256,12 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (picklable) on every rank; the object itself in a single process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
