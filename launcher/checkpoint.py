@@ -31,11 +31,8 @@ writes meta.json and COMPLETE, renames the directory, moves ``latest``, prunes
 fatal). A process killed anywhere in this leaves either the old ``latest`` or the new, and a
 ``.tmp-*`` directory that resume reports and removes.
 
-DeepSpeed internals this reads (pinned DeepSpeed version; tests/launcher/test_checkpoint.py
-is the canary): the ZeRO-1/2 optimizer's ``bit16_groups``, ``single_partition_of_fp32_groups``,
-``real_dp_process_group``, the client optimizer's ``state``, each parameter's
-``_hp_mapping`` fragment addresses, ``update_lp_params`` and the optimizer-state links
-(``_hp_optimizer_states_linked``) -- the same ones DeepSpeed's own universal loader uses.
+The gathers and the redistribution to a layout live in plait.parallel.engine_state (with
+the DeepSpeed internals they read); this module is files, order and checks.
 """
 
 from __future__ import annotations
@@ -54,9 +51,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from plait.parallel.engine_state import load_logical_state, logical_state
+from plait.parallel.runtime import barrier, global_rank
 
 FORMAT = 1
 LATEST = "latest"
@@ -64,7 +63,6 @@ COMPLETE = "COMPLETE"
 META = "meta.json"
 SHARD_BYTES = 1 << 30
 DEEPSPEED_TAG = "deepspeed"
-_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class CheckpointError(RuntimeError):
@@ -79,8 +77,7 @@ def _kill_point(point: str) -> None:
     if not spec:
         return
     name, _, rank = spec.partition(":")
-    me = dist.get_rank() if dist.is_initialized() else 0
-    if name == point and int(rank or 0) == me:
+    if name == point and int(rank or 0) == global_rank():
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -115,92 +112,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-# ----------------------------------------------------------------------------- the state
-
-
-def _zero(engine):
-    """The ZeRO-1/2 optimizer, or None at ZeRO-0 (DeepSpeed hands back the client one)."""
-    o = engine.optimizer
-    return o if hasattr(o, "single_partition_of_fp32_groups") else None
-
-
-def _client(engine):
-    z = _zero(engine)
-    return z.optimizer if z is not None else engine.optimizer
-
-
-def _tp():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
-
-
-def _tp_full(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """All-gather a TP-sharded tensor along its partition dim (identity when replicated)."""
-    group, size = _tp()
-    if size == 1 or not getattr(p, "tensor_model_parallel", False):
-        return local
-    parts = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=p.partition_dim)
-
-
-def _tp_local(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state as ps
-
-    if not getattr(p, "tensor_model_parallel", False):
-        return full
-    size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    return full.chunk(size, dim=p.partition_dim)[rank]
-
-
-def _group_of(z) -> dict[int, int]:
-    return {id(lp): i for i, lps in enumerate(z.bit16_groups) for lp in lps}
-
-
-@torch.no_grad()
-def _logical_tensors(engine):
-    """Yield (name, {"": weight, "exp_avg": ..., "exp_avg_sq": ...}, optimizer step) per
-    parameter, each full (TP-gathered, ZeRO-gathered) float32, on every rank. Collective: all
-    ranks iterate in the same order."""
-    z = _zero(engine)
-    groups = _group_of(z) if z is not None else {}
-    client = _client(engine)
-    for name, p in engine.module.named_parameters():
-        local: dict[str, torch.Tensor] = {}
-        step: Any = 0
-        if z is None:
-            st = client.state.get(p, {})
-            local[""] = p.detach().float()
-            for k in _KEYS:
-                local[k] = st[k].float() if k in st else torch.zeros_like(local[""])
-            step = st.get("step", 0)
-        else:
-            i = groups[id(p)]
-            flat = z.single_partition_of_fp32_groups[i]
-            st = client.state.get(flat, {})
-            srcs = {"": flat, **{k: st.get(k) for k in _KEYS}}
-            m = p._hp_mapping
-            for k, src in srcs.items():
-                buf = torch.zeros(p.numel(), dtype=torch.float32, device=flat.device)
-                if m is not None and src is not None:
-                    a, h = m.lp_fragment_address, m.hp_fragment_address
-                    buf.narrow(0, a.start, a.numel).copy_(src.narrow(0, h.start, h.numel))
-                dist.all_reduce(buf, group=z.real_dp_process_group[i])  # fragments are disjoint
-                local[k] = buf.view(p.shape)
-            step = st.get("step", 0)
-        if torch.is_tensor(step):
-            step = step.item()
-        yield name, {k: _tp_full(p, v).cpu() for k, v in local.items()}, int(step)
+# ----------------------------------------------------------------------------- RNG
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -293,12 +205,12 @@ def save(
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step}"
     tmp = ckpt_dir / f".tmp-{tag}"
-    main = _rank() == 0
+    main = global_rank() == 0
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
+    barrier()
 
     index: dict[str, str] = {}
     files: list[str] = []
@@ -322,7 +234,7 @@ def save(
         # ZeRO-3 partitions every parameter; its state goes through DeepSpeed's own writer
         # into this temporary directory (same layout to resume), under the rules above.
         engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
-    for name, tensors, opt_step in [] if zero3 else _logical_tensors(engine):
+    for name, tensors, opt_step in [] if zero3 else logical_state(engine):
         steps.discard(0)
         steps.add(opt_step)
         if not main:
@@ -339,11 +251,11 @@ def save(
     if main:
         flush()
 
-    rng_name = f"rng-{_rank():05d}.safetensors"
+    rng_name = f"rng-{global_rank():05d}.safetensors"
     save_file(_rng_state(), str(tmp / rng_name))
     _fsync_file(tmp / rng_name)
     _kill_point("rng")
-    _barrier()
+    barrier()
 
     path = ckpt_dir / tag
     if main:
@@ -382,7 +294,7 @@ def save(
         _kill_point("rename")
         _write_atomic(ckpt_dir / LATEST, tag + "\n")
         prune(ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, keep=tag)
-    _barrier()
+    barrier()
     return path
 
 
@@ -509,50 +421,10 @@ def load(path: Path, engine, scheduler, loader, cfg, rt, identity: RunIdentity) 
     if missing or extra:
         raise CheckpointError(f"{path}: parameters missing {missing[:5]}, unexpected {extra[:5]}")
     reader = _Reader(path, meta)
-    step = meta["optimizer_step"]
-    z = _zero(engine)
-    client = _client(engine)
-
-    def local(name, p, k=""):
-        t = reader.get(name if not k else f"{name}::{k}")
-        return _tp_local(p, t).reshape(p.shape).to(torch.float32)
-
-    def step_value(template):
-        if isinstance(template, torch.Tensor) or isinstance(client, torch.optim.AdamW):
-            return torch.tensor(float(step))  # AdamW increments its own tensor in place
-        return step
-
-    if z is None:
-        for name, p in engine.module.named_parameters():
-            p.data.copy_(local(name, p).to(p.dtype))
-            if step:
-                client.state[p] = {"step": step_value(None),
-                                   **{k: local(name, p, k).clone() for k in _KEYS}}  # fmt: skip
-    else:
-        groups = _group_of(z)
-        by_name = dict(engine.module.named_parameters())
-        fresh: dict[int, dict] = {}
-        for name in names:
-            p = by_name[name]
-            i = groups[id(p)]
-            flat = z.single_partition_of_fp32_groups[i]
-            st = fresh.setdefault(
-                i, {"step": step_value(None), **{k: torch.zeros_like(flat) for k in _KEYS}}
-            )
-            m = p._hp_mapping
-            if m is None:
-                continue
-            a, h = m.lp_fragment_address, m.hp_fragment_address
-            for k, dst in (("", flat), *((k, st[k]) for k in _KEYS)):
-                src = local(name, p, k).flatten().narrow(0, a.start, a.numel)
-                dst.narrow(0, h.start, h.numel).copy_(src)
-        if step:
-            for i, st in fresh.items():
-                client.state[z.single_partition_of_fp32_groups[i]] = st
-            z._hp_optimizer_states_linked = False
-            z._lazy_init_hp_params_optimizer_state()
-        z.update_lp_params()  # fp32 masters -> the model's parameters (DP all-gather)
-
+    client = load_logical_state(
+        engine, lambda name, k: reader.get(name if not k else f"{name}::{k}"),
+        meta["optimizer_step"],
+    )  # fmt: skip
     engine.global_steps = meta["global_steps"]
     engine.global_samples = meta["global_samples"]
     engine.skipped_steps = meta["skipped_steps"]
@@ -568,7 +440,7 @@ def load(path: Path, engine, scheduler, loader, cfg, rt, identity: RunIdentity) 
 def _restore_rng(path: Path, same_layout: bool, cfg, rt, meta: dict) -> None:
     """Every RNG as saved by this rank; under another layout the ranks do not correspond, so
     every generator is reseeded deterministically from (seed, step) instead."""
-    rng = path / f"rng-{_rank():05d}.safetensors"
+    rng = path / f"rng-{global_rank():05d}.safetensors"
     if same_layout and rng.is_file():
         with safe_open(str(rng), framework="pt") as f:
             _set_rng_state({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118

@@ -265,3 +265,8 @@ def broadcast_object(obj):
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+def global_rank() -> int:
+    """This process's rank in the world (0 in a single process)."""
+    return dist.get_rank() if dist.is_initialized() else 0

@@ -61,9 +61,7 @@ def gather_keys(sp: SequenceParallel, k, v, doc_ids=None):
     return k_all, v_all, k_index, docs, q_index
 
 
-def active_window(
-    sp: SequenceParallel, attend, q, k, v, docs, counts, window: int
-) -> torch.Tensor:
+def active_window(sp: SequenceParallel, attend, q, k, v, docs, counts, window: int) -> torch.Tensor:
     """Windowed attention over the *compressed* active tokens of the whole sequence
     (SeqBoat): query i (in compressed order) is given the compressed keys from the start of
     the previous ``window``-aligned chunk up to itself, wherever those tokens live, and

@@ -25,6 +25,7 @@ from plait.launcher.config import Config
 from plait.launcher.engine import build_engine
 from plait.models.common import ModelConfig, build_model
 from plait.parallel.config import ParallelConfig
+from plait.parallel.engine_state import logical_state
 from plait.parallel.runtime import data_parallel_mean
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import gather_full
@@ -99,7 +100,7 @@ def _job(rt, cfg: Config, mode: str, n: int):
         path, problems = checkpoint.find_resumable(Path(cfg.checkpoint.dir))
         meta = checkpoint.load(path, engine, scheduler, loader, cfg, rt, identity)
         if cfg.parallel.zero_stage < 3:  # ZeRO-3 goes through DeepSpeed's own format
-            out["loaded"] = {name: t for name, t, _ in checkpoint._logical_tensors(engine)}
+            out["loaded"] = {name: t for name, t, _ in logical_state(engine)}
         out["resharded"], out["problems"] = meta["resharded"], problems
         out["step"], out["consumed"] = engine.global_steps, loader.consumed_samples
         out["lr"] = scheduler.get_last_lr()[0]
