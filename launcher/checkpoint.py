@@ -217,7 +217,7 @@ def save(
     shapes: dict[str, list[int]] = {}
     buffer: dict[str, torch.Tensor] = {}
     size = 0
-    steps: set[int] = {0}
+    steps: set[int] = set()  # the optimizer's step count, one value for every tensor
     zero3 = cfg.parallel.zero_stage == 3
 
     def flush() -> None:
@@ -235,7 +235,6 @@ def save(
         # into this temporary directory (same layout to resume), under the rules above.
         engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
     for name, tensors, opt_step in [] if zero3 else logical_state(engine):
-        steps.discard(0)
         steps.add(opt_step)
         if not main:
             continue
@@ -259,7 +258,7 @@ def save(
 
     path = ckpt_dir / tag
     if main:
-        if len(steps) != 1:
+        if len(steps) > 1:
             raise CheckpointError(f"optimizer steps differ between parameters: {sorted(steps)}")
         all_files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         meta = {
@@ -269,7 +268,7 @@ def save(
             "global_steps": engine.global_steps,
             "global_samples": engine.global_samples,
             "skipped_steps": engine.skipped_steps,
-            "optimizer_step": steps.pop(),
+            "optimizer_step": steps.pop() if steps else 0,  # ZeRO-3: DeepSpeed keeps it
             "scheduler": scheduler.state_dict(),
             "loader": loader.state_dict(),
             "layout": _layout(rt, cfg),

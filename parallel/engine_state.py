@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .tensor_parallel import tp_full, tp_local
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -40,28 +42,6 @@ def zero_optimizer(engine):
 def client_optimizer(engine):
     z = zero_optimizer(engine)
     return z.optimizer if z is not None else engine.optimizer
-
-
-def tp_full(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """All-gather a TP-sharded tensor along its partition dim (identity when replicated)."""
-    from megatron.core import parallel_state as ps
-
-    size = ps.get_tensor_model_parallel_world_size()
-    if size == 1 or not getattr(p, "tensor_model_parallel", False):
-        return local
-    parts = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=p.partition_dim)
-
-
-def tp_local(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This TP rank's slice of a full tensor (the whole tensor when replicated)."""
-    from megatron.core import parallel_state as ps
-
-    if not getattr(p, "tensor_model_parallel", False):
-        return full
-    size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    return full.chunk(size, dim=p.partition_dim)[rank]
 
 
 def _group_of(z) -> dict[int, int]:

@@ -25,16 +25,34 @@ def logical_numel(model: nn.Module) -> int:
     return sum(p.numel() * (tp if _is_sharded(p) else 1) for p in model.parameters())
 
 
+def tp_full(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """The full logical tensor of ``local``, a tensor shaped like parameter ``p`` on this rank
+    (the parameter itself, its gradient, an optimizer moment): all-gathered over the TP group
+    along ``p``'s partition dim; ``local`` itself when ``p`` is replicated."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    if not _is_sharded(p) or tp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=p.partition_dim)
+
+
+def tp_local(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This TP rank's slice of a full logical tensor for parameter ``p`` (the inverse of
+    ``tp_full``; no collective)."""
+    if not _is_sharded(p):
+        return full
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    return full.chunk(tp, dim=p.partition_dim)[rank]
+
+
 @torch.no_grad()
 def load_full_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Copy full logical tensors into this rank's (possibly sharded) parameters."""
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for name, p in model.named_parameters():
         if name not in full:
             raise KeyError(f"load_full_state: no tensor named {name!r} in the given state")
-        src = full[name]
-        if _is_sharded(p):
-            src = src.chunk(tp, dim=p.partition_dim)[rank]
+        src = tp_local(p, full[name])
         if src.shape != p.shape:
             raise ValueError(
                 f"load_full_state: {name!r} has shape {tuple(src.shape)} for this rank, "
@@ -46,18 +64,11 @@ def load_full_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
 @torch.no_grad()
 def gather_full(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
     """Full logical tensors (parameters, or their ``.grad`` if ``grads``) on every TP rank."""
-    tp = ps.get_tensor_model_parallel_world_size()
-    group = ps.get_tensor_model_parallel_group()
     out = {}
     for name, p in model.named_parameters():
         t = p.grad if grads else p.data
-        if t is None:
-            continue
-        if _is_sharded(p) and tp > 1:
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            dist.all_gather(parts, t.contiguous(), group=group)
-            t = torch.cat(parts, dim=p.partition_dim)
-        out[name] = t.detach().clone()
+        if t is not None:
+            out[name] = tp_full(p, t).detach().clone()
     return out
 
 
