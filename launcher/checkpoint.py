@@ -297,6 +297,84 @@ def save(
     return path
 
 
+def write_weights_only(ckpt_dir: Path, state: dict[str, torch.Tensor], model_cfg, source: str):
+    """A checkpoint ``<ckpt_dir>/step0`` that holds weights only (``kind: weights``: no
+    moments, counters or RNG), written with the same atomic rules; what
+    ``checkpoint.init_from`` starts a run from. Returns its path."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp, path = ckpt_dir / ".tmp-step0", ckpt_dir / "step0"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    name = "shard-00000.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name),
+              metadata={"format": str(FORMAT)})  # fmt: skip
+    _fsync_file(tmp / name)
+    meta = {
+        "format": FORMAT,
+        "kind": "weights",
+        "step": 0,
+        "source": source,
+        "model": model_cfg.to_dict(),
+        "index": dict.fromkeys(state, name),
+        "shapes": {k: list(v.shape) for k, v in state.items()},
+        "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}},
+        "saved_at": time.time(),
+    }
+    _write_atomic(tmp / META, json.dumps(meta, indent=1))
+    _write_atomic(tmp / COMPLETE, _sha256(tmp / META) + "\n")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    _fsync_dir(ckpt_dir)
+    _write_atomic(ckpt_dir / LATEST, "step0\n")
+    return path
+
+
+@torch.no_grad()
+def init_weights_from(path: Path, model: torch.nn.Module) -> str:
+    """Copy a checkpoint's full weights into this rank's TP shard of ``model`` (before the
+    engine is built, so ZeRO's fp32 masters start from them). Every rank reads its own
+    slice; names and full shapes must match. Returns the checkpoint's description."""
+    from plait.parallel.tensor_parallel import tp_local
+
+    path = Path(path)
+    if path.is_dir() and not (path / META).is_file():
+        found, problems = find_resumable(path)
+        if found is None:
+            raise CheckpointError(
+                f"checkpoint.init_from: {path}: no complete checkpoint ({'; '.join(problems)})"
+            )
+        path = found
+    why = verify(path) if path.is_dir() else "not a directory"
+    if why:
+        raise CheckpointError(f"checkpoint.init_from: {path}: {why}")
+    meta = json.loads((path / META).read_text())
+    if meta.get("kind") == "deepspeed-zero3":
+        raise CheckpointError(
+            f"checkpoint.init_from: {path}: a ZeRO-3 checkpoint cannot seed a run"
+        )
+    reader = _Reader(path, meta)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(meta["shapes"]))
+    extra = sorted(set(meta["shapes"]) - set(params))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint.init_from: {path}: parameters missing {missing[:5]}, unexpected "
+            f"{extra[:5]} (is model.* the model that was exported?)"
+        )
+    for name, p in params.items():
+        full = reader.get(name)
+        local = tp_local(p, full)
+        if local.shape != p.shape:
+            raise CheckpointError(
+                f"checkpoint.init_from: {path}: {name} has shape {list(full.shape)}, this "
+                f"model's is different (local {list(p.shape)})"
+            )
+        p.copy_(local)
+    return f"{path} ({meta.get('source') or meta.get('kind')})"
+
+
 def _step_of(tag: str) -> int | None:
     m = re.fullmatch(r"step(\d+)", tag)
     return int(m.group(1)) if m else None

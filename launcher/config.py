@@ -123,6 +123,10 @@ class CheckpointConfig:
     """Complete checkpoints kept (older ones deleted after each save); 0 keeps all."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this, permanently; 0: none."""
+    init_from: str = ""
+    """A checkpoint (any kind, e.g. one ``python -m plait.launcher.export --from-hf`` wrote)
+    whose weights a NEW run starts from: step 0, fresh optimizer and schedule. Ignored when
+    ``resume`` finds a checkpoint of this run to continue. Empty: random init."""
     allow_changes: list[str] = field(default_factory=list)
     """Run differences a resume accepts: ``data`` (datasets, tokenizer, sequence length,
     data seed). The model and the optimizer must match."""
@@ -309,11 +313,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{source}: top level: expected a mapping, got {data!r}")
         layers.append((data, source))
     layers += [(parse_override(item), f"--set {item}") for item in overrides or []]
+    return _build(cfg, layers, source if not overrides else f"{source} (with --set overrides)")
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    """A config from one mapping shaped as a config file (a checkpoint's saved config)."""
+    return _build(Config(), [(data, source)], source)
+
+
+def _build(cfg: Config, layers: list[tuple[dict[str, Any], str]], source: str) -> Config:
     _model_first(cfg, layers)
     for data, where in layers:
         if isinstance(data.get("model"), dict):
             model = {k: v for k, v in data["model"].items() if k not in ("families", "preset")}
             data = {**data, "model": model}
         _apply(cfg, data, "", where)
-    cfg.validate(source if not overrides else f"{source} (with --set overrides)")
+    cfg.validate(source)
     return cfg

@@ -154,6 +154,16 @@ def _deadline(cfg: Config, start: float) -> float:
     return min(limits) - t.exit_margin if limits else float("inf")
 
 
+def _has_checkpoint(cfg: Config) -> bool:
+    """Whether ``resume`` will continue this run from a checkpoint (init_from then yields)."""
+    c = cfg.checkpoint
+    if c.resume == "never":
+        return False
+    if c.resume != "auto":
+        return True
+    return any(p.is_dir() for p in _checkpoint_dir(cfg).glob("step*"))
+
+
 def _resume(cfg: Config, rt, engine, scheduler, loader, identity) -> None:
     c = cfg.checkpoint
     if c.resume == "never":
@@ -194,6 +204,10 @@ def train(cfg: Config) -> tuple[list[StepStats], str]:
         tok, train_set, val_set = build_data(cfg, rt)
         sp = sequence_parallel_context(cfg)
         model = build_model(cfg.model, rt.tp, vocab_size=tok.vocab_size, sp=sp)
+        if cfg.checkpoint.init_from and not _has_checkpoint(cfg):
+            source = checkpoint.init_weights_from(Path(cfg.checkpoint.init_from), model)
+            if rt.is_main:
+                print(f"initialised from {source}", flush=True)
         engine, _, scheduler = build_engine(model, cfg, rt)
         loader = SequenceLoader(train_set, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
         identity = checkpoint.run_identity(cfg, tok.sha256)

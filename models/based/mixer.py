@@ -22,11 +22,16 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
+from plait.kernels.based import based_attention
+from plait.kernels.shortconv import short_conv as short_conv_kernel
+from plait.kernels.swa import swa
 from plait.models.common.config import ModelConfig, ModelConfigError
 from plait.models.common.layers import (
     HeadProjections,
+    apply_rotary,
     normal_init,
     output_init,
+    rotary_cos_sin,
 )
 from plait.models.common.mixers import SoftmaxAttention
 from plait.parallel import convs, halo, lasp2
@@ -56,6 +61,20 @@ class BasedLinearAttention(nn.Module):
         o = lasp2.based(self.sp, q, k, v, doc_ids_BT, eps=self.eps, block=self.block)
         return self.proj.merge(o)
 
+    def decode(
+        self, x_BTC: torch.Tensor, positions_BT: torch.Tensor, state: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """Decode form (family.py's contract). ``state["kv"]`` [B, H_local, F, d + 1] (float32)
+        is sum_j phi(k_j)^T [v_j, 1]: the numerator's state and, in the last column, the
+        normaliser's. Both terms of every later output are linear in it, so it is all the past
+        a query needs; the chunked kernel continues from it for any number of new tokens."""
+        q, k, v = self.proj.split(x_BTC)
+        initial = None if state is None else state["kv"]
+        o, kv = based_attention(
+            q, k, v, initial_state=initial, return_state=True, eps=self.eps, block=self.block
+        )
+        return self.proj.merge(o), {"kv": kv}
+
 
 class SlidingWindowAttention(SoftmaxAttention):
     """Letter ``W``: softmax attention (RoPE, same projections) over the last ``based.window``
@@ -69,6 +88,28 @@ class SlidingWindowAttention(SoftmaxAttention):
 
     def attend(self, q, k, v, doc_ids_BT):
         return halo.window(self.sp, q, k, v, self.window, doc_ids_BT)
+
+    def decode(
+        self, x_BTC: torch.Tensor, positions_BT: torch.Tensor, state: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """Decode form (family.py's contract). The state holds the rotated keys ``k`` and
+        the values ``v`` [B, H_local, <= window - 1, d] of the last window - 1 tokens: no
+        later query sees anything older. New queries run the window kernel over [cached, new]
+        keys behind zero queries for the cached positions (as the halo exchange does)."""
+        q, k, v = self.proj.split(x_BTC)
+        if self.rotary_dim:
+            cos, sin = rotary_cos_sin(positions_BT, self.rotary_dim, self.rope_theta)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is None:
+            o = self.attend(q, k, v, None)
+        else:
+            h = state["k"].shape[2]
+            k, v = torch.cat((state["k"], k), 2), torch.cat((state["v"], v), 2)
+            q = torch.cat((q.new_zeros(q.shape[:2] + (h, q.shape[3])), q), 2)
+            o = swa(q, k, v, self.window)[:, :, h:]
+        keep = max(k.shape[2] - (self.window - 1), 0)
+        # clones: a slice would keep the whole projection output alive
+        return self.proj.merge(o), {"k": k[:, :, keep:].clone(), "v": v[:, :, keep:].clone()}
 
 
 class GatedShortConv(nn.Module):
@@ -121,3 +162,18 @@ class GatedShortConv(nn.Module):
         a = F.silu(convs.short_conv(self.sp, a, self.conv_weight.to(a.dtype), None, doc_ids_BT))
         out, _ = self.out_proj(a * b)
         return out
+
+    def decode(
+        self, x_BTC: torch.Tensor, positions_BT: torch.Tensor, state: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """Decode form (family.py's contract). ``state["conv"]`` [B, K - 1, inner_local]
+        holds the last K - 1 inputs of the convolved half (zeros before the sequence start,
+        as the causal conv pads): a kernel of K taps sees nothing older."""
+        a, _ = self.in_conv(x_BTC)
+        b, _ = self.in_gate(x_BTC)
+        K = self.conv_weight.shape[1]
+        prev = a.new_zeros(a.shape[0], K - 1, a.shape[2]) if state is None else state["conv"]
+        a = torch.cat((prev, a), 1)
+        conv = short_conv_kernel(a, self.conv_weight.to(a.dtype))[:, K - 1 :]
+        out, _ = self.out_proj(F.silu(conv) * b)
+        return out, {"conv": a[:, a.shape[1] - (K - 1) :].clone()}

@@ -54,7 +54,14 @@ class Letter:
     """Built as ``mixer(cfg, mp, layer_idx, sp)``; maps x [B, T, hidden] (with positions
     [B, T] and doc ids [B, T] or None) to [B, T, hidden]. Its static ``param_count(cfg,
     layer_idx)`` gives the logical parameter count from the config alone. A mixer with
-    auxiliary losses or metrics also has ``auxiliary() -> list[Auxiliary]`` (see lm.py)."""
+    auxiliary losses or metrics also has ``auxiliary() -> list[Auxiliary]`` (see lm.py).
+
+    Every mixer also has the decode form ``decode(x [B, T, hidden], positions [B, T], state)
+    -> (y [B, T, hidden], state)``: it continues a sequence by T tokens from ``state`` (None:
+    the start of a sequence, when it must equal ``forward`` on those tokens) and returns
+    their outputs and the state after them (a dict of tensors, this rank's heads, holding
+    what ``decode_state`` says). T may be anything with or without a state; the outputs
+    equal ``forward`` over the whole sequence so far (tests/models/test_decode.py)."""
     tp_plan: Mapping[str, Split]
     """Split of every mixer parameter (names relative to ``blocks.{i}.mixer.``)."""
     hf_export: LetterExport

@@ -128,6 +128,17 @@ def apply_rotary(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
+def attend_cached(q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
+    """Causal attention of T new queries over S >= T keys whose last T are theirs (a KV
+    cache plus the new tokens): query i sees keys 0 .. S - T + i. SDPA without a mask for
+    one query (the decode step), with the bottom-right causal mask otherwise."""
+    T, S = q_BHTD.shape[2], k_BHSD.shape[2]
+    if T == 1:
+        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).tril(S - T)
+    return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask)
+
+
 def local_heads(num_heads: int, what: str = "num_heads") -> tuple[int, int]:
     """(heads on this TP rank, index of its first head); heads are split contiguously."""
     rank, tp = tp_rank_and_size()

@@ -7,6 +7,8 @@ logits never exist on one rank.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (
@@ -45,6 +47,25 @@ class Block(nn.Module):
         if self.mlp is None:
             return x
         return x + self.mlp(self.mlp_norm(x))
+
+    def decode(
+        self, x: torch.Tensor, positions_BT: torch.Tensor, state: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """``forward`` continued from the mixer's decode state (family.py's contract)."""
+        y, state = self.mixer.decode(self.mixer_norm(x), positions_BT, state)
+        x = x + y
+        if self.mlp is None:
+            return x, state
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+@dataclass
+class DecodeCache:
+    """What ``HybridLM.decode`` carries between calls: tokens seen so far and each layer's
+    decode state (constant-size for linear and SSM letters, growing for softmax ones)."""
+
+    seen: int = 0
+    layers: list[dict | None] = field(default_factory=list)
 
 
 class HybridLM(nn.Module):
@@ -123,6 +144,41 @@ class HybridLM(nn.Module):
             mask = loss_mask_BT.to(loss_BT.dtype)
             loss = (loss_BT * mask).sum() / mask.sum().clamp_min(1.0)
         return self._add_aux(loss)
+
+    def decode(
+        self, tokens_BT: torch.Tensor, cache: DecodeCache | None = None
+    ) -> tuple[torch.Tensor, DecodeCache]:
+        """Logits (this rank's vocab shard) of T new tokens that continue the sequence held
+        by ``cache`` (None: a new sequence), and the cache after them: prefill with the
+        prompt, then one token at a time. Equals ``forward`` over the whole sequence
+        (tests/models/test_decode.py); one sequence per row, no packed documents."""
+        cache = cache or DecodeCache(0, [None] * len(self.blocks))
+        T = tokens_BT.shape[1]
+        positions = torch.arange(cache.seen, cache.seen + T, device=tokens_BT.device)
+        positions = positions.expand_as(tokens_BT)
+        x = self.embedding(tokens_BT)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        states = []
+        for block, state in zip(self.blocks, cache.layers, strict=True):
+            x, state = block.decode(x, positions, state)
+            states.append(state)
+        x = self.final_norm(x)
+        weight = self.embedding.weight if self.cfg.tie_embeddings else None
+        logits, _ = self.output(x, weight=weight)
+        return logits, DecodeCache(cache.seen + T, states)
+
+    @torch.no_grad()
+    def greedy(self, prompt_BT: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy continuation [B, new_tokens] of the prompt by prefill and decode steps
+        (one TP rank: the logits must hold the whole vocabulary)."""
+        logits, cache = self.decode(prompt_BT)
+        out = []
+        for _ in range(new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits, cache = self.decode(nxt, cache)
+        return torch.cat(out, 1)
 
     def _add_aux(self, lm_loss: torch.Tensor) -> torch.Tensor:
         self.metrics = {"lm_loss": lm_loss.detach()}

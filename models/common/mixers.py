@@ -20,7 +20,7 @@ from plait.parallel.sequence import SequenceParallel
 from . import hf_export, tp_plan
 from .config import ModelConfig, ModelConfigError
 from .family import Family, Letter, SequenceParallelForm
-from .layers import HeadProjections, apply_rotary, rotary_cos_sin
+from .layers import HeadProjections, apply_rotary, attend_cached, rotary_cos_sin
 
 
 @dataclass
@@ -83,6 +83,19 @@ class SoftmaxAttention(nn.Module):
 
     def attend(self, q, k, v, doc_ids_BT):
         return softmax.attention(self.sp, q, k, v, doc_ids_BT)
+
+    def decode(
+        self, x_BTC: torch.Tensor, positions_BT: torch.Tensor, state: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """Decode form (the letter contract in family.py): the state is the KV cache."""
+        q, k, v = self.proj.split(x_BTC)
+        if self.rotary_dim:
+            cos, sin = rotary_cos_sin(positions_BT, self.rotary_dim, self.rope_theta)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is None:
+            return self.proj.merge(self.attend(q, k, v, None)), {"k": k, "v": v}
+        k, v = torch.cat((state["k"], k), 2), torch.cat((state["v"], v), 2)
+        return self.proj.merge(attend_cached(q, k, v)), {"k": k, "v": v}
 
 
 def _mixing_flops(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:

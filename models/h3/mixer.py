@@ -42,7 +42,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from plait.kernels.longconv import shift_ssm_kernel
+from plait.kernels.longconv import diag_ssm_kernel, discretise, long_conv, shift_ssm_kernel
 from plait.models.common.config import ModelConfig, ModelConfigError
 from plait.models.common.layers import local_heads, normal_init
 from plait.parallel import convs
@@ -109,15 +109,20 @@ class H3(nn.Module):
         A = torch.complex(-self.A_real_log.float().exp(), self.A_imag.float())
         return A, torch.view_as_complex(self.C.float().contiguous())
 
+    def shift_kernel(self, L: int) -> torch.Tensor:
+        """The shift SSM's kernel [channels_local, min(L, N)] in float32, with the D_k skip
+        as its lag 0."""
+        shift = shift_ssm_kernel(self.shift_C.float(), min(L, self.shift_C.shape[1])).clone()
+        shift[:, 0] = shift[:, 0] + self.shift_D.float()
+        return shift
+
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
         q, _ = self.q_proj(x_BTC)
         k, _ = self.k_proj(x_BTC)
         v, _ = self.v_proj(x_BTC)
         B, T, _ = q.shape
         H, d = self.heads, self.dh
-        shift = shift_ssm_kernel(self.shift_C.float(), min(T, self.shift_C.shape[1]))
-        shift = shift.clone()
-        shift[:, 0] = shift[:, 0] + self.shift_D.float()  # the D_k skip is the kernel's lag 0
+        shift = self.shift_kernel(T)
         # From here on float32, as the released layer (both convolutions, k v^T and q^T y):
         # the SSM state sums many lags, and bf16 products would round before the sum.
         k = convs.long_conv(self.sp, k.float(), shift, doc_ids_BT)
@@ -137,3 +142,76 @@ class H3(nn.Module):
         y = (q.float().view(B, T, H, d, 1) * y.view(B, T, H, d, d)).sum(3).reshape(B, T, H * d)
         out, _ = self.out_proj(y.to(q.dtype))
         return out
+
+    def decode(
+        self, x_BTC: torch.Tensor, positions_BT: torch.Tensor, state: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """Decode form (family.py's contract). The state, this rank's channels, float32:
+
+        * ``k_tail`` [B, N - 1, channels]: the last N - 1 inputs of the shift SSM (k before
+          it; zeros before the sequence). Its kernel has N taps, so no older k reaches a new
+          output.
+        * ``ssm`` [B, heads * head_dim^2, N / 2] complex: the diagonal SSM's state
+          x = sum_j A_bar^(t - j) B_bar kv_j. Its kernel is C A_bar^l B_bar, so every lag
+          beyond the new tokens factorises through x: the past adds 2 Re(C A_bar^(i + 1) x)
+          to the new token i, and x moves on as A_bar^T x + the new tokens' own sum.
+
+        T tokens at once, as plait's sequence parallelism passes a chunk boundary
+        (parallel/convs.py): the shift SSM convolves [k_tail, k] (a halo), the diagonal SSM
+        convolves the new tokens from zero (forward's FFT path, so a prefill is forward) and
+        adds the carried state's term.
+        """
+        q, _ = self.q_proj(x_BTC)
+        k, _ = self.k_proj(x_BTC)
+        v, _ = self.v_proj(x_BTC)
+        B, T, _ = q.shape
+        H, d, N = self.heads, self.dh, self.shift_C.shape[1]
+        k = k.float()
+        tail = k.new_zeros(B, N - 1, k.shape[2]) if state is None else state["k_tail"]
+        k_ext = torch.cat((tail, k), 1)
+        k = long_conv(k_ext, self.shift_kernel(N))[:, N - 1 :]
+        rep = d * d
+        kv = (k.view(B, T, H, d, 1) * v.float().view(B, T, H, 1, d)).reshape(B, T, H, rep)
+        A, C = self.ssm_A_C()
+        log_dt = self.log_dt.float()
+        kernel = diag_ssm_kernel(log_dt, A, C, T, self.discretisation).repeat_interleave(rep, 0)
+        y = long_conv(kv.reshape(B, T, H * rep), kernel).view(B, T, H, rep)
+        log_A_bar, B_bar = discretise(log_dt, A, self.discretisation)  # [H, N/2] each
+        x = torch.zeros(B, H, rep, N // 2, dtype=A.dtype, device=k.device)
+        if state is not None:
+            x = state["ssm"].view(B, H, rep, N // 2)
+            y = y + _carried(x, C, log_A_bar, T)
+        x = x * torch.exp(log_A_bar * T)[None, :, None] + _own_state(kv, log_A_bar, B_bar)
+        y = y + kv * self.D.float()[:, None]
+        y = (q.float().view(B, T, H, d, 1) * y.view(B, T, H, d, d)).sum(3).reshape(B, T, H * d)
+        out, _ = self.out_proj(y.to(q.dtype))
+        new = {"k_tail": k_ext[:, -(N - 1) :], "ssm": x.reshape(B, H * rep, N // 2)}
+        return out, new
+
+
+_DECODE_CHUNK = 256
+"""Tokens per block of the [heads, N/2, tokens] powers of A_bar in the decode state updates
+(bounds their memory in a long prefill, as ``vandermonde`` does for the kernel)."""
+
+
+def _carried(x_BHRS, C_HS, log_A_bar_HS, T: int) -> torch.Tensor:
+    """[B, T, H, R]: what the carried state adds to the T new tokens, 2 Re(C A_bar^(i+1) x)."""
+    parts = []
+    for start in range(0, T, _DECODE_CHUNK):
+        i = torch.arange(start, min(T, start + _DECODE_CHUNK), device=C_HS.device)
+        decay = torch.exp(log_A_bar_HS[..., None] * (i + 1).to(log_A_bar_HS.real.dtype))
+        parts.append(2 * torch.einsum("hs,hst,bhrs->bthr", C_HS, decay, x_BHRS).real)
+    return torch.cat(parts, 1)
+
+
+def _own_state(kv_BTHR, log_A_bar_HS, B_bar_HS) -> torch.Tensor:
+    """[B, H, R, S]: the diagonal SSM's state after the T tokens from zero,
+    sum_j A_bar^(T-1-j) B_bar kv_j."""
+    T = kv_BTHR.shape[1]
+    x = 0
+    for start in range(0, T, _DECODE_CHUNK):
+        j = torch.arange(start, min(T, start + _DECODE_CHUNK), device=kv_BTHR.device)
+        w = torch.exp(log_A_bar_HS[..., None] * (T - 1 - j).to(log_A_bar_HS.real.dtype))
+        u = kv_BTHR[:, start : start + _DECODE_CHUNK].to(w.dtype)
+        x = x + torch.einsum("hst,bthr->bhrs", w, u)
+    return x * B_bar_HS[None, :, None]

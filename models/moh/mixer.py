@@ -178,32 +178,66 @@ class MoHAttention(nn.Module):
 
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
         q, k, v = self.proj.split(x_BTC)
-        if self.query_norm:
-            norms = gather_from_tensor_model_parallel_region(
-                q.detach().float().norm(dim=-1).transpose(1, 2).contiguous()
-            )  # [B, T, all heads]
-            gates, mask = route_by_query_norm(norms, self.shared, self.top_k)
-        else:
-            gates, mask, p = route(
-                x_BTC, self.w_routed, self.w_shared, self.w_mix, self.top_k, self.scaled
-            )
-            self.aux_loss = balance_loss(mask, p, self.sp)
-            gates = copy_to_tensor_model_parallel_region(gates)
+        gates, mask = self._route(x_BTC, q, balance=True)
         cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        first, H = self.proj.first_head, self.proj.heads
         k_all, v_all, k_index, k_docs, q_index = softmax.gather_keys(self.sp, k, v, doc_ids_BT)
+        o = self._heads(q, k_all, v_all, gates, mask, q_index, k_index, doc_ids_BT, k_docs)
+        return self.proj.merge(o)
+
+    def decode(
+        self, x_BTC: torch.Tensor, positions_BT: torch.Tensor, state: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """Decode form (the letter contract in family.py). The state is the KV cache of this
+        rank's heads, {"k", "v": [B, H_local, S, D]} (keys after rotary): routing depends only
+        on the new token (its x or its query), and a routed head skips queries, never keys,
+        so any later query may need any earlier key of any head. Prefill (no state) is
+        ``forward``'s path; with a state the new queries sit at cache positions S - T .. S - 1
+        and attend causally over the whole cache. No balance loss is recorded."""
+        q, k, v = self.proj.split(x_BTC)
+        gates, mask = self._route(x_BTC, q, balance=False)
+        cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is None:
+            k_all, v_all, k_index, _, q_index = softmax.gather_keys(self.sp, k, v)
+            o = self._heads(q, k_all, v_all, gates, mask, q_index, k_index)
+            return self.proj.merge(o), {"k": k_all, "v": v_all}
+        k, v = torch.cat((state["k"], k), 2), torch.cat((state["v"], v), 2)
+        T, S = q.shape[2], k.shape[2]
+        k_index = torch.arange(S, device=q.device)
+        o = self._heads(q, k, v, gates, mask, k_index[S - T :], k_index)
+        return self.proj.merge(o), {"k": k, "v": v}
+
+    def _route(self, x_BTC, q_BHTD, balance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates [B, T, all heads] and the routed mask [B, T, routed]; with ``balance``
+        (training's forward) also the balance loss of these tokens in ``aux_loss``."""
+        if self.query_norm:
+            norms = gather_from_tensor_model_parallel_region(
+                q_BHTD.detach().float().norm(dim=-1).transpose(1, 2).contiguous()
+            )  # [B, T, all heads]
+            return route_by_query_norm(norms, self.shared, self.top_k)
+        gates, mask, p = route(
+            x_BTC, self.w_routed, self.w_shared, self.w_mix, self.top_k, self.scaled
+        )
+        if balance:
+            self.aux_loss = balance_loss(mask, p, self.sp)
+        return copy_to_tensor_model_parallel_region(gates), mask
+
+    def _heads(self, q, k_all, v_all, gates, mask, q_index, k_index, docs=None, k_docs=None):
+        """Each local head's gated attention [B, H_local, T, D]: shared heads for every query,
+        routed heads for the queries that selected them (positions q_index [T] among keys at
+        k_index [S])."""
         scale = 1.0 / math.sqrt(q.shape[-1])
         outs = []
-        for j in range(H):
-            head = first + j
+        for j in range(self.proj.heads):
+            head = self.proj.first_head + j
             g = gates[..., head].to(q.dtype)[..., None]
             if head < self.shared:
                 sel = torch.ones_like(mask[..., 0])
             else:
                 sel = mask[..., head - self.shared]
             o = _attend_selected(
-                q[:, j], k_all[:, j], v_all[:, j], sel, q_index, k_index, doc_ids_BT, k_docs, scale
+                q[:, j], k_all[:, j], v_all[:, j], sel, q_index, k_index, docs, k_docs, scale
             )
             outs.append(o * g)
-        return self.proj.merge(torch.stack(outs, 1))
+        return torch.stack(outs, 1)

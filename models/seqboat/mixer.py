@@ -62,7 +62,7 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
-from plait.kernels.longconv import vandermonde
+from plait.kernels.longconv import long_conv, vandermonde
 from plait.models.common.config import ModelConfig
 from plait.models.common.family import Auxiliary
 from plait.models.common.layers import apply_rotary, rotary_cos_sin
@@ -112,17 +112,63 @@ class MultiHeadEMA(nn.Module):
         """Taps of the kernel for a (global) sequence of T tokens."""
         return min(self.truncation, T) if self.truncation else T
 
-    def kernel(self, L: int) -> torch.Tensor:
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w, log decay), both [C, N]: k[t] = sum_n w_n decay_n^t, decay in (0, 1)."""
         p = torch.sigmoid(self.delta.float())
-        decay = 1.0 - p * torch.sigmoid(self.alpha.float())  # (0, 1)
+        decay = 1.0 - p * torch.sigmoid(self.alpha.float())
         w = p * self.beta.float() * self.gamma.float() * math.sqrt(1.0 / self.ndim)
-        return vandermonde(w, torch.log(decay), L)  # chunked: no [C, N, L] tensor is kept
+        return w, torch.log(decay)
+
+    def kernel(self, L: int) -> torch.Tensor:
+        return vandermonde(*self.coefficients(), L)  # chunked: no [C, N, L] tensor is kept
 
     def forward(self, x_BTC, doc_ids_BT, sp: SequenceParallel) -> torch.Tensor:
         # the kernel's length follows the whole (global) sequence, the same on every rank
         L = self.kernel_length(x_BTC.shape[1] * sp.world)
         y = convs.long_conv(sp, x_BTC.float(), self.kernel(L), doc_ids_BT)
         return (y + x_BTC.float() * self.omega.float()).to(x_BTC.dtype)
+
+    def decode(self, x_BTC: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        """The EMA of T new tokens continued from ``state`` (one sequence per row, one rank).
+
+        Truncated to L taps, the output at t reads x_{t-L+1} .. x_t and nothing older (a finite
+        impulse response), so the last L - 1 inputs are the whole state: ``ema_tail``
+        [B, <= L - 1, C] (shorter until L - 1 tokens were seen), and the new outputs are the
+        convolution of tail + new inputs, of which the tail's own outputs are dropped.
+        Untruncated, the kernel sum_n w_n decay_n^l is a sum of geometric series, so
+        ``ema_h`` [B, C, N] (float32), h_n = sum_{j <= t} decay_n^(t - j) x_j, is enough:
+        the past adds sum_n w_n decay_n^(i + 1) h_n to the i-th new output."""
+        x = x_BTC.float()
+        if self.truncation:
+            tail = state["ema_tail"] if state else x_BTC[:, :0]
+            u = torch.cat((tail, x_BTC), 1)
+            k = self.kernel(self.kernel_length(u.shape[1]))
+            y = long_conv(u.float(), k)[:, tail.shape[1] :]
+            state = {"ema_tail": u[:, max(u.shape[1] - self.truncation + 1, 0) :]}
+        else:
+            w, log_decay = self.coefficients()
+            T = x.shape[1]
+            y = long_conv(x, self.kernel(T))
+            h = _geometric_sum(x, log_decay)  # the new tokens' own contribution
+            if state is not None:
+                past = state["ema_h"]
+                t = torch.arange(1, T + 1, device=x.device, dtype=torch.float32)
+                powers = torch.exp(log_decay[..., None] * t)  # [C, N, T]: decay^(i + 1)
+                y = y + torch.einsum("bcn,cnt->btc", past * w, powers)
+                h = h + past * torch.exp(log_decay * T)
+            state = {"ema_h": h}
+        return (y + x * self.omega.float()).to(x_BTC.dtype), state
+
+
+def _geometric_sum(x_BTC: torch.Tensor, log_decay_CN: torch.Tensor, chunk: int = 256):
+    """[B, C, N]: sum_j decay^(T - 1 - j) x_j, a few lags at a time (no [C, N, T] tensor)."""
+    B, T, C = x_BTC.shape
+    h = x_BTC.new_zeros(B, C, log_decay_CN.shape[1])
+    for start in range(0, T, chunk):
+        lags = T - 1 - torch.arange(start, min(start + chunk, T), device=x_BTC.device)
+        powers = torch.exp(log_decay_CN[..., None] * lags.to(log_decay_CN.dtype))
+        h = h + torch.einsum("btc,cnt->bcn", x_BTC[:, start : start + chunk], powers)
+    return h
 
 
 def compress(mask_BT: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,6 +279,20 @@ class SeqBoat(nn.Module):
         mask = p[..., 1] > p[..., 0]  # argmax; a tie goes to option 0, as torch.max does
         return mask, p[..., 1] * mask
 
+    def project(self, mxa: torch.Tensor, positions: torch.Tensor):
+        """q, k (rotated at the tokens' own positions), SiLU(v) and SiLU(r) of the active
+        tokens' mx [B, n, hidden] (v and r: this rank's hdim channels)."""
+        b_z = self.b_z.to(mxa.dtype) if self.b_z is not None else None
+        z = F.silu(F.linear(mxa, self.w_z.to(mxa.dtype), b_z))
+        z = copy_to_tensor_model_parallel_region(z)
+        q = z * self.qk_gamma[0].to(z.dtype) + self.qk_beta[0].to(z.dtype)
+        k = z * self.qk_gamma[1].to(z.dtype) + self.qk_beta[1].to(z.dtype)
+        cos, sin = rotary_cos_sin(positions, q.shape[-1], self.rope_theta)
+        q, k = apply_rotary(q[:, None], cos, sin)[:, 0], apply_rotary(k[:, None], cos, sin)[:, 0]
+        v, _ = self.w_v(mxa)
+        r, _ = self.w_r(mxa)
+        return q, k, F.silu(v), F.silu(r)
+
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
         mx = F.silu(self.ema(x_BTC, doc_ids_BT, self.sp))
         hx, _ = self.w_hx(mx)
@@ -249,25 +309,93 @@ class SeqBoat(nn.Module):
         def pick(t):  # [B, T, ...] -> the active tokens [B, n, ...]
             return t.gather(1, order.view(B, n, *[1] * (t.dim() - 2)).expand(B, n, *t.shape[2:]))
 
-        mxa = pick(mx)
-        b_z = self.b_z.to(mxa.dtype) if self.b_z is not None else None
-        z = F.silu(F.linear(mxa, self.w_z.to(mxa.dtype), b_z))
-        z = copy_to_tensor_model_parallel_region(z)
-        q = z * self.qk_gamma[0].to(z.dtype) + self.qk_beta[0].to(z.dtype)
-        k = z * self.qk_gamma[1].to(z.dtype) + self.qk_beta[1].to(z.dtype)
-        pos = pick(positions_BT)
-        cos, sin = rotary_cos_sin(pos, q.shape[-1], self.rope_theta)
-        q, k = apply_rotary(q[:, None], cos, sin)[:, 0], apply_rotary(k[:, None], cos, sin)[:, 0]
-        v, _ = self.w_v(mxa)
-        r, _ = self.w_r(mxa)
+        q, k, v, r = self.project(pick(mx), pick(positions_BT))
         docs = pick(doc_ids_BT) if doc_ids_BT is not None else None
         scale = 1.0 / math.sqrt(q.shape[-1])
 
         def attend(q_, k_, v_, docs_, valid_):
             return local_attention(q_, k_, v_, docs_, valid_, self.window, scale)
 
-        att = softmax.active_window(self.sp, attend, q, k, F.silu(v), docs, counts, self.window)
-        h, _ = self.w_h(F.silu(r) * att)
+        att = softmax.active_window(self.sp, attend, q, k, v, docs, counts, self.window)
+        h, _ = self.w_h(r * att)
         h = h * valid[..., None].to(h.dtype)
         full = hx.new_zeros(hx.shape).scatter(1, order[..., None].expand_as(h), h)
         return F.silu(hx + g[..., None].to(hx.dtype) * full)
+
+    def decode(
+        self, x_BTC: torch.Tensor, positions_BT: torch.Tensor, state: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """Decode form (the letter contract in family.py). The state holds:
+
+        - the EMA's (``MultiHeadEMA.decode``): the last ema_truncation - 1 inputs, or the
+          [hidden, ema_dim] recurrence state when untruncated. mx depends on nothing else,
+          and the router, z, r, v and hx are per-token functions of mx;
+        - ``k`` [B, window - 1, zdim], ``v`` [B, window - 1, hdim on this rank] and
+          ``valid`` [B, window - 1]: the rotated keys and SiLU'd values of the row's last
+          window - 1 active tokens, right-aligned (``valid`` marks the filled slots while a
+          row has had fewer): an active query sees exactly those and itself, counted in
+          active tokens, so older ones are never read again.
+
+        Inactive tokens skip the attention and give SiLU(hx), as in ``forward``. With no
+        state the new tokens take forward's path (compressed local attention); after a
+        state the new active queries attend over the cached keys and their own, banded by
+        their rank among the row's active tokens."""
+        B, W = x_BTC.shape[0], self.window - 1
+        mx_pre, ema_state = self.ema.decode(x_BTC, state)
+        mx = F.silu(mx_pre)
+        hx, _ = self.w_hx(mx)
+        mask, g = self.gates(mx)
+        first = state is None
+        if first:  # no active token seen yet: every slot empty
+            z, e = self.w_z.shape[0], self.w_v.output_size_per_partition
+            state = {"k": mx.new_zeros(B, W, z), "v": mx.new_zeros(B, W, e),
+                     "valid": torch.zeros(B, W, dtype=torch.bool, device=mx.device)}  # fmt: skip
+        kv = {name: state[name] for name in ("k", "v", "valid")}
+        counts = mask.sum(1)
+        n = int(counts.max())
+        if n == 0:
+            return F.silu(hx), {**ema_state, **kv}
+        order, valid = compress(mask, n)
+
+        def pick(t):  # [B, T, ...] -> the active tokens [B, n, ...]
+            return t.gather(1, order.view(B, n, *[1] * (t.dim() - 2)).expand(B, n, *t.shape[2:]))
+
+        q, k, v, r = self.project(pick(mx), pick(positions_BT))
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        keys, values = torch.cat((kv["k"], k), 1), torch.cat((kv["v"], v), 1)
+        known = torch.cat((kv["valid"], valid), 1)
+        if first:
+            att = local_attention(q, k, v, None, valid, self.window, scale)
+        else:
+            att = _attend_after(q, keys, values, known, kv["valid"].sum(1), self.window, scale)
+        h, _ = self.w_h(r * att)
+        h = h * valid[..., None].to(h.dtype)
+        full = hx.new_zeros(hx.shape).scatter(1, order[..., None].expand_as(h), h)
+        y = F.silu(hx + g[..., None].to(hx.dtype) * full)
+        return y, {**ema_state, **_last_active(keys, values, known, W)}
+
+
+def _attend_after(q, keys, values, known, before, window: int, scale: float):
+    """Active queries q [B, n, Z] (the i-th is the row's (before + i)-th active token) over
+    keys [B, S, Z] / values where ``known``, each seeing the keys whose rank among the row's
+    active tokens is within ``window`` up to its own (the band of ``local_attention``)."""
+    rank_k = known.long().cumsum(1) - 1  # [B, S]
+    rank_q = before[:, None] + torch.arange(q.shape[1], device=q.device)  # [B, n]
+    rk, rq = rank_k[:, None, :], rank_q[..., None]
+    allowed = known[:, None, :] & (rk <= rq) & (rk > rq - window)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # padding queries: finite, dropped
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
+
+
+def _last_active(keys, values, known, W: int) -> dict:
+    """The decode state's k, v, valid: the last W known entries of each row, in order,
+    right-aligned (empty slots first, zeroed)."""
+    B, S = known.shape
+    order = torch.argsort(known.to(torch.int8), dim=1, stable=True)[:, S - W :]  # known last
+    valid = torch.arange(W, device=known.device)[None] >= W - known.sum(1, keepdim=True)
+
+    def take(t):
+        got = t.gather(1, order[..., None].expand(B, W, t.shape[-1]))
+        return got * valid[..., None].to(got.dtype)
+
+    return {"k": take(keys), "v": take(values), "valid": valid}

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from torch import nn
 
+from plait.kernels.lightning import lightning_attention, lightning_attention_step
 from plait.models.common.config import ModelConfig
 from plait.models.common.layers import FullWidthSRMSNorm, HeadProjections, RMSNorm
 from plait.parallel import lasp2
@@ -108,15 +109,50 @@ class LightningAttention(nn.Module):
         positions_BT: torch.Tensor,
         doc_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        q, k, v, u = self._qkvu(x_BTC, positions_BT)
+        slopes = self.slopes.to(x_BTC.device)
+        o = lasp2.lightning(self.sp, q, k, v, slopes, doc_ids_BT, block=self.block)
+        return self._out(o, u)
+
+    def decode(
+        self, x_BTC: torch.Tensor, positions_BT: torch.Tensor, state: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """Decode form (the letter contract in family.py).
+
+        The state is ``{"kv": [B, H_local, D, d]}`` in float32 (D = 2d with LRPE): the decayed
+        sum S_t = sum_{j <= t} lambda^(t - j) k_j^T v_j. It is enough because every output is
+        q_t S_t and S_{t+1} = lambda S_t + k_{t+1}^T v_{t+1}; LRPE needs only the absolute
+        positions, which come with the tokens, and the output norm and gate are per token.
+        A prefill or a chunk is one chunked kernel call continuing from the state (exact: the
+        kernel does not pad its last block); a single token is one step of the recurrence.
+        The sequence is not split across context-parallel ranks here, so the plain kernel
+        (not LASP-2) is used.
+        """
+        q, k, v, u = self._qkvu(x_BTC, positions_BT)
+        slopes = self.slopes.to(x_BTC.device)
+        S = state["kv"] if state is not None else None
+        if S is not None and q.shape[2] == 1:
+            o, S = lightning_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], slopes, S)
+            o = o[:, :, None]
+        else:
+            o, S = lightning_attention(
+                q, k, v, slopes, initial_state=S, return_state=True, block=self.block
+            )
+        return self._out(o, u), {"kv": S}
+
+    def _qkvu(self, x_BTC: torch.Tensor, positions_BT: torch.Tensor) -> list[torch.Tensor]:
+        """q, k (SiLU, then LRPE where the layer has it), v, u, each [B, H_local, T, .]."""
         q, k, v, u = self.proj.split(x_BTC)
         q, k = F.silu(q), F.silu(k)
         if self.lrpe is not None:
             q, k = self.lrpe(q, positions_BT), self.lrpe(k, positions_BT)
-        slopes = self.slopes.to(x_BTC.device)
-        o = lasp2.lightning(self.sp, q, k, v, slopes, doc_ids_BT, block=self.block)
+        return [q, k, v, u]
+
+    def _out(self, o_BHTD: torch.Tensor, u_BHTD: torch.Tensor) -> torch.Tensor:
+        """SRMSNorm(o) * u, then the out projection (the norm over the full width or per head)."""
         if not self.full_norm:
-            return self.proj.merge(self.out_norm(o) * u)
-        B, H, T, D = o.shape
-        o = self.out_norm(o.transpose(1, 2).reshape(B, T, H * D))
-        out, _ = self.proj.out_proj(o * u.transpose(1, 2).reshape(B, T, H * D))
+            return self.proj.merge(self.out_norm(o_BHTD) * u_BHTD)
+        B, H, T, D = o_BHTD.shape
+        o = self.out_norm(o_BHTD.transpose(1, 2).reshape(B, T, H * D))
+        out, _ = self.proj.out_proj(o * u_BHTD.transpose(1, 2).reshape(B, T, H * D))
         return out

@@ -1,0 +1,1 @@
+"""The modeling code an HF export ships (self-contained: imports nothing from plait)."""
