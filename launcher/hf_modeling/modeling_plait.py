@@ -321,9 +321,7 @@ class LightningAttention(nn.Module):
         width = inner if self.full_norm else self.head_dim
         self.norm = RMSNorm(width, config.norm_eps, learnable=False)
         self.block = config.lightning_block
-        # Fixed by design; a plain attribute rather than a buffer, so that casting the model
-        # to bf16 does not round the decay (the attention runs in float32).
-        self.slopes = _lightning_decay(self.heads, layer_idx, config.num_layers)
+        self.layer_idx, self.num_layers = layer_idx, config.num_layers
 
     def forward(self, x_BTC, positions_BT, pad_BT, state):
         B, T, _ = x_BTC.shape
@@ -336,7 +334,10 @@ class LightningAttention(nn.Module):
             real = (~pad_BT)[:, None, :, None].to(k.dtype)
             k, v = k * real, v * real
         kv = state["kv"] if state is not None else None
-        o, kv = _lightning_attention(q, k, v, self.slopes, kv, self.block)
+        # The decay is fixed by design: made here in float32 (neither a parameter nor a
+        # buffer, so a bf16 cast or meta-device loading cannot touch it).
+        slopes = _lightning_decay(self.heads, self.layer_idx, self.num_layers)
+        o, kv = _lightning_attention(q, k, v, slopes, kv, self.block)
         o = o.to(x_BTC.dtype)
         if self.full_norm:
             o = self.norm(o.transpose(1, 2).reshape(B, T, -1))
@@ -644,6 +645,448 @@ class MoHAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
 
 
+# ----------------------------------------------------------------------------------------
+# Letter H: H3
+# ----------------------------------------------------------------------------------------
+
+
+def _fft_causal_conv(u_BT_: torch.Tensor, k_L_: torch.Tensor) -> torch.Tensor:
+    """y[:, t] = sum_{j <= t} k[t - j] u[:, j] along dim 1 of u (dim 0 of k; the trailing
+    dims broadcast), by FFT over 2T points (no wrap-around for lags < T)."""
+    T = u_BT_.shape[1]
+    k = k_L_[:T]  # longer lags never reach these T outputs (and would wrap around)
+    U = torch.fft.rfft(u_BT_, n=2 * T, dim=1)
+    K = torch.fft.rfft(k, n=2 * T, dim=0)
+    return torch.fft.irfft(U * K[None], n=2 * T, dim=1)[:, :T]
+
+
+def _power_tables(z_HS: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z^l for l < L as two small tables, z^l = high[..., l // n] * low[..., l % n] with
+    n = ceil(sqrt(L)): about 2 sqrt(L) complex exponentials per mode instead of L, and no
+    [heads, N/2, L] tensor (a 1.3B layer at 2048 tokens: 2048 x 32 x 2048 complex)."""
+    n = math.isqrt(max(L, 1) - 1) + 1
+    m = -(-L // n)
+    log_z = z_HS.log()  # any branch: only integer powers are taken
+    l = torch.arange(max(n, m), device=z_HS.device, dtype=log_z.real.dtype)
+    low = torch.exp(log_z[..., None] * l[:n])  # [H, S, n]
+    high = torch.exp(log_z[..., None] * (n * l[:m]))  # [H, S, m]
+    return low, high
+
+
+class _Kernel(nn.Module):
+    """A holder named like the release's ``SSKernel``, whose ``kernel`` is the actual one
+    (so the parameters are ``kernel.kernel.*`` and ``ssm_k_kernel.kernel.*``)."""
+
+    def __init__(self, kernel: nn.Module):
+        super().__init__()
+        self.kernel = kernel
+
+
+class H3ShiftKernel(nn.Module):
+    """The shift SSM (the release's ``SSKernelShift``): A shifts the state down by one,
+    so the state is the last N inputs and the kernel is finite, N taps,
+    K[l] = sum_n B[n] C[n + l] (the cross-correlation of B and C; B = e_1 gives K = C).
+    B [d, N], C [1, d, N]: one kernel per channel."""
+
+    def __init__(self, channels: int, N: int):
+        super().__init__()
+        self.B = nn.Parameter(torch.zeros(channels, N).index_fill_(1, torch.tensor([0]), 1.0))
+        bound = 1 / math.sqrt(N)
+        self.C = nn.Parameter(torch.empty(1, channels, N).uniform_(-bound, bound))
+
+    def forward(self) -> torch.Tensor:
+        """The taps [d, N] in float32 (lag 0 first)."""
+        B, C = wide(self.B), wide(self.C[0])
+        N = C.shape[1]
+        windows = nn.functional.pad(C, (0, N - 1)).unfold(1, N, 1)  # [d, lag, n] = C[n + lag]
+        return torch.einsum("dn,dln->dl", B, windows)
+
+
+class H3DiagKernel(nn.Module):
+    """The diagonal SSM (the release's ``SSKernelDiag``, S4D-Lin): per head, N/2 complex
+    modes A = -exp(inv_A_real) + i A_imag (their conjugates are implied: the output is
+    2 Re of the sum), step dt = exp(log_dt), B and C complex (stored as real pairs),
+    discretised by
+
+        bilinear:  A_bar = (1 + dt A / 2) / (1 - dt A / 2),  B_bar = dt B / (1 - dt A / 2)
+        zoh:       A_bar = exp(dt A),                       B_bar = (exp(dt A) - 1) / A * B
+
+    so that x_t = A_bar x_{t-1} + B_bar u_t, y_t = 2 Re(C . x_t), and as a convolution
+    K[l] = 2 Re(sum_s C_s B_bar_s A_bar_s^l)."""
+
+    def __init__(self, heads: int, N: int, discretisation: str):
+        super().__init__()
+        S = N // 2
+        self.discretisation = discretisation
+        self.log_dt = nn.Parameter(torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.inv_A_real = nn.Parameter(torch.full((heads, S), math.log(0.5)))
+        self.A_imag = nn.Parameter(
+            (math.pi * torch.arange(S, dtype=torch.float32)).repeat(heads, 1)
+        )
+        self.B = nn.Parameter(torch.stack([torch.ones(heads, S), torch.zeros(heads, S)], -1))
+        self.C = nn.Parameter(torch.randn(1, heads, S, 2) * math.sqrt(0.5))
+
+    def discretised(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A_bar, B_bar, C), complex [heads, N/2], in float32 (complex64)."""
+        dt = wide(self.log_dt).exp()[:, None]
+        A = torch.complex(-wide(self.inv_A_real).exp(), wide(self.A_imag))
+        B = torch.view_as_complex(wide(self.B).contiguous())
+        C = torch.view_as_complex(wide(self.C[0]).contiguous())
+        dtA = dt * A
+        if self.discretisation == "zoh":
+            return torch.exp(dtA), (torch.exp(dtA) - 1) / A * B, C
+        if self.discretisation == "bilinear":
+            return (1 + dtA / 2) / (1 - dtA / 2), dt / (1 - dtA / 2) * B, C
+        raise ValueError(f"h3.discretisation: {self.discretisation!r} is not bilinear or zoh")
+
+    def forward(self, L: int) -> torch.Tensor:
+        """The convolution kernel [heads, L] (real, float32)."""
+        A_bar, B_bar, C = self.discretised()
+        low, high = _power_tables(A_bar, L)
+        K = torch.einsum("hsa,hsb->hab", (C * B_bar)[..., None] * high, low)
+        return 2 * K.flatten(1)[:, :L].real
+
+
+class H3Mixer(nn.Module):
+    """Letter H, the H3 layer (HazyResearch/H3's ``H3``):
+
+        q, k, v = q_proj(x), k_proj(x), v_proj(x)          heads of ``head_dim`` channels
+        k  = ShiftSSM(k) + ssm_k_D * k                     (a learned N-tap FIR per channel)
+        kv = k v^T per head, [heads, d(k), d(v)]           (k * v at head_dim 1)
+        y  = DiagSSM(kv) + D * kv                          (one S4D kernel per head)
+        out = output_linear(sum over d(k) of q * y)        (channels ordered (d(v) heads))
+
+    The shift SSM remembers the last few tokens, the diagonal SSM carries them far, and the
+    q gate reads them out (associative recall). Everything after the projections runs in
+    float32, as the release does.
+
+    The full sequence is two FFT convolutions with the SSMs' kernels. Decoding keeps
+
+      * ``k_tail`` [B, N - 1, hidden]: the last N - 1 inputs of the shift SSM (zeros before
+        the sequence): its kernel has N taps, so no older k reaches a new output;
+      * ``ssm`` [B, heads, d, d, N/2] complex: the diagonal SSM's state
+        x = sum_j A_bar^(t - j) B_bar kv_j, which is all the infinite kernel needs of the
+        past (x_t = A_bar x_{t-1} + B_bar kv_t, y_t = 2 Re(C . x_t));
+
+    and steps both recurrences one token at a time. Left padding: k and v are zeroed there
+    (their biases would make them nonzero), so a pad enters neither convolution nor state.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        h, opts = config.hidden_size, config.h3
+        self.N = opts.get("state_size", 64)
+        self.head_dim = opts.get("head_dim", 1)
+        self.heads = h // self.head_dim
+        self.q_proj = nn.Linear(h, h)
+        self.k_proj = nn.Linear(h, h)
+        self.v_proj = nn.Linear(h, h)
+        self.output_linear = nn.Linear(h, h)
+        self.ssm_k_kernel = _Kernel(H3ShiftKernel(h, self.N))
+        self.ssm_k_D = nn.Parameter(torch.randn(h))
+        self.kernel = _Kernel(
+            H3DiagKernel(self.heads, self.N, opts.get("discretisation", "bilinear"))
+        )
+        self.D = nn.Parameter(torch.randn(self.heads))
+
+    def forward(self, x_BTC, positions_BT, pad_BT, state):
+        B, T, _ = x_BTC.shape
+        q, k, v = wide(self.q_proj(x_BTC)), wide(self.k_proj(x_BTC)), wide(self.v_proj(x_BTC))
+        if pad_BT is not None:
+            real = (~pad_BT).to(k.dtype)[..., None]
+            k, v = k * real, v * real
+        if state is None:
+            y, state = self._sequence(q, k, v)
+        else:  # token by token (the SSMs' parameters discretised once)
+            shift, ssm = self.ssm_k_kernel.kernel(), self.kernel.kernel.discretised()
+            ys = []
+            for t in range(T):
+                y_t, state = self._step(q[:, t], k[:, t], v[:, t], state, shift, ssm)
+                ys.append(y_t)
+            y = torch.stack(ys, 1)
+        return self.output_linear(y.to(x_BTC.dtype)), state
+
+    def _readout(self, q_BHd: torch.Tensor, y_BHdd: torch.Tensor) -> torch.Tensor:
+        """sum over d(k) of q * y, channels ordered (d(v) heads) as the release's Python path."""
+        y = (q_BHd[..., None] * y_BHdd).sum(-2)  # [..., heads, d(v)]
+        return y.transpose(-1, -2).flatten(-2)
+
+    def _sequence(self, q, k, v) -> tuple[torch.Tensor, dict]:
+        """The whole sequence from the start by FFT convolutions, and the state after it."""
+        B, T, _ = q.shape
+        H, d, N = self.heads, self.head_dim, self.N
+        k_tail = torch.cat((k.new_zeros(B, N - 1, k.shape[2]), k), 1)[:, T:]
+        shift = self.ssm_k_kernel.kernel()  # [hidden, N]
+        k = _fft_causal_conv(k, shift.t()) + wide(self.ssm_k_D) * k
+        kv = k.view(B, T, H, d, 1) * v.view(B, T, H, 1, d)
+        ssm_kernel = self.kernel.kernel(T)  # [heads, T]
+        y = _fft_causal_conv(kv, ssm_kernel.t()[:, :, None, None])
+        y = y + wide(self.D)[:, None, None] * kv
+        return self._readout(q.view(B, T, H, d), y), {"k_tail": k_tail, "ssm": self._state(kv)}
+
+    def _state(self, kv_BTHdd: torch.Tensor) -> torch.Tensor:
+        """The diagonal SSM's state after the sequence, sum_j A_bar^(T-1-j) B_bar kv_j."""
+        A_bar, B_bar, _ = self.kernel.kernel.discretised()
+        B, T = kv_BTHdd.shape[:2]
+        low, high = _power_tables(A_bar, T)
+        n, m = low.shape[-1], high.shape[-1]
+        # u[r] = kv[T - 1 - r] (r = the power of A_bar it gets), r = n a + b
+        u = nn.functional.pad(kv_BTHdd.flip(1), (0, 0, 0, 0, 0, 0, 0, n * m - T))
+        u = u.view(B, m, n, *kv_BTHdd.shape[2:]).to(low.dtype)
+        inner = torch.einsum("hsb,zabhxy->zahxys", low, u)
+        return torch.einsum("hsa,zahxys->zhxys", high, inner) * B_bar[:, None, None]
+
+    def _step(self, q_BC, k_BC, v_BC, state: dict, shift, ssm) -> tuple[torch.Tensor, dict]:
+        """One token through both recurrences (``shift``: the shift SSM's taps [hidden, N],
+        lag 0 first; ``ssm``: the diagonal SSM's (A_bar, B_bar, C))."""
+        B = q_BC.shape[0]
+        H, d = self.heads, self.head_dim
+        window = torch.cat((state["k_tail"], k_BC[:, None]), 1)  # [B, N, hidden], oldest first
+        k = torch.einsum("bnc,cn->bc", window, shift.flip(1)) + wide(self.ssm_k_D) * k_BC
+        kv = k.view(B, H, d, 1) * v_BC.view(B, H, 1, d)
+        A_bar, B_bar, C = ssm
+        x = A_bar[:, None, None] * state["ssm"] + B_bar[:, None, None] * kv[..., None]
+        y = 2 * (C[:, None, None] * x).sum(-1).real + wide(self.D)[:, None, None] * kv
+        return self._readout(q_BC.view(B, H, d), y), {"k_tail": window[:, 1:], "ssm": x}
+
+
+# ----------------------------------------------------------------------------------------
+# Letter S: SeqBoat
+# ----------------------------------------------------------------------------------------
+
+
+def _ema_causal_conv(u_BTC: torch.Tensor, k_CL: torch.Tensor) -> torch.Tensor:
+    """y[:, t] = sum_{j <= t} k[:, t - j] u[:, j] by FFT of size 2T (no wrap-around); taps
+    beyond the kernel's length L are zero."""
+    T = u_BTC.shape[1]
+    k = F.pad(k_CL[:, :T], (0, max(T - k_CL.shape[1], 0)))
+    U = torch.fft.rfft(u_BTC, n=2 * T, dim=1)
+    K = torch.fft.rfft(k, n=2 * T, dim=1).t()[None]  # [1, T + 1, C]
+    return torch.fft.irfft(U * K, n=2 * T, dim=1)[:, :T]
+
+
+class _SeqBoatEMA(nn.Module):
+    """Mega's multi-head damped EMA (the released ``move``), causal: per channel c and
+    component n,
+
+        h_t = (1 - p a) h_{t-1} + p b x_t,   y_t = sqrt(1/N) sum_n gamma_n h_t,n + omega x_t,
+
+    with p = sigmoid(delta), a = sigmoid(alpha), b = beta, applied as a long convolution with
+    kernel k[t] = sqrt(1/N) sum_n gamma_n p_n b_n (1 - p_n a_n)^t, cut after ``truncation``
+    taps (0: never). State: truncated, the output reads only the last ``truncation`` inputs
+    (a finite impulse response), so ``ema_tail`` keeps the last truncation - 1 of them;
+    untruncated, ``ema_h`` [B, C, N] (float32) keeps h_n / (p_n b_n), i.e.
+    sum_j decay_n^(t - j) x_j."""
+
+    def __init__(self, dim: int, ndim: int, truncation: int):
+        super().__init__()
+        self.ndim, self.truncation = ndim, truncation
+        self.delta = nn.Parameter(torch.zeros(dim, ndim, 1))
+        self.alpha = nn.Parameter(torch.zeros(dim, ndim, 1))
+        self.beta = nn.Parameter(torch.zeros(dim, ndim, 1))
+        self.gamma = nn.Parameter(torch.zeros(dim, ndim))
+        self.omega = nn.Parameter(torch.zeros(dim))
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w [C, N], log decay [C, N]): k[t] = sum_n w_n decay_n^t."""
+        p = torch.sigmoid(wide(self.delta[..., 0]))
+        decay = 1.0 - p * torch.sigmoid(wide(self.alpha[..., 0]))
+        w = p * wide(self.beta[..., 0]) * wide(self.gamma) * math.sqrt(1.0 / self.ndim)
+        return w, torch.log(decay)
+
+    def kernel(self, L: int) -> torch.Tensor:
+        """[C, L], built 256 lags at a time (no [C, N, L] tensor of powers)."""
+        w, log_decay = self.coefficients()
+        parts = []
+        for s in range(0, L, 256):
+            t = torch.arange(s, min(s + 256, L), device=w.device, dtype=w.dtype)
+            parts.append(torch.einsum("cn,cnl->cl", w, torch.exp(log_decay[..., None] * t)))
+        return torch.cat(parts, -1)
+
+    def forward(self, x_BTC: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        x = wide(x_BTC)
+        T = x.shape[1]
+        if self.truncation:
+            tail = state["ema_tail"] if state is not None else x[:, :0]
+            u = torch.cat((tail, x), 1)
+            y = _ema_causal_conv(u, self.kernel(min(self.truncation, u.shape[1])))
+            y = y[:, tail.shape[1] :]
+            state = {"ema_tail": u[:, max(u.shape[1] - (self.truncation - 1), 0) :]}
+        else:
+            w, log_decay = self.coefficients()
+            y = _ema_causal_conv(x, self.kernel(T))
+            h = x.new_zeros(x.shape[0], *w.shape)  # the new tokens' sum_j decay^(T-1-j) x_j
+            for s in range(0, T, 256):
+                lags = T - 1 - torch.arange(s, min(s + 256, T), device=x.device, dtype=x.dtype)
+                powers = torch.exp(log_decay[..., None] * lags)  # [C, N, chunk]
+                h = h + torch.einsum("btc,cnt->bcn", x[:, s : s + 256], powers)
+            if state is not None:  # the past, decayed by 1 .. T more steps
+                past = state["ema_h"]
+                t = torch.arange(1, T + 1, device=x.device, dtype=x.dtype)
+                y = y + torch.einsum("bcn,cnt->btc", past * w, torch.exp(log_decay[..., None] * t))
+                h = h + past * torch.exp(log_decay * T)
+            state = {"ema_h": h}
+        y = y + x * wide(self.omega)
+        return y.to(x_BTC.dtype), state
+
+
+class _SeqBoatRouter(nn.Module):
+    """The released ``q_router`` (SMA's latent configurator): a softmax over two options
+    at a learned temperature exp(temp)."""
+
+    def __init__(self):
+        super().__init__()
+        self.temp = nn.Parameter(torch.zeros(1))
+
+    def forward(self, logits_BT2: torch.Tensor) -> torch.Tensor:
+        return F.softmax(logits_BT2 / self.temp.exp(), dim=-1)
+
+
+def _rotary_interleaved(x_BTZ: torch.Tensor, positions_BT: torch.Tensor, theta: float):
+    """The released rotary (complex form): channels (2i, 2i + 1) rotate together at
+    frequency theta^(-2i / Z)."""
+    cos, sin = rotary_cos_sin(positions_BT, x_BTZ.shape[-1], theta)
+    cos, sin = cos[:, 0], sin[:, 0]  # [B, T, Z / 2]
+    x = wide(x_BTZ).unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1)
+    return out.flatten(-2).to(x_BTZ.dtype)
+
+
+def _last_active(keys, values, known, keep: int) -> dict:
+    """The last ``keep`` known entries of each row, in order, right-aligned; empty slots
+    (a row with fewer) first, zeroed and not ``valid``."""
+    B, S = known.shape
+    order = torch.argsort(known.to(torch.int8), dim=1, stable=True)[:, S - keep :]
+    valid = torch.arange(keep, device=known.device)[None] >= keep - known.sum(1, keepdim=True)
+
+    def take(t):
+        got = t.gather(1, order[..., None].expand(B, keep, t.shape[-1]))
+        return got * valid[..., None].to(got.dtype)
+
+    return {"k": take(keys), "v": take(values), "valid": valid}
+
+
+class SeqBoatMixer(nn.Module):
+    """Letter S, the released ``SeqBoatUnit`` as its LM runs it:
+
+        mx = SiLU(EMA(x))
+        [u | hx] = hx_proj(mx);  p = softmax(u / exp(temp))              the router (SMA)
+        active = p_1 > p_0 (never a padding token);  g = p_1 on active tokens, else 0
+        on each row's active tokens only, compressed in order, at their own positions:
+          [z | r | v] = SiLU(mx_proj(mx))
+          q, k = z * gamma[0] + beta[0], z * gamma[1] + beta[1]
+          a = softmax(rope(q) rope(k)^T / sqrt(zdim)) v, where an active token sees itself
+              and the window - 1 active tokens before it (a sliding window counted in
+              active tokens)
+          h = h_proj(r * a)
+        out = SiLU(hx + g * h)    (h scattered back, 0 on inactive tokens)
+
+    plait's block adds ``out`` to x (the released unit returns SiLU(x + hx + g h)).
+    Inactive tokens skip the attention altogether, so its cost follows the active tokens.
+
+    State: the EMA's (see ``_SeqBoatEMA``), and ``k`` [B, window - 1, zdim] (rotated),
+    ``v`` [B, window - 1, hdim] (after SiLU), ``valid`` [B, window - 1]: each row's last
+    window - 1 active tokens, right-aligned. Everything else is per token given mx, and an
+    active token never sees an older active token than those. Left padding: padding tokens
+    enter the EMA as zeros and are never active, so they touch neither the attention nor
+    the state."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        h, opts = config.hidden_size, config.seqboat
+        self.zdim = opts.get("zdim", 64)
+        self.hdim = opts.get("hdim", 0) or 2 * h
+        self.window = opts.get("window", 1025)
+        self.block = max(self.window, 64)  # queries per attention block
+        self.router = opts.get("router", "learned")
+        self.rope_theta = config.rope_theta
+        bias = opts.get("bias", True)
+        self.move = _SeqBoatEMA(h, opts.get("ema_dim", 16), opts.get("ema_truncation", 2048))
+        self.mx_proj = nn.Linear(h, self.zdim + 2 * self.hdim, bias=bias)
+        self.hx_proj = nn.Linear(h, 2 + h, bias=bias)
+        self.h_proj = nn.Linear(self.hdim, h, bias=bias)
+        self.gamma = nn.Parameter(torch.zeros(2, self.zdim))
+        self.beta = nn.Parameter(torch.zeros(2, self.zdim))
+        self.q_router = _SeqBoatRouter()
+
+    def route(self, mx_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(active [B, T], gate [B, T]). The logits are hx_proj's first two rows, in
+        float32: the decision is an argmax (a tie goes to option 0, inactive)."""
+        if self.router != "learned":
+            active = torch.full(mx_BTC.shape[:2], self.router == "on", device=mx_BTC.device)
+            return active, active.float()
+        bias = self.hx_proj.bias
+        u = F.linear(wide(mx_BTC), wide(self.hx_proj.weight[:2]),
+                     None if bias is None else wide(bias[:2]))  # fmt: skip
+        p = self.q_router(u)
+        active = p[..., 1] > p[..., 0]
+        return active, p[..., 1] * active
+
+    def attend(self, q, keys, values, known, before):
+        """Active queries q [B, n, Z] over keys [B, window - 1 + n, Z] / values (the cached
+        slots, then the new active tokens), where ``known``. Query i is its row's
+        (before + i)-th active token and sees the known keys whose rank among the row's
+        active tokens is in (rank - window, rank]. The known entries are contiguous (the
+        cache right-aligned, the new ones left-aligned), so query i's keys lie at indices
+        i .. i + window - 1, and each block of queries needs only a slice of the keys."""
+        n, W = q.shape[1], self.window - 1
+        rank = known.long().cumsum(1) - 1
+        outs = []
+        for s in range(0, n, self.block):
+            e = min(s + self.block, n)
+            rq = (before[:, None] + torch.arange(s, e, device=q.device))[..., None]
+            rk = rank[:, None, s : W + e]
+            mask = known[:, None, s : W + e] & (rk <= rq) & (rk > rq - self.window)
+            mask = mask | ~mask.any(-1, keepdim=True)  # padding queries: finite, dropped
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[:, s:e], keys[:, s : W + e], values[:, s : W + e], attn_mask=mask,
+                    scale=1.0 / math.sqrt(self.zdim),
+                )
+            )  # fmt: skip
+        return torch.cat(outs, 1)
+
+    def forward(self, x_BTC, positions_BT, pad_BT, state):
+        B, T, _ = x_BTC.shape
+        W = self.window - 1
+        if pad_BT is not None:
+            x_BTC = x_BTC * (~pad_BT)[..., None].to(x_BTC.dtype)
+        mx, ema_state = self.move(x_BTC, state)
+        mx = F.silu(mx)
+        hx = self.hx_proj(mx)[..., 2:]
+        active, g = self.route(mx)
+        if pad_BT is not None:
+            active, g = active & ~pad_BT, g * ~pad_BT
+        if state is None:  # no active token yet: every cache slot empty
+            state = {"k": mx.new_zeros(B, W, self.zdim), "v": mx.new_zeros(B, W, self.hdim),
+                     "valid": torch.zeros(B, W, dtype=torch.bool, device=mx.device)}  # fmt: skip
+        cache = {name: state[name] for name in ("k", "v", "valid")}
+        counts = active.sum(1)
+        n = int(counts.max())
+        if n == 0:
+            return F.silu(hx), {**ema_state, **cache}
+
+        # compress: each row's active tokens first, in order; slots past its count are padding
+        order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :n]
+        valid = torch.arange(n, device=mx.device)[None] < counts[:, None]
+        mxa = mx.gather(1, order[..., None].expand(B, n, mx.shape[-1]))
+        z, r, v = F.silu(self.mx_proj(mxa)).split([self.zdim, self.hdim, self.hdim], -1)
+        q = z * self.gamma[0].to(z.dtype) + self.beta[0].to(z.dtype)
+        k = z * self.gamma[1].to(z.dtype) + self.beta[1].to(z.dtype)
+        positions = positions_BT.gather(1, order)
+        q = _rotary_interleaved(q, positions, self.rope_theta)
+        k = _rotary_interleaved(k, positions, self.rope_theta)
+
+        keys, values = torch.cat((cache["k"], k), 1), torch.cat((cache["v"], v), 1)
+        known = torch.cat((cache["valid"], valid), 1)
+        a = self.attend(q, keys, values, known, cache["valid"].sum(1))
+        h = self.h_proj(r * a) * valid[..., None].to(hx.dtype)
+        h = hx.new_zeros(hx.shape).scatter(1, order[..., None].expand_as(h), h)
+        out = F.silu(hx + g[..., None].to(hx.dtype) * h)
+        return out, {**ema_state, **_last_active(keys, values, known, W)}
+
+
 MIXERS: dict[str, type[nn.Module]] = {
     "A": SoftmaxAttention,
     "L": LightningAttention,
@@ -651,6 +1094,8 @@ MIXERS: dict[str, type[nn.Module]] = {
     "W": SlidingWindowAttention,
     "C": GatedShortConv,
     "M": MoHAttention,
+    "H": H3Mixer,
+    "S": SeqBoatMixer,
 }
 """The token mixer of each pattern letter."""
 

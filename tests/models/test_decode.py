@@ -45,10 +45,15 @@ def _config(name: str) -> ModelConfig:
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
+    """Move every parameter off its init; SeqBoat's q/k scale and offset (init ~0.02 and 0)
+    to O(1), or its attention is near uniform and positions could be wrong unseen."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
+        for name, p in model.named_parameters():
+            if name.endswith(("qk_gamma", "qk_beta")):
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.add_(0.05 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
 
 
 def _decode_vs_forward(rt, name: str, seed: int, prompt: int, total: int):
