@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py requirements/torch-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
 	$(BIN)/python -m pip install -q -r requirements/torch-cpu.txt
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,eval]"
 	touch $@
 
 demo: setup

@@ -132,7 +132,7 @@ def hf_tokenizer(spm_path: Path):
     exactly as sentencepiece does (tested on the bundled corpus): NFKC by the model's own
     precompiled map, extra whitespace removed, the dummy prefix, byte fallback."""
     from sentencepiece import sentencepiece_model_pb2 as pb
-    from tokenizers import Regex, Tokenizer, decoders, normalizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
     from tokenizers.models import Unigram
     from transformers import PreTrainedTokenizerFast
 
@@ -169,10 +169,19 @@ def hf_tokenizer(spm_path: Path):
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *tail]
     )
     special = {}
-    for role, pid in (("unk", proto.trainer_spec.unk_id), ("bos", proto.trainer_spec.bos_id),
-                      ("eos", proto.trainer_spec.eos_id), ("pad", proto.trainer_spec.pad_id)):  # fmt: skip
+    spec = proto.trainer_spec
+    ids = {"unk": spec.unk_id, "bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id}
+    for role, pid in ids.items():
         if pid >= 0:
             special[f"{role}_token"] = proto.pieces[pid].piece
+    # User-defined symbols (data.prepare.special_tokens) stay whole tokens; around them the
+    # dummy-prefix rule differs from sentencepiece's (it marks the text after a symbol as a
+    # new word), which the export reports.
+    user = [p.piece for p in proto.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED]
+    if user:
+        tk.add_tokens([AddedToken(u, normalized=False, special=False) for u in user])
+        print(f"export: note: user-defined symbols {user} are whole tokens, but the text right "
+              "after one may tokenize differently from sentencepiece (docs/export.md)")  # fmt: skip
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, **special)
     tok.add_bos_token = False  # plait's documents are "text </s>", no <s>
     return tok

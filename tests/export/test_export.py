@@ -10,6 +10,7 @@ the HF tokenizer encoding the held-out text exactly as sentencepiece does.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -187,3 +188,31 @@ def test_bad_inputs_are_one_clear_line(tmp_path):
     proc = _export("--from-hf", str(tmp_path), "--out", str(tmp_path / "y"))
     assert proc.returncode == 2 and "no config.json" in proc.stderr, proc.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_lm_eval_runs_on_an_export(tmp_path, data_dir):
+    """lm-eval-harness's ``hf`` model on a local task (plait.data.lastword over the held-out
+    split): it loads the export with trust_remote_code, scores, and writes its results."""
+    if importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("lm-eval is not installed (pip install -e '.[eval]'; `make setup` does)")
+    from plait.data.lastword import TASK, write_task
+
+    run = tmp_path / "run"
+    _run(_tiny(run, "training.steps=3", "training.eval_every=0", "data.seq_len=128",
+               f"data.datasets=[{data_dir}]"))  # fmt: skip
+    assert (
+        _export("--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "hf")).returncode
+        == 0
+    )
+    write_task(data_dir, tmp_path / "task", docs=12)
+    cmd = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
+           f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32",
+           "--tasks", TASK, "--include_path", str(tmp_path / "task"), "--device", "cpu",
+           "--batch_size", "4", "--output_path", str(tmp_path / "out")]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    scores = results["results"][TASK]
+    assert 0.0 <= scores["acc,none"] <= 1.0 and scores["perplexity,none"] > 1.0

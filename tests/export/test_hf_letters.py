@@ -108,7 +108,7 @@ def test_hf_letter_equals_plait(name, seed):
         assert_rel_close(padded[:1, prompt - short :], alone, 1e-5, f"{name}: left padding")
         assert_rel_close(padded[1:], out[1:, :prompt], 1e-5, f"{name}: unpadded row")
         gen = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-        gen_alone = model.generate(tokens[:1, prompt - short : prompt], max_new_tokens=new,
-                                   do_sample=False,
-                                   attention_mask=torch.ones(1, short, dtype=torch.long))  # fmt: skip
+        alone_ids = tokens[:1, prompt - short : prompt]
+        gen_alone = model.generate(alone_ids, attention_mask=torch.ones_like(alone_ids),
+                                   max_new_tokens=new, do_sample=False)  # fmt: skip
         assert torch.equal(gen[0, prompt:], gen_alone[0, short:]), f"{name}: padded generate"
