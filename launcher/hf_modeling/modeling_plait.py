@@ -441,8 +441,9 @@ class SlidingWindowAttention(nn.Module):
         self.heads, self.head_dim = config.num_heads, config.head_dim
         self.window = config.based.get("window", 64)
         self.block = max(self.window, 64)  # queries per block
-        self.Wqkv = nn.Linear(h, 3 * h, bias=False)
-        self.out_proj = nn.Linear(h, h, bias=False)
+        bias = config.softmax.get("bias", False)  # W shares letter A's options
+        self.Wqkv = nn.Linear(h, 3 * h, bias=bias)
+        self.out_proj = nn.Linear(h, h, bias=bias)
         opts = config.softmax
         rotary = opts.get("rotary", True)
         self.rotary_dim = (opts.get("rotary_dim", 0) or self.head_dim) if rotary else 0

@@ -26,16 +26,26 @@ def _b_from(s: State, cfg, i) -> State:
 
 
 def _w_to(s: State, cfg, i) -> State:
-    d = cfg.head_dim
-    qkv = split_roles(s["proj.in_proj.weight"], cfg.num_heads, (d, d, d))
-    return {"Wqkv.weight": torch.cat(qkv, 0), "out_proj.weight": s["proj.out_proj.weight"]}
+    """W inherits ``softmax.bias``: biases, when present, go with their weights."""
+    d, out = cfg.head_dim, {}
+    for kind in ("weight", "bias"):
+        if f"proj.in_proj.{kind}" in s:
+            qkv = split_roles(s[f"proj.in_proj.{kind}"], cfg.num_heads, (d, d, d))
+            out[f"Wqkv.{kind}"] = torch.cat(qkv, 0)
+        if f"proj.out_proj.{kind}" in s:
+            out[f"out_proj.{kind}"] = s[f"proj.out_proj.{kind}"]
+    return out
 
 
 def _w_from(s: State, cfg, i) -> State:
-    d = cfg.head_dim
-    parts = list(s["Wqkv.weight"].chunk(3, 0))
-    return {"proj.in_proj.weight": merge_roles(parts, cfg.num_heads, (d, d, d)),
-            "proj.out_proj.weight": s["out_proj.weight"]}  # fmt: skip
+    d, out = cfg.head_dim, {}
+    for kind in ("weight", "bias"):
+        if f"Wqkv.{kind}" in s:
+            parts = list(s[f"Wqkv.{kind}"].chunk(3, 0))
+            out[f"proj.in_proj.{kind}"] = merge_roles(parts, cfg.num_heads, (d, d, d))
+        if f"out_proj.{kind}" in s:
+            out[f"proj.out_proj.{kind}"] = s[f"out_proj.{kind}"]
+    return out
 
 
 def _c_to(s: State, cfg, i) -> State:

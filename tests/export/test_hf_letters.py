@@ -62,7 +62,7 @@ def hf_model(name: str, state: dict) -> modeling_plait.PlaitForCausalLM:
     return model
 
 
-CASES = sorted(letters()) + ["mixed"] + TINY
+CASES = sorted(letters()) + ["mixed", "variants"] + TINY
 
 
 @pytest.mark.parametrize("name", CASES)

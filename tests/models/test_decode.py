@@ -41,6 +41,13 @@ def _config(name: str) -> ModelConfig:
         return letter_config(name * 2)
     if name == "mixed":
         return letter_config("LABWCHSM")
+    if name == "variants":  # the non-default options of every letter that has some
+        cfg = letter_config("LAWMHS")
+        cfg.lrpe, cfg.lightning_norm = "all", "head"
+        cfg.softmax.bias, cfg.softmax.rotary_dim = True, 4
+        cfg.moh.router, cfg.h3.discretisation, cfg.h3.head_dim = "query_norm", "zoh", 2
+        cfg.seqboat.ema_truncation, cfg.seqboat.bias = 0, False
+        return cfg
     return get_preset(name)
 
 
@@ -83,7 +90,7 @@ def _decode_vs_forward(rt, name: str, seed: int, prompt: int, total: int):
     return full, stepped, chunked, greedy, seq[:, prompt:]
 
 
-@pytest.mark.parametrize("name", sorted(letters()) + ["mixed"] + TINY)
+@pytest.mark.parametrize("name", sorted(letters()) + ["mixed", "variants"] + TINY)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_decode_equals_forward(name, seed):
     full, stepped, chunked, greedy, reference = run_distributed(
