@@ -61,8 +61,8 @@ cd "$repo"
 # ------------------------------------------------------------------ configuration
 # PLAIT_PRESET: based-1.3b by default, the published Based 1.3B (BaseConv + Based linear
 # attention + sliding-window attention), a true hybrid whose every layer has a Triton GPU path.
-# It applies to the default config; with PLAIT_CONFIG only when given explicitly.
-config=${PLAIT_CONFIG:-configs/tiny.yaml}
+# It applies to the default config (configs/train_1b.yaml); with PLAIT_CONFIG only when given.
+config=${PLAIT_CONFIG:-configs/train_1b.yaml}
 preset=${PLAIT_PRESET:-}
 if [[ -z ${PLAIT_CONFIG:-} ]]; then
     preset=${preset:-based-1.3b}

