@@ -110,9 +110,12 @@ launch=()
 if [[ -n ${SLURM_JOB_ID:-} ]]; then
     # The rendezvous: the first host of the allocation (Slurm parses its own node list);
     # plait derives the port from the job id (20000 + id % 20000), the same in every task.
+    # Its address as Slurm reaches it (NodeAddr), which is the node name on most clusters.
     mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null || true)
     if [[ -n ${hosts[0]:-} ]]; then
-        export MASTER_ADDR=${hosts[0]}
+        addr=$(scontrol show node -o "${hosts[0]}" 2>/dev/null |
+            sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p') || addr=""
+        export MASTER_ADDR=${addr:-${hosts[0]}}
     else
         unset MASTER_ADDR # plait parses SLURM_JOB_NODELIST itself
     fi

@@ -18,6 +18,8 @@ tests establish:
 - slurm/pipeline.sh chains prepare -> train -> export -> eval (afterok) and every job
   completes: the data is prepared, the model trained, the export loads in transformers and
   generates, lm-eval writes its scores;
+- two slurmd on this machine make a two-node cluster: a 2-node x 2-task job trains with
+  TP=2 x DP=2 and follows the single-process run;
 - every script is shellcheck-clean.
 Two ranks start slowly on the project's machine (two concurrent imports of the trainer took
 ~70 s of wall time for ~6 s of CPU each, one alone 6-11 s), so only one job has two tasks.
@@ -158,7 +160,8 @@ def _stop_processes(root: Path, grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds, to every process of that cluster,
     by pid (the pid files' daemons first)."""
     pids = []
-    for f in ("slurmd.pid", "slurmctld.pid", "munge/munged.pid"):
+    for f in (*[p.name for p in root.glob("slurmd*.pid")], "slurmctld.pid",
+              "munge/munged.pid"):  # fmt: skip
         try:
             pids.append(int((root / f).read_text().split()[0]))
         except (OSError, ValueError, IndexError):
@@ -193,7 +196,10 @@ def _remove_leftovers() -> None:
 class Cluster:
     """One node (this machine, 127.0.0.1), one partition, everything under ``root``."""
 
-    def __init__(self) -> None:
+    def __init__(self, nodes: int = 0) -> None:
+        """``nodes`` > 0: that many slurmd on this machine, nodes n1..nN, each with its own
+        port, spool, pid and log files (Slurm accepts it; every node reaches 127.0.0.1)."""
+        self.nodes = nodes
         self.root = Path(tempfile.mkdtemp(prefix=CLUSTER_PREFIX))
         self.root.chmod(0o755)  # munged wants every directory above its socket searchable
         (self.root / "owner").write_text(str(os.getpid()))
@@ -239,11 +245,35 @@ class Cluster:
         mem_mb = int(
             int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) / 1024 * 0.9
         )
+        node_lines = f"""\
+SlurmdPort={slurmd}
+SlurmdSpoolDir={r}/spool
+SlurmdPidFile={r}/slurmd.pid
+SlurmdLogFile={r}/log/slurmd.log
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP"""
+        if self.nodes:
+            # Two CPUs a node whatever this machine has: the config's word is taken.
+            ports: set[int] = {ctld}
+            node_lines = f"""\
+SlurmdParameters=config_overrides
+SlurmdSpoolDir={r}/spool/%n
+SlurmdPidFile={r}/slurmd.%n.pid
+SlurmdLogFile={r}/log/slurmd.%n.log
+"""
+            for i in range(1, self.nodes + 1):
+                port = _free_port(ports)
+                ports.add(port)
+                node_lines += (f"NodeName=n{i} NodeHostname={self.node} NodeAddr=127.0.0.1 "
+                               f"Port={port} CPUs=2 RealMemory={mem_mb // self.nodes} "
+                               "State=UNKNOWN\n")  # fmt: skip
+                (r / "spool" / f"n{i}").mkdir()
+            names = ",".join(f"n{i}" for i in range(1, self.nodes + 1))
+            node_lines += f"PartitionName=test Nodes={names} Default=YES MaxTime=INFINITE State=UP"
         self.conf.write_text(f"""\
 ClusterName=plaittest
 SlurmctldHost={self.node}(127.0.0.1)
 SlurmctldPort={ctld}
-SlurmdPort={slurmd}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -262,23 +292,20 @@ ReturnToService=2
 KillWait=15
 FirstJobId={self.first_job}
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
-PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
 """)
         self.run(_which("slurmctld"), "-f", str(self.conf))
-        self.run(_which("slurmd"), "-f", str(self.conf), "-N", self.node)
+        for name in [f"n{i}" for i in range(1, self.nodes + 1)] or [self.node]:
+            self.run(_which("slurmd"), "-f", str(self.conf), "-N", name)
         self.wait_node_idle()
 
     def wait_node_idle(self, timeout: float = 60) -> None:
         t0 = time.time()
         while time.time() - t0 < timeout:
-            state = self.run("sinfo", "-h", "-n", self.node, "-o", "%T", check=False).stdout
-            if state.strip() == "idle":
+            state = self.run("sinfo", "-h", "-o", "%T", check=False).stdout
+            if state.split() == ["idle"]:  # every node (one line per state)
                 return
             time.sleep(0.3)
         raise AssertionError(f"the node is not idle after {timeout} s: {state}\n{self.logs()}")
@@ -297,8 +324,8 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def logs(self, lines: int = 30) -> str:
         parts = []
-        for f in ("log/slurmctld.log", "log/slurmd.log"):
-            p = self.root / f
+        for p in [self.root / "log/slurmctld.log", *sorted(self.root.glob("log/slurmd*.log"))]:
+            f = p.relative_to(self.root)
             if p.exists():
                 parts.append(f"--- {f}\n" + "\n".join(p.read_text().splitlines()[-lines:]))
         return "\n".join(parts)
@@ -586,3 +613,44 @@ def test_pipeline_prepare_train_export_eval(cluster, tmp_path):
     assert results, cluster.output(jobs[-1])[-3000:]
     scores = json.loads(results[0].read_text())["results"]["plait_lastword"]
     assert 0.0 <= scores["acc,none"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def two_nodes(cluster, tmp_path_factory):
+    """A second cluster of two nodes, n1 and n2: two slurmd on this machine (after
+    ``cluster``, which checked that Slurm can run here)."""
+    c = Cluster(nodes=2)
+    try:
+        c.start()
+        yield c
+    finally:
+        if (c.root / "log").is_dir():
+            shutil.copytree(c.root / "log", tmp_path_factory.mktemp("slurm-2node-logs"),
+                            dirs_exist_ok=True)  # fmt: skip
+        c.stop()
+
+
+def test_two_node_job_trains_dp2_tp2_like_one_process(two_nodes, reference, tmp_path):
+    """2 nodes x 2 tasks (srun across both slurmd; rendezvous at the first node's NodeAddr):
+    TP=2 x DP=2 with the same global batch follows the single-process reference run."""
+    out = tmp_path / "run"
+    out.parent.mkdir(exist_ok=True)
+    steps = 8
+    env = {**two_nodes.env, **_plait_env(out, steps)}
+    env["PLAIT_SET"] += (f" training.micro_batch_size=2 parallel.tensor_parallel=2"
+                         f" optimizer.decay_steps={STEPS}")  # fmt: skip
+    cmd = ["sbatch", "--parsable", *CPU_SIZED, "--nodes=2", "--ntasks-per-node=2",
+           f"--output={out.parent}/%x-%j.out", f"--error={out.parent}/%x-%j.err",
+           str(SCRIPT)]  # fmt: skip
+    job = int(two_nodes.run(*cmd, env=env, cwd=out.parent).stdout.strip().split(";")[0])
+    info = two_nodes.wait_done(job, timeout=600)
+    log = two_nodes.output(job)
+    assert info["JobState"] == "COMPLETED", two_nodes.explain(job)
+    assert "world 4 (tp 2 cp 1 dp 2)" in log, log[-3000:]
+    assert "n[1-2]" in log or "n1,n2" in log, log[-3000:]
+    _, _, ref_out = reference
+    ref = {r["step"]: r["loss"] for r in _train_rows(ref_out)}
+    got = {r["step"]: r["loss"] for r in _train_rows(out)}
+    assert sorted(got) == list(range(1, steps + 1))
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, got[s], ref[s])
