@@ -22,7 +22,7 @@ tests establish:
   TP=2 x DP=2 and follows the single-process run;
 - every script is shellcheck-clean.
 Two ranks start slowly on the project's machine (two concurrent imports of the trainer took
-~70 s of wall time for ~6 s of CPU each, one alone 6-11 s), so only one job has two tasks.
+~70 s of wall time for ~6 s of CPU each, one alone 6-11 s), so few jobs have several tasks.
 """
 
 from __future__ import annotations
