@@ -254,7 +254,12 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     """In place: the elementwise maximum over every rank (flags all ranks must agree on:
     preemption, time limits, faults). A no-op in a single process."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        if dist.get_backend() == "nccl" and values.device.type == "cpu":  # nccl: CUDA only
+            on_device = values.cuda()
+            dist.all_reduce(on_device, op=dist.ReduceOp.MAX)
+            values.copy_(on_device)
+        else:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
 
 
@@ -270,3 +275,16 @@ def broadcast_object(obj):
 def global_rank() -> int:
     """This process's rank in the world (0 in a single process)."""
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """In place: the elementwise sum over every rank (evaluation counters that each rank
+    fills for its own tokens). A no-op in a single process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl" and values.device.type == "cpu":
+            on_device = values.cuda()
+            dist.all_reduce(on_device)
+            values.copy_(on_device)
+        else:
+            dist.all_reduce(values)
+    return values
