@@ -1,11 +1,14 @@
 #!/bin/bash
-# Evaluate an exported model with lm-eval-harness (pip install -e ".[eval]"): by default the
-# local last-word task over the held-out split of the prepared data (plait.data.lastword;
-# nothing from the hub), or any lm-eval tasks where the hub is reachable.
+# Evaluate a trained run: plait's long-context evaluation of its newest checkpoint
+# (python -m plait.launcher.evaluate: loss by position at 1x-8x the training length, passkey,
+# MQAR; TensorBoard beside the training curves) and lm-eval-harness on its HF export
+# (pip install -e ".[eval]"): by default the local last-word task over the held-out split of
+# the prepared data (plait.data.lastword; nothing from the hub), or any lm-eval tasks where
+# the hub is reachable. PLAIT_EVAL=long|lm|both (default: both, as far as the inputs exist).
 #
-#   PLAIT_HF=runs/x/hf PLAIT_DATA=data/prepared sbatch slurm/eval.sh
-#   PLAIT_HF=runs/x/hf PLAIT_EVAL_TASKS=lambada_openai,hellaswag HF_HUB_OFFLINE=0 \
-#       HF_DATASETS_OFFLINE=0 sbatch slurm/eval.sh
+#   PLAIT_OUT=runs/x PLAIT_DATA=data/prepared sbatch slurm/eval.sh
+#   PLAIT_HF=runs/x/hf PLAIT_EVAL=lm PLAIT_EVAL_TASKS=lambada_openai,hellaswag \
+#       HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 sbatch slurm/eval.sh
 #
 #SBATCH --job-name=plait-eval
 #SBATCH --nodes=1
@@ -43,6 +46,24 @@ source "$repo/slurm/common.sh"
 
 run=${PLAIT_OUT:-}
 hf=${PLAIT_HF:-${run:+$run/hf}}
+mode=${PLAIT_EVAL:-both}
+[[ $mode == long || $mode == lm || $mode == both ]] || die "PLAIT_EVAL: '$mode' is not long, lm or both"
+if [[ $mode != lm && -n $run && -d $run/checkpoints ]]; then
+    read -r -a long_args <<<"${PLAIT_EVAL_LONG_ARGS:-}"
+    long=("$python" -m plait.launcher.evaluate --checkpoint "$run/checkpoints"
+        --tensorboard "$run" "${long_args[@]}")
+    [[ -n ${PLAIT_DATA:-} ]] && long+=(--set "data.datasets=[$PLAIT_DATA]")
+    # the layout of the evaluation: one process (srun with several tasks for TP/CP)
+    [[ -n ${SLURM_JOB_ID:-} && ${SLURM_NTASKS:-1} -gt 1 ]] && long=(srun "${long[@]}")
+    log "command: ${long[*]}"
+    "${long[@]}"
+elif [[ $mode == long ]]; then
+    die "PLAIT_OUT: '$run' has no checkpoints/ to evaluate"
+fi
+if [[ $mode == long ]]; then
+    log "summary: long-context evaluation of $run done"
+    exit 0
+fi
 [[ -n $hf && -f $hf/config.json ]] || die "PLAIT_HF: '$hf' is not an exported model directory (slurm/export_hf.sh)"
 tasks=${PLAIT_EVAL_TASKS:-plait_lastword}
 results=${PLAIT_EVAL_OUT:-$hf/eval}

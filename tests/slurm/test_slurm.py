@@ -582,7 +582,8 @@ def test_cancelled_job_saves_and_is_not_requeued(cluster, tmp_path):
 def test_pipeline_prepare_train_export_eval(cluster, tmp_path):
     """slurm/pipeline.sh submits the four real templates chained by afterok: the corpus is
     prepared, the model trains on it and checkpoints, the export loads in transformers and
-    generates, and lm-eval scores it on the held-out split."""
+    generates, and the eval job runs plait's long-context evaluation of the checkpoint and
+    lm-eval on the export (the held-out split)."""
     data, out, logs = tmp_path / "data", tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
     sizing = " ".join([*CPU_SIZED, "--mem=2G", f"--output={logs}/%x-%j.out",
@@ -592,6 +593,7 @@ def test_pipeline_prepare_train_export_eval(cluster, tmp_path):
            "PLAIT_PREPARE_ARGS": "--vocab-size 1024", "PLAIT_SBATCH_ARGS": sizing,
            "PLAIT_TRAIN_SBATCH": "--ntasks-per-node=1", "PLAIT_DTYPE": "fp32",
            "PLAIT_EVAL_DEVICE": "cpu", "PLAIT_EVAL_DOCS": "16",
+           "PLAIT_EVAL_LONG_ARGS": "--batches 1 --passkey-samples 2 --lengths 1,2",
            "PLAIT_EVAL_BATCH": "4"}  # fmt: skip
     proc = cluster.run("bash", str(REPO / "slurm" / "pipeline.sh"), env=env, cwd=tmp_path)
     jobs = [int(x.split()[-1]) for x in proc.stdout.splitlines()[:4]]
@@ -609,6 +611,8 @@ def test_pipeline_prepare_train_export_eval(cluster, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(hf), trust_remote_code=True)
     ids = tok("ABSURDITY, n.", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, ids.shape[1] + 5)
+    long = json.loads(next((out / "eval").glob("step*/eval.json")).read_text())
+    assert [p["length"] for p in long["positions"]] == [64, 128]
     results = list((hf / "eval").rglob("results_*.json"))
     assert results, cluster.output(jobs[-1])[-3000:]
     scores = json.loads(results[0].read_text())["results"]["plait_lastword"]
