@@ -241,6 +241,7 @@ def evaluate_run(args) -> tuple[Results, bool]:
     from .train import sequence_parallel_context
 
     cfg, path, meta = _load_run(args)
+    cfg.parallel.check_trainable()
     rt = runtime.initialize(cfg.parallel, cfg.training.seed)
     try:
         tok, val = _val_source(cfg)

@@ -15,7 +15,8 @@ class ParallelConfig:
     tensor_parallel: int = 1
     """TP degree: heads, MLP inner dims and vocabulary are split across this many ranks."""
     pipeline_parallel: int = 1
-    """PP degree (stage wiring comes with the pipeline issue; 1 until then)."""
+    """PP degree. ``python -m plait.launcher.plan`` shows the stages a run would use; training
+    refuses > 1 at start-up until the schedules land (the pipeline issue)."""
     context_parallel: int = 1
     """Sequence-parallel degree: each sequence is split in contiguous chunks over this many
     ranks; linear layers use LASP-2 and softmax layers LASP-2H (parallel/sequence.py)."""
@@ -33,10 +34,14 @@ class ParallelConfig:
             raise ParallelConfigError(
                 f"zero_stage: {self.zero_stage} is not one of the allowed values 0, 1, 2, 3"
             )
+
+    def check_trainable(self) -> None:
+        """What training (and evaluation) cannot run yet, refused before any process starts
+        work: the config itself is valid, so the planner reads it."""
         if self.pipeline_parallel != 1:
             raise ParallelConfigError(
-                "pipeline_parallel: only 1 is supported until pipeline stages land "
-                "(the process groups are already built for it)"
+                "pipeline_parallel: training with pipeline stages is not built yet (the "
+                "process groups are); `python -m plait.launcher.plan` shows the stages"
             )
 
     def data_parallel(self, world_size: int) -> int:

@@ -1,0 +1,149 @@
+"""Print the layout a run would use, without training: ranks, pipeline stages, cost, memory.
+
+    python -m plait.launcher.plan --config configs/train_1b.yaml \\
+        --set parallel.pipeline_parallel=4 --set parallel.tensor_parallel=2 [--world 64]
+
+For each pipeline stage: its layers and letters, its forward cost per token at the run's
+sequence length (each letter's own estimate, ``Letter.cost``: a softmax layer at 32K does not
+cost what a lightning layer does; plus the MLP, and the output layer on the last stage), its
+parameters, and the memory per rank: weights, gradients and optimizer state under the chosen
+ZeRO stage, and activations of the micro-batches in flight under 1F1B. Then the pipeline
+bubble. Stages come from ``plait.parallel.pipeline.balance`` (the cut that minimises the
+costliest stage). The memory figures are estimates, stated with their formulas below.
+
+Memory model (bytes per rank; P = the stage's parameters / TP; ``--precision bf16``, the GPU
+default, or fp32 as on CPU): weights 2 (bf16) or 4; gradients the same; optimizer 12 (fp32
+master + two moments; 8 in fp32, where the weights are the master). ZeRO-1 divides the
+optimizer by DP, ZeRO-2 the gradients too, ZeRO-3 the weights too. Activations per layer and
+micro-batch: 34 s b h bytes in bf16 (Korthikanti et al. 2022, attention through flash/SDPA),
+/ (TP x CP), x2 in fp32; the first stage holds min(p, m) micro-batches in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from plait.models.common import family
+from plait.models.common.layers import norm_params
+from plait.parallel.pipeline import balance, bubble_fraction
+
+from .config import Config, ConfigError, load_config
+
+GIB = 1024**3
+
+
+def layer_costs(cfg: Config) -> tuple[list[float], list[int]]:
+    """Forward FLOPs per token and parameters of every block at the run's sequence length."""
+    m = cfg.model
+    h, f = m.hidden_size, m.ffn_size
+    mlp = {"gelu": 2 * h * f + f + h, "none": 0}.get(m.mlp, 3 * h * f)
+    costs, params = [], []
+    for i, c in enumerate(m.pattern):
+        letter = family.letter(c)
+        costs.append(letter.cost(m, i, cfg.data.seq_len) + 2 * mlp)
+        norms = norm_params(m) * (1 if m.mlp == "none" else 2)
+        params.append(letter.mixer.param_count(m, i) + mlp + norms)
+    return costs, params
+
+
+def plan(cfg: Config, world: int, precision: str = "bf16", vocab: int = 0) -> dict:
+    p = cfg.parallel
+    tp, pp, cp = p.tensor_parallel, p.pipeline_parallel, p.context_parallel
+    if world % (tp * pp * cp):
+        raise ConfigError(f"--world {world} is not a multiple of tp x pp x cp = {tp * pp * cp}")
+    dp = world // (tp * pp * cp)
+    m = cfg.model
+    V = m.padded_vocab_size(vocab or m.vocab_size or cfg.data.prepare.vocab_size)
+    costs, params = layer_costs(cfg)
+    out_cost = 2.0 * m.hidden_size * V
+    stages = balance(costs, pp, last_extra=out_cost)
+    wb = 2 if precision == "bf16" else 4
+    opt_b = 12 if precision == "bf16" else 8
+    micro = cfg.training.grad_accum
+    s, b, h = cfg.data.seq_len, cfg.training.micro_batch_size, m.hidden_size
+    act_layer = 34 * s * b * h * (1 if precision == "bf16" else 2) / (tp * cp)
+    rows = []
+    for k, (a, e) in enumerate(stages):
+        n = sum(params[a:e]) + (V * h if k == 0 else 0)
+        if k == pp - 1:
+            n += norm_params(m) + (V * h if (not m.tie_embeddings or pp > 1) else 0)
+        local = n / tp
+        weights = local * wb / (dp if p.zero_stage == 3 else 1)
+        grads = local * wb / (dp if p.zero_stage >= 2 else 1)
+        optim = local * opt_b / (dp if p.zero_stage >= 1 else 1)
+        acts = act_layer * (e - a) * min(pp - k, micro)
+        cost = sum(costs[a:e]) + (out_cost if k == pp - 1 else 0)
+        rows.append({"stage": k, "layers": (a, e), "letters": m.pattern[a:e], "cost": cost,
+                     "params": n, "weights": weights, "grads": grads, "optimizer": optim,
+                     "activations": acts})  # fmt: skip
+    worst, least = max(r["cost"] for r in rows), min(r["cost"] for r in rows)
+    return {"world": world, "tp": tp, "pp": pp, "cp": cp, "dp": dp, "vocab": V,
+            "stages": rows, "imbalance": worst / least, "micro_batches": micro,
+            "bubble": bubble_fraction(pp, micro), "precision": precision}  # fmt: skip
+
+
+def rank_coords(rank: int, tp: int, cp: int, dp: int) -> tuple[int, int, int, int]:
+    """(tp, pp, cp, dp) of a rank in megatron-core's default order tp-cp-dp-pp (TP fastest)."""
+    t, rest = rank % tp, rank // tp
+    c, rest = rest % cp, rest // cp
+    d, q = rest % dp, rest // dp
+    return t, q, c, d
+
+
+def render(cfg: Config, res: dict) -> str:
+    tp, pp, cp, dp = res["tp"], res["pp"], res["cp"], res["dp"]
+    lines = [f"{cfg.model.pattern} ({cfg.model.num_layers} layers, d={cfg.model.hidden_size}, "
+             f"vocab {res['vocab']}) at {cfg.data.seq_len} tokens, micro-batch "
+             f"{cfg.training.micro_batch_size}, {res['micro_batches']} micro-batches a step, "
+             f"ZeRO-{cfg.parallel.zero_stage}, {res['precision']}",  # fmt: skip
+             f"world {res['world']} = tp {tp} x pp {pp} x cp {cp} x dp {dp} "
+             "(megatron order tp-cp-dp-pp: TP ranks adjacent)"]  # fmt: skip
+    if res["world"] <= 32:
+        lines.append("rank -> (tp, pp, cp, dp): " + ", ".join(
+            f"{r}->{rank_coords(r, tp, cp, dp)}" for r in range(res["world"])))  # fmt: skip
+    lines.append("stage | layers | letters | GFLOP/token | share | params | per rank GiB: "
+                 "weights + grads + optimizer + activations = total")  # fmt: skip
+    total = sum(r["cost"] for r in res["stages"])
+    for r in res["stages"]:
+        mem = (r["weights"], r["grads"], r["optimizer"], r["activations"])
+        extra = (" +embedding" if r["stage"] == 0 else "") + (
+            " +output" if r["stage"] == pp - 1 else ""
+        )
+        lines.append(
+            f"{r['stage']} | {r['layers'][0]}-{r['layers'][1] - 1} | {r['letters']}{extra} | "
+            f"{r['cost'] / 1e9:.3f} | {r['cost'] / total:.0%} | {r['params'] / 1e6:.1f}M | "
+            + " + ".join(f"{x / GIB:.2f}" for x in mem)
+            + f" = {sum(mem) / GIB:.2f}"
+        )
+    lines.append(f"balance: costliest / cheapest stage = {res['imbalance']:.2f}x")
+    lines.append(f"pipeline bubble: (p-1)/(m+p-1) = {res['bubble']:.1%} "
+                 f"({pp} stages, {res['micro_batches']} micro-batches)")  # fmt: skip
+    if pp > 1:
+        lines.append("note: plait does not train with pipeline_parallel > 1 yet (the pipeline "
+                     "issue); this is the layout such a run would use")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m plait.launcher.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--world", type=int, default=0, help="ranks (default: tp x pp x cp)")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        p = cfg.parallel
+        res = plan(cfg, args.world or p.tensor_parallel * p.pipeline_parallel
+                   * p.context_parallel, args.precision)  # fmt: skip
+    except (ConfigError, ValueError) as e:
+        print(f"plan: error: {e}", file=sys.stderr)
+        return 2
+    print(render(cfg, res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

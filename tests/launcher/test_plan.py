@@ -1,0 +1,87 @@
+"""The pipeline-stage planner: the balancer finds the best contiguous cut (against brute force),
+the bubble formula, every family's 1B preset balanced at PP=4, the CLI, and training's clear
+refusal of pipeline_parallel > 1 until the schedules exist."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plait.launcher.config import load_config
+from plait.launcher.plan import plan, rank_coords
+from plait.models.common.family import families
+from plait.parallel.pipeline import balance, bubble_fraction
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _brute(costs, stages, last_extra):
+    n, best = len(costs), None
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = list(zip((0, *cuts), (*cuts, n)))
+        worst = max(sum(costs[a:b]) + (last_extra if b == n else 0) for a, b in bounds)
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_balance_is_optimal(seed):
+    rng = np.random.default_rng(seed)
+    costs = list(rng.uniform(0.2, 3.0, int(rng.integers(4, 10))))
+    for stages in range(1, min(5, len(costs)) + 1):
+        extra = float(rng.uniform(0, 3))
+        bounds = balance(costs, stages, last_extra=extra)
+        assert bounds[0][0] == 0 and bounds[-1][1] == len(costs) and len(bounds) == stages
+        assert all(a < b for a, b in bounds) and all(
+            x[1] == y[0] for x, y in zip(bounds, bounds[1:]))  # fmt: skip
+        got = max(sum(costs[a:b]) + (extra if b == len(costs) else 0) for a, b in bounds)
+        assert got == pytest.approx(_brute(costs, stages, extra))
+    with pytest.raises(ValueError, match="stages"):
+        balance(costs, len(costs) + 1)
+
+
+def test_bubble_and_rank_order():
+    assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    assert bubble_fraction(4, 8, virtual=2) == pytest.approx(3 / 19)
+    assert bubble_fraction(1, 5) == 0
+    # tp fastest, then cp, dp, pp (megatron-core's default order)
+    assert [rank_coords(r, 2, 1, 2) for r in range(8)] == [
+        (0, 0, 0, 0), (1, 0, 0, 0), (0, 0, 0, 1), (1, 0, 0, 1),
+        (0, 1, 0, 0), (1, 1, 0, 0), (0, 1, 0, 1), (1, 1, 0, 1)]  # fmt: skip
+
+
+ONE_B = sorted(f.one_b for f in families().values() if f.one_b)
+
+
+@pytest.mark.parametrize("preset", ONE_B)
+def test_every_1b_preset_balances_at_pp4(preset):
+    cfg = load_config("configs/train_1b.yaml",
+                      [f"model.preset={preset}", "parallel.pipeline_parallel=4"])  # fmt: skip
+    res = plan(cfg, 32)
+    assert res["dp"] == 8 and len(res["stages"]) == 4
+    assert res["imbalance"] <= 1.25 + 1e-9, (preset, res["imbalance"])
+    assert "".join(r["letters"] for r in res["stages"]) == cfg.model.pattern
+    # ZeRO-1 divides only the optimizer state by DP: weights and gradients are equal
+    assert all(r["weights"] == r["grads"] for r in res["stages"])
+
+
+def test_cli_prints_the_layout_and_training_refuses_pp():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "plait.launcher.plan", "--config",
+                           "configs/train_1b.yaml", "--set", "parallel.pipeline_parallel=2",
+                           "--set", "parallel.tensor_parallel=2", "--world", "8"],
+                          cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "world 8 = tp 2 x pp 2 x cp 1 x dp 2" in proc.stdout
+    assert "pipeline bubble" in proc.stdout and "balance:" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "plait.launcher.train", "--config",
+                           "configs/tiny.yaml", "--set", "parallel.pipeline_parallel=2"],
+                          cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "pipeline_parallel" in proc.stderr and "plait.launcher.plan" in proc.stderr
