@@ -36,6 +36,11 @@ def _check(q, k, v, slopes, initial_state):
         raise ValueError(
             f"lightning_attention: slopes shape {tuple(slopes.shape)}, expected ({q.shape[1]},)"
         )
+    if bool((slopes < 0).any()):
+        raise ValueError(
+            f"lightning_attention: slopes must be >= 0 (decay exp(-s) <= 1), got min "
+            f"{slopes.min().item():.3g}"
+        )
     B, H, _, D = q.shape
     if initial_state is not None and initial_state.shape != (B, H, D, v.shape[-1]):
         raise ValueError(
@@ -67,6 +72,8 @@ def lightning_attention(
     _check(q_BHTD, k_BHTD, v_BHTE, slopes_H, initial_state)
     B, _, T, _ = q_BHTD.shape
     docs = resolve_doc_ids(cu_seqlens, doc_ids, B, T)
+    if docs is not None and T > 1 and bool((docs[:, 1:] < docs[:, :-1]).any()):
+        raise ValueError("lightning_attention: doc_ids must be non-decreasing along each row")
     if backend not in BACKENDS:
         raise ValueError(f"lightning_attention: backend {backend!r} not in {BACKENDS}")
     if backend == "auto":

@@ -1,247 +1,500 @@
-"""Triton kernels for lightning attention (forward and backward), the fast path on CUDA.
+"""Triton kernels for lightning attention on the chunk decomposition, the fast path on CUDA.
 
-One program per (batch, head) sweeps the sequence block by block, keeping the D x E state
-in registers in float32 (Lightning Attention-2's inter-block recurrence fused with the
-intra-block masked product). The tables are those of chunk.py: decay mask M, query decay
-qd, key decay kd and carry c, each zeroed across document boundaries; the last block is
-masked, not padded, so the final state is exact. Backward: one forward sweep for dQ (which
-needs the state entering each block) and one reverse sweep for dK, dV (which needs the state
-gradient leaving each block).
+The sequence is cut into chunks of BT tokens (the tables M, qd, kd, c of chunk.py, zeroed
+across document boundaries; the last chunk is masked, not padded, so the final state is exact).
+Forward, two kernels:
+  * ``_state_fwd``, grid (D/BK, E/BV, B*H): one program per BK x BV tile of the state sweeps
+    the chunks in order, S_{i+1} = c S_i + K_i^T (kd * V_i), and writes S_i, the state entering
+    chunk i, once to a [B*H, NT, D, E] float32 buffer (and the final state).
+  * ``_out_fwd``, grid (E/BV, NT, B*H): every chunk in parallel,
+    O_i = ((Q_i K_i^T) * M) V_i + qd * (Q_i S_i), the D contraction looped in BK tiles.
+Backward, three: ``_dstate_bwd`` sweeps the chunks in reverse for dS_{i+1}, the state gradient
+leaving chunk i (dS_i = c dS_{i+1} + Q_i^T (qd * dO_i)); ``_dv_bwd`` (grid E/BV x NT x B*H)
+and ``_dqdk_bwd`` (grid D/BK x NT x B*H) then form
+  dV = (P^T * M^T) dO + kd * (K dS_{i+1}),   dQ = (dP * M) K + qd * (dO S_i^T),
+  dK = (dP * M)^T Q + kd * (V dS_{i+1}^T),    dP = dO V^T,
+each chunk independently. The forward states are recomputed in backward (one cheap sweep)
+rather than kept.
 
-Precision: tiles are upcast to float32 after loading (bf16 dots are silently wrong in the
-Triton interpreter, which is how CI runs these kernels on CPU); ``tl.dot`` runs in IEEE fp32
-for fp32 inputs and TF32 for bf16/fp16 inputs (whose own precision is lower).
-Head dims are padded to a power of two >= 16 with masks.
+So no program holds more than a 64 x 64 state tile, the chunk work is spread over
+NT x B*H programs, and D, E of any size (Based's 153 x 65) are tiled with masks.
+
+Precision: on a GPU the dot operands stay in the input dtype (bf16/fp16 on tensor cores) with
+float32 accumulation; fp32 inputs use ``tf32x3`` (three TF32 products, about fp32 accuracy).
+States and decay tables are float32. Under the CPU interpreter (how CI runs these kernels)
+bf16 dots are silently wrong, so there ``UPCAST`` turns every tile into float32 and the dots
+run in IEEE fp32. Base offsets are int64 (B*H*T*D passes 2^31 at about 1M tokens per GPU).
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MIN_CAPABILITY = (8, 0)  # bf16 tensor cores; the kernels are compile-checked for sm_80, sm_90
 
+
+# ---------------------------------------------------------------- autotuning
+def _smem_per_stage(kernel: str, BT: int, BK: int, BV: int, isz: int) -> int:
+    """Bytes of the tiles a pipelined loop iteration loads (what num_stages multiplies)."""
+    return {
+        "state": BT * BK * isz + BT * BV * isz,
+        "out": 2 * BT * BK * isz + BK * BV * 4,
+        "dstate": BT * BK * isz + BT * BV * isz,
+        "dv": 2 * BT * BK * isz + BK * BV * 4,
+        "dqdk": 2 * BT * BV * isz + 2 * BK * BV * 4,
+    }[kernel]
+
+
+def min_warps(kernel: str, fp32: bool) -> int:
+    """Fewer warps spill registers (tests/kernels/aot.py, sm_80): fp32's tf32x3 splits every
+    operand in two, and dq/dk keep three BT x BT-sized accumulators."""
+    return 8 if fp32 or kernel == "dqdk" else 4
+
+
+def _smem_limit() -> int:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return getattr(props, "shared_memory_per_block_optin", 232_448)
+    return 232_448
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        BT, BK, BV = kwargs["BT"], kwargs["BK"], kwargs["BV"]
+        ptr = named_args.get("Q", named_args.get("K"))
+        isz = 4 if (kwargs.get("UPCAST") or ptr.dtype == torch.float32) else 2
+        per = _smem_per_stage(kernel, BT, BK, BV, isz)
+        # fixed part: the BT x BT score tile and its operand copy, a margin for the rest
+        fixed = BT * BT * (4 + isz) + 16 * 1024
+        limit = _smem_limit()
+        kept = [
+            c
+            for c in configs
+            if fixed + max(1, c.num_stages) * per <= limit
+            and c.num_warps >= min_warps(kernel, isz == 4 and not kwargs.get("UPCAST"))
+        ]
+        return kept or configs[-1:]
+
+    return prune
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRET:  # several configs fail in the interpreter
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2, 1)
+    ]  # largest first: the pruner keeps what fits
+
+
+def _autotune(kernel: str):
+    return triton.autotune(
+        configs=_configs(),
+        key=["D", "E", "BT", "BK", "BV", "HAS_DOCS"],
+        prune_configs_by={"early_config_prune": _pruner(kernel)},
+    )
+
+
+# ---------------------------------------------------------------- device helpers
 @triton.jit
-def _tables(s, offs_c, start, T, doc_ptr, HAS_DOCS: tl.constexpr):
-    tmask = start + offs_c < T
-    L = tl.minimum(T - start, offs_c.shape[0])
-    pos = tl.cast(offs_c, tl.float32)
+def _tables(s, offs_t, start, T, doc_ptr, HAS_DOCS: tl.constexpr, TRANS: tl.constexpr):
+    """The chunk's decay tables; M is [t, j] (or [j, t] with TRANS)."""
+    tmask = start + offs_t < T
+    L = tl.minimum(T - start, offs_t.shape[0])
+    pos = tl.cast(offs_t, tl.float32)
     Lf = tl.cast(L, tl.float32)
-    diff = pos[:, None] - pos[None, :]
+    if TRANS:
+        diff = pos[None, :] - pos[:, None]
+    else:
+        diff = pos[:, None] - pos[None, :]
     M = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)
     qd = tl.exp(-s * (pos + 1.0))
     kd = tl.where(tmask, tl.exp(-s * tl.maximum(Lf - 1.0 - pos, 0.0)), 0.0)
     carry = tl.exp(-s * Lf)
     if HAS_DOCS:
-        d = tl.load(doc_ptr + start + offs_c, mask=tmask, other=-1)
+        d = tl.load(doc_ptr + start + offs_t, mask=tmask, other=-1)
         prev = tl.load(doc_ptr + tl.maximum(start - 1, 0))
         end = tl.load(doc_ptr + start + L - 1)
         M = tl.where(d[:, None] == d[None, :], M, 0.0)
         qd = tl.where(d == prev, qd, 0.0)
         kd = tl.where(d == end, kd, 0.0)
         carry = tl.where(prev == end, carry, 0.0)
-    return tmask, M, qd, kd, carry
+    return M, qd, kd, carry
 
 
 @triton.jit
-def _load(ptr, offs_c, offs_f, start, T, F, stride_t):
-    m = (start + offs_c < T)[:, None] & (offs_f < F)[None, :]
-    x = tl.load(ptr + (start + offs_c)[:, None] * stride_t + offs_f[None, :], mask=m, other=0.0)
-    return x.to(tl.float32), m
+def _tile(ptr, offs_t, offs_f, T, F, UPCAST: tl.constexpr):
+    """A [len(offs_t), len(offs_f)] tile of a row-major [T, F] matrix, zero outside."""
+    m = (offs_t < T)[:, None] & (offs_f < F)[None, :]
+    x = tl.load(ptr + offs_t[:, None] * F + offs_f[None, :], mask=m, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, O, SLOPES, DOC, S_INIT, S_FINAL,
-    T, H, D, E,
-    HAS_DOCS: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
-    BLOCK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+def _state_tile(ptr, offs_k, offs_v, D, E):
+    m = (offs_k < D)[:, None] & (offs_v < E)[None, :]
+    return tl.load(ptr + offs_k[:, None] * E + offs_v[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _put_state(ptr, S, offs_k, offs_v, D, E):
+    m = (offs_k < D)[:, None] & (offs_v < E)[None, :]
+    tl.store(ptr + offs_k[:, None] * E + offs_v[None, :], S, mask=m)
+
+
+# ---------------------------------------------------------------- forward
+@_autotune("state")
+@triton.jit(do_not_specialize=["T"])
+def _state_fwd(
+    K, V, STATES, SLOPES, DOC, S_INIT, S_FINAL,
+    T, H, D, E, NT,
+    HAS_DOCS: tl.constexpr, HAS_INIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    s = tl.load(SLOPES + h).to(tl.float32)
-    offs_c = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BD)
-    offs_e = tl.arange(0, BE)
-    q_ptr, k_ptr = Q + pid * T * D, K + pid * T * D
-    v_ptr, o_ptr = V + pid * T * E, O + pid * T * E
-    doc_ptr = DOC + b * T
-    smask = (offs_d < D)[:, None] & (offs_e < E)[None, :]
-    s_off = pid * D * E + offs_d[:, None] * E + offs_e[None, :]
-    S = tl.zeros((BD, BE), dtype=tl.float32)
+    pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh64 = tl.cast(bh, tl.int64)
+    s = tl.load(SLOPES + bh % H).to(tl.float32)
+    offs_t = tl.arange(0, BT)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    k_ptr, v_ptr = K + bh64 * T * D, V + bh64 * T * E
+    doc_ptr = DOC + (bh64 // H) * T
+    st_ptr = STATES + bh64 * NT * D * E
+    S = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_INIT:
-        S = tl.load(S_INIT + s_off, mask=smask, other=0.0).to(tl.float32)
-    for start in range(0, T, BLOCK):
-        tmask, M, qd, kd, carry = _tables(s, offs_c, start, T, doc_ptr, HAS_DOCS)
-        q, _ = _load(q_ptr, offs_c, offs_d, start, T, D, D)
-        k, _ = _load(k_ptr, offs_c, offs_d, start, T, D, D)
-        v, vm = _load(v_ptr, offs_c, offs_e, start, T, E, E)
-        scores = tl.dot(q, tl.trans(k), input_precision=PREC) * M
-        o = tl.dot(scores, v, input_precision=PREC)
-        o += tl.dot(q * qd[:, None], S, input_precision=PREC)
-        tl.store(
-            o_ptr + (start + offs_c)[:, None] * E + offs_e[None, :],
-            o.to(O.dtype.element_ty), mask=vm,
-        )  # fmt: skip
-        S = carry * S + tl.dot(tl.trans(k * kd[:, None]), v, input_precision=PREC)
-    tl.store(S_FINAL + s_off, S, mask=smask)
+        S = _state_tile(S_INIT + bh64 * D * E, offs_k, offs_v, D, E).to(tl.float32)
+    for i in range(0, NT):
+        start = i * BT
+        _put_state(st_ptr + tl.cast(i, tl.int64) * D * E, S, offs_k, offs_v, D, E)
+        _, _, kd, carry = _tables(s, offs_t, start, T, doc_ptr, HAS_DOCS, False)
+        k = _tile(k_ptr, start + offs_t, offs_k, T, D, UPCAST)
+        v = _tile(v_ptr, start + offs_t, offs_v, T, E, UPCAST)
+        vk = (v.to(tl.float32) * kd[:, None]).to(v.dtype)
+        S = carry * S + tl.dot(tl.trans(k), vk, input_precision=PREC)
+    _put_state(S_FINAL + bh64 * D * E, S, offs_k, offs_v, D, E)
 
 
-@triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, SLOPES, DOC, S_INIT,
-    T, H, D, E,
-    HAS_DOCS: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
-    BLOCK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+@_autotune("out")
+@triton.jit(do_not_specialize=["T"])
+def _out_fwd(
+    Q, K, V, O, STATES, SLOPES, DOC,
+    T, H, D, E, NT,
+    HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    s = tl.load(SLOPES + h).to(tl.float32)
-    offs_c = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BD)
-    offs_e = tl.arange(0, BE)
-    k_ptr, dq_ptr = K + pid * T * D, DQ + pid * T * D
-    v_ptr, do_ptr = V + pid * T * E, DO + pid * T * E
-    doc_ptr = DOC + b * T
-    smask = (offs_d < D)[:, None] & (offs_e < E)[None, :]
-    S = tl.zeros((BD, BE), dtype=tl.float32)
-    if HAS_INIT:
-        s_off = pid * D * E + offs_d[:, None] * E + offs_e[None, :]
-        S = tl.load(S_INIT + s_off, mask=smask, other=0.0).to(tl.float32)
-    for start in range(0, T, BLOCK):
-        tmask, M, qd, kd, carry = _tables(s, offs_c, start, T, doc_ptr, HAS_DOCS)
-        k, km = _load(k_ptr, offs_c, offs_d, start, T, D, D)
-        v, _ = _load(v_ptr, offs_c, offs_e, start, T, E, E)
-        do, _ = _load(do_ptr, offs_c, offs_e, start, T, E, E)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC) * M
-        dq = tl.dot(dp, k, input_precision=PREC)
-        dq += tl.dot(do, tl.trans(S), input_precision=PREC) * qd[:, None]
-        tl.store(
-            dq_ptr + (start + offs_c)[:, None] * D + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty), mask=km,
-        )  # fmt: skip
-        S = carry * S + tl.dot(tl.trans(k * kd[:, None]), v, input_precision=PREC)
+    pid_v, i, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh64 = tl.cast(bh, tl.int64)
+    s = tl.load(SLOPES + bh % H).to(tl.float32)
+    start = i * BT
+    offs_t = start + tl.arange(0, BT)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    q_ptr, k_ptr = Q + bh64 * T * D, K + bh64 * T * D
+    st_ptr = STATES + (bh64 * NT + i) * D * E
+    scores = tl.zeros((BT, BT), dtype=tl.float32)
+    o = tl.zeros((BT, BV), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        q = _tile(q_ptr, offs_t, offs_k, T, D, UPCAST)
+        k = _tile(k_ptr, offs_t, offs_k, T, D, UPCAST)
+        S = _state_tile(st_ptr, offs_k, offs_v, D, E).to(q.dtype)
+        scores += tl.dot(q, tl.trans(k), input_precision=PREC)
+        o += tl.dot(q, S, input_precision=PREC)
+    M, qd, _, _ = _tables(s, tl.arange(0, BT), start, T, DOC + (bh64 // H) * T, HAS_DOCS, False)
+    v = _tile(V + bh64 * T * E, offs_t, offs_v, T, E, UPCAST)
+    o = o * qd[:, None] + tl.dot((scores * M).to(v.dtype), v, input_precision=PREC)
+    om = (offs_t < T)[:, None] & (offs_v < E)[None, :]
+    o_ptrs = O + bh64 * T * E + offs_t[:, None] * E + offs_v[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=om)
 
 
-@triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, SLOPES, DOC, DS_FINAL, DS_INIT,
-    T, H, D, E,
+# ---------------------------------------------------------------- backward
+@_autotune("dstate")
+@triton.jit(do_not_specialize=["T"])
+def _dstate_bwd(
+    Q, DO, DSTATES, SLOPES, DOC, DS_FINAL, DS_INIT,
+    T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr,
-    PREC: tl.constexpr, BLOCK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    s = tl.load(SLOPES + h).to(tl.float32)
-    offs_c = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BD)
-    offs_e = tl.arange(0, BE)
-    q_ptr, k_ptr, dk_ptr = Q + pid * T * D, K + pid * T * D, DK + pid * T * D
-    v_ptr, do_ptr, dv_ptr = V + pid * T * E, DO + pid * T * E, DV + pid * T * E
-    doc_ptr = DOC + b * T
-    smask = (offs_d < D)[:, None] & (offs_e < E)[None, :]
-    s_off = pid * D * E + offs_d[:, None] * E + offs_e[None, :]
-    dS = tl.zeros((BD, BE), dtype=tl.float32)
+    pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh64 = tl.cast(bh, tl.int64)
+    s = tl.load(SLOPES + bh % H).to(tl.float32)
+    offs_t = tl.arange(0, BT)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    q_ptr, do_ptr = Q + bh64 * T * D, DO + bh64 * T * E
+    doc_ptr = DOC + (bh64 // H) * T
+    st_ptr = DSTATES + bh64 * NT * D * E
+    dS = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_DFINAL:
-        dS = tl.load(DS_FINAL + s_off, mask=smask, other=0.0).to(tl.float32)
-    n_blocks = tl.cdiv(T, BLOCK)
-    for i in range(0, n_blocks):
-        start = (n_blocks - 1 - i) * BLOCK
-        tmask, M, qd, kd, carry = _tables(s, offs_c, start, T, doc_ptr, HAS_DOCS)
-        q, _ = _load(q_ptr, offs_c, offs_d, start, T, D, D)
-        k, km = _load(k_ptr, offs_c, offs_d, start, T, D, D)
-        v, vm = _load(v_ptr, offs_c, offs_e, start, T, E, E)
-        do, _ = _load(do_ptr, offs_c, offs_e, start, T, E, E)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC) * M
-        p = tl.dot(q, tl.trans(k), input_precision=PREC) * M
-        dk = tl.dot(tl.trans(dp), q, input_precision=PREC)
-        dk += tl.dot(v, tl.trans(dS), input_precision=PREC) * kd[:, None]
-        dv = tl.dot(tl.trans(p), do, input_precision=PREC)
-        dv += tl.dot(k * kd[:, None], dS, input_precision=PREC)
-        tl.store(
-            dk_ptr + (start + offs_c)[:, None] * D + offs_d[None, :],
-            dk.to(DK.dtype.element_ty), mask=km,
-        )  # fmt: skip
-        tl.store(
-            dv_ptr + (start + offs_c)[:, None] * E + offs_e[None, :],
-            dv.to(DV.dtype.element_ty), mask=vm,
-        )  # fmt: skip
-        dS = carry * dS + tl.dot(tl.trans(q * qd[:, None]), do, input_precision=PREC)
+        dS = _state_tile(DS_FINAL + bh64 * D * E, offs_k, offs_v, D, E).to(tl.float32)
+    for j in range(0, NT):
+        i = NT - 1 - j
+        start = i * BT
+        _put_state(st_ptr + tl.cast(i, tl.int64) * D * E, dS, offs_k, offs_v, D, E)
+        _, qd, _, carry = _tables(s, offs_t, start, T, doc_ptr, HAS_DOCS, False)
+        q = _tile(q_ptr, start + offs_t, offs_k, T, D, UPCAST)
+        do = _tile(do_ptr, start + offs_t, offs_v, T, E, UPCAST)
+        dod = (do.to(tl.float32) * qd[:, None]).to(do.dtype)
+        dS = carry * dS + tl.dot(tl.trans(q), dod, input_precision=PREC)
     if HAS_INIT:
-        tl.store(DS_INIT + s_off, dS, mask=smask)
+        _put_state(DS_INIT + bh64 * D * E, dS, offs_k, offs_v, D, E)
 
 
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+@_autotune("dv")
+@triton.jit(do_not_specialize=["T"])
+def _dv_bwd(
+    Q, K, DO, DV, DSTATES, SLOPES, DOC,
+    T, H, D, E, NT,
+    HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    pid_v, i, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh64 = tl.cast(bh, tl.int64)
+    s = tl.load(SLOPES + bh % H).to(tl.float32)
+    start = i * BT
+    offs_t = start + tl.arange(0, BT)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    q_ptr, k_ptr = Q + bh64 * T * D, K + bh64 * T * D
+    st_ptr = DSTATES + (bh64 * NT + i) * D * E
+    pt = tl.zeros((BT, BT), dtype=tl.float32)  # P^T: [j, t] = k_j . q_t
+    dv = tl.zeros((BT, BV), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        q = _tile(q_ptr, offs_t, offs_k, T, D, UPCAST)
+        k = _tile(k_ptr, offs_t, offs_k, T, D, UPCAST)
+        dS = _state_tile(st_ptr, offs_k, offs_v, D, E).to(k.dtype)
+        pt += tl.dot(k, tl.trans(q), input_precision=PREC)
+        dv += tl.dot(k, dS, input_precision=PREC)
+    MT, _, kd, _ = _tables(s, tl.arange(0, BT), start, T, DOC + (bh64 // H) * T, HAS_DOCS, True)
+    do = _tile(DO + bh64 * T * E, offs_t, offs_v, T, E, UPCAST)
+    dv = dv * kd[:, None] + tl.dot((pt * MT).to(do.dtype), do, input_precision=PREC)
+    m = (offs_t < T)[:, None] & (offs_v < E)[None, :]
+    tl.store(
+        DV + bh64 * T * E + offs_t[:, None] * E + offs_v[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=m,
+    )
 
 
-def _meta(q, v, block):
+@_autotune("dqdk")
+@triton.jit(do_not_specialize=["T"])
+def _dqdk_bwd(
+    Q, K, V, DO, DQ, DK, STATES, DSTATES, SLOPES, DOC,
+    T, H, D, E, NT,
+    HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    pid_k, i, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh64 = tl.cast(bh, tl.int64)
+    s = tl.load(SLOPES + bh % H).to(tl.float32)
+    start = i * BT
+    offs_t = start + tl.arange(0, BT)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    v_ptr, do_ptr = V + bh64 * T * E, DO + bh64 * T * E
+    st_off = (bh64 * NT + i) * D * E
+    dp = tl.zeros((BT, BT), dtype=tl.float32)
+    dq = tl.zeros((BT, BK), dtype=tl.float32)
+    dk = tl.zeros((BT, BK), dtype=tl.float32)
+    for v0 in range(0, E, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        v = _tile(v_ptr, offs_t, offs_v, T, E, UPCAST)
+        do = _tile(do_ptr, offs_t, offs_v, T, E, UPCAST)
+        S = _state_tile(STATES + st_off, offs_k, offs_v, D, E).to(v.dtype)
+        dS = _state_tile(DSTATES + st_off, offs_k, offs_v, D, E).to(v.dtype)
+        dp += tl.dot(do, tl.trans(v), input_precision=PREC)
+        dq += tl.dot(do, tl.trans(S), input_precision=PREC)
+        dk += tl.dot(v, tl.trans(dS), input_precision=PREC)
+    M, qd, kd, _ = _tables(s, tl.arange(0, BT), start, T, DOC + (bh64 // H) * T, HAS_DOCS, False)
+    q = _tile(Q + bh64 * T * D, offs_t, offs_k, T, D, UPCAST)
+    k = _tile(K + bh64 * T * D, offs_t, offs_k, T, D, UPCAST)
+    dpm = (dp * M).to(k.dtype)
+    dq = dq * qd[:, None] + tl.dot(dpm, k, input_precision=PREC)
+    dk = dk * kd[:, None] + tl.dot(tl.trans(dpm), q, input_precision=PREC)
+    m = (offs_t < T)[:, None] & (offs_k < D)[None, :]
+    offs = offs_t[:, None] * D + offs_k[None, :]
+    tl.store(DQ + bh64 * T * D + offs, dq.to(DQ.dtype.element_ty), mask=m)
+    tl.store(DK + bh64 * T * D + offs, dk.to(DK.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------- host side
+def feature_tile(n: int, widest: int = 64) -> int:
+    """Tile width for a head dim: at most ``widest`` (so a state tile is <= 64 x 64), at
+    least 16 (tl.dot's minimum), the one that pads ``n`` least (ties to the wider tile)."""
+    best = None
+    for w in (64, 32, 16):
+        if w > widest:
+            continue
+        padded = triton.cdiv(n, w) * w
+        if best is None or padded < best[0]:
+            best = (padded, w)
+    return best[1]
+
+
+def plan(D: int, E: int, dtype: torch.dtype, block: int, interpret: bool = INTERPRET) -> dict:
+    """The constexprs every kernel of one call gets (shared with the compile test)."""
+    if block < 16 or block & (block - 1) or block > 128:
+        raise ValueError(
+            f"lightning_attention (triton): block must be a power of two in [16, 128], got {block}"
+        )
+    if interpret:
+        prec = "ieee"
+    else:
+        prec = "tf32x3" if dtype == torch.float32 else "ieee"  # ieee is unused for 16-bit dots
+    # tf32x3 splits every fp32 operand in two: 64 x 64 tiles spill, 32 x 32 do not (sm_90)
+    widest = 32 if dtype == torch.float32 else 64
+    return dict(
+        UPCAST=interpret,
+        PREC=prec,
+        BT=block,
+        BK=feature_tile(D, widest),
+        BV=feature_tile(E, widest),
+    )
+
+
+def check_device(*tensors: torch.Tensor, what: str) -> None:
+    """Say at the wrapper, not at launch, why a kernel cannot run here."""
+    dev = tensors[0].device
+    if any(t.device != dev for t in tensors if t is not None):
+        raise ValueError(
+            f"{what} (triton): inputs on several devices {[str(t.device) for t in tensors]}"
+        )
+    if dev.type == "cuda":
+        cap = torch.cuda.get_device_capability(dev)
+        if cap < MIN_CAPABILITY:
+            raise RuntimeError(
+                f"{what} (triton): needs compute capability >= {MIN_CAPABILITY}, "
+                f"{torch.cuda.get_device_name(dev)} has {cap}; use backend='chunk'"
+            )
+    elif not INTERPRET:
+        raise RuntimeError(
+            f"{what} (triton): tensors on {dev} need CUDA or TRITON_INTERPRET=1; "
+            "use backend='chunk'"
+        )
+
+
+def prepare_doc_ids(doc_ids: torch.Tensor | None, like: torch.Tensor, what: str) -> torch.Tensor:
+    """Doc ids as contiguous int64 on the kernels' device (moved once), validated
+    non-decreasing along each row; a dummy when there are none."""
+    if doc_ids is None:
+        return like.new_zeros(1, dtype=torch.int64)
+    docs = doc_ids.to(device=like.device, dtype=torch.int64).contiguous()
+    if docs.shape[1] > 1 and bool((docs[:, 1:] < docs[:, :-1]).any()):
+        raise ValueError(f"{what}: doc_ids must be non-decreasing along each row")
+    return docs
+
+
+def _on(x: torch.Tensor):
+    """Launch on the inputs' GPU whatever the current device is."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _launch_forward(q, k, v, slopes32, docs, init, has_docs, meta, need_out=True):
     B, H, T, D = q.shape
     E = v.shape[-1]
-    if block < 16 or block & (block - 1):
-        raise ValueError(
-            f"lightning_attention (triton): block must be a power of two >= 16, got {block}"
+    NT = triton.cdiv(T, meta["BT"])
+    states = torch.empty(B * H, NT, D, E, device=q.device, dtype=torch.float32)
+    final = torch.empty(B, H, D, E, device=q.device, dtype=torch.float32)
+    BK, BV = meta["BK"], meta["BV"]
+    _state_fwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
+        k, v, states, slopes32, docs, init, final, T, H, D, E, NT,
+        HAS_DOCS=has_docs, HAS_INIT=init.numel() > 1, **meta,
+    )  # fmt: skip
+    o = None
+    if need_out:
+        o = torch.empty(B, H, T, E, device=q.device, dtype=q.dtype)
+        _out_fwd[(triton.cdiv(E, BV), NT, B * H)](
+            q, k, v, o, states, slopes32, docs, T, H, D, E, NT, HAS_DOCS=has_docs, **meta
         )
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    return B, H, T, D, E, dict(PREC=prec, BLOCK=block, BD=_pad(D), BE=_pad(E))
+    return o, final, states
 
 
 class _LightningTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, slopes, doc_ids, initial_state, block):
         q, k, v = (x.contiguous() for x in (q, k, v))
-        B, H, T, D, E, meta = _meta(q, v, block)
+        meta = plan(q.shape[-1], v.shape[-1], q.dtype, block)
         slopes32 = slopes.to(device=q.device, dtype=torch.float32).contiguous()
-        docs = doc_ids.contiguous() if doc_ids is not None else q.new_zeros(1, dtype=torch.int64)
+        docs = prepare_doc_ids(doc_ids, q, "lightning_attention")
+        has_init = initial_state is not None
         init = (
-            initial_state.to(torch.float32).contiguous()
-            if initial_state is not None
+            initial_state.to(device=q.device, dtype=torch.float32).contiguous()
+            if has_init
             else q.new_zeros(1, dtype=torch.float32)
         )
-        o = torch.empty(B, H, T, E, device=q.device, dtype=q.dtype)
-        final = torch.empty(B, H, D, E, device=q.device, dtype=torch.float32)
-        _fwd_kernel[(B * H,)](
-            q, k, v, o, slopes32, docs, init, final, T, H, D, E,
-            HAS_DOCS=doc_ids is not None, HAS_INIT=initial_state is not None, **meta,
-        )  # fmt: skip
+        with _on(q):
+            o, final, _ = _launch_forward(q, k, v, slopes32, docs, init, doc_ids is not None, meta)
         ctx.save_for_backward(q, k, v, slopes32, docs, init)
-        ctx.has_docs, ctx.has_init, ctx.block = (
-            doc_ids is not None,
-            initial_state is not None,
-            block,
-        )
-        ctx.init_dtype = initial_state.dtype if initial_state is not None else None
+        ctx.has_docs, ctx.has_init, ctx.meta = doc_ids is not None, has_init, meta
+        ctx.init_dtype = initial_state.dtype if has_init else None
         return o, final
 
     @staticmethod
     def backward(ctx, d_out, d_final):
         q, k, v, slopes32, docs, init = ctx.saved_tensors
-        B, H, T, D, E, meta = _meta(q, v, ctx.block)
-        do = d_out.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dfinal = (
-            d_final.to(torch.float32).contiguous()
-            if d_final is not None
-            else q.new_zeros(1, dtype=torch.float32)
+        meta, has_docs = ctx.meta, ctx.has_docs
+        B, H, T, D = q.shape
+        E = v.shape[-1]
+        NT = triton.cdiv(T, meta["BT"])
+        BK, BV = meta["BK"], meta["BV"]
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        need_init = ctx.has_init and ctx.needs_input_grad[5]
+        dq = dk = dv = d_init = None
+        with _on(q):
+            do = (
+                d_out.contiguous()
+                if d_out is not None
+                else torch.zeros(B, H, T, E, device=q.device, dtype=q.dtype)
+            )
+            dfinal = (
+                d_final.to(torch.float32).contiguous()
+                if d_final is not None
+                else q.new_zeros(1, dtype=torch.float32)
+            )
+            dinit = (
+                torch.empty(B, H, D, E, device=q.device, dtype=torch.float32)
+                if need_init
+                else q.new_zeros(1, dtype=torch.float32)
+            )
+            dstates = torch.empty(B * H, NT, D, E, device=q.device, dtype=torch.float32)
+            _dstate_bwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
+                q, do, dstates, slopes32, docs, dfinal, dinit, T, H, D, E, NT,
+                HAS_DOCS=has_docs, HAS_DFINAL=d_final is not None, HAS_INIT=need_init, **meta,
+            )  # fmt: skip
+            if need_v:
+                dv = torch.empty_like(v)
+                _dv_bwd[(triton.cdiv(E, BV), NT, B * H)](
+                    q, k, do, dv, dstates, slopes32, docs, T, H, D, E, NT,
+                    HAS_DOCS=has_docs, **meta,
+                )  # fmt: skip
+            if need_q or need_k:
+                _, _, states = _launch_forward(
+                    q, k, v, slopes32, docs, init, has_docs, meta, need_out=False
+                )
+                dq, dk = torch.empty_like(q), torch.empty_like(k)
+                _dqdk_bwd[(triton.cdiv(D, BK), NT, B * H)](
+                    q, k, v, do, dq, dk, states, dstates, slopes32, docs, T, H, D, E, NT,
+                    HAS_DOCS=has_docs, **meta,
+                )  # fmt: skip
+        if need_init:
+            d_init = dinit.to(ctx.init_dtype)
+        return (
+            dq if need_q else None,
+            dk if need_k else None,
+            dv,
+            None,
+            None,
+            d_init,
+            None,
         )
-        dinit = (
-            torch.empty(B, H, D, E, device=q.device, dtype=torch.float32)
-            if ctx.has_init
-            else dfinal
-        )
-        _bwd_dq_kernel[(B * H,)](
-            q, k, v, do, dq, slopes32, docs, init, T, H, D, E,
-            HAS_DOCS=ctx.has_docs, HAS_INIT=ctx.has_init, **meta,
-        )  # fmt: skip
-        _bwd_dkdv_kernel[(B * H,)](
-            q, k, v, do, dk, dv, slopes32, docs, dfinal, dinit, T, H, D, E,
-            HAS_DOCS=ctx.has_docs, HAS_DFINAL=d_final is not None, HAS_INIT=ctx.has_init, **meta,
-        )  # fmt: skip
-        d_init = dinit.to(ctx.init_dtype) if ctx.has_init else None
-        return dq, dk, dv, None, None, d_init, None
 
 
 def lightning_attention_triton(
@@ -254,7 +507,51 @@ def lightning_attention_triton(
     return_state: bool = False,
     block: int = 64,
 ):
+    check_device(q_BHTD, k_BHTD, v_BHTE, what="lightning_attention")
     out, state = _LightningTriton.apply(
         q_BHTD, k_BHTD, v_BHTE, slopes_H, doc_ids_BT, initial_state_BHDE, block
     )
     return (out, state) if return_state else out
+
+
+# ---------------------------------------------------------------- ahead-of-time compile cases
+_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, has_init: bool, block: int = 64):
+    """One entry per kernel a call at this shape launches, for tests/kernels/aot.py: argument
+    types, constexprs (as the wrapper sets them on a GPU) and the largest autotune config the
+    shared-memory pruner keeps on an H100 (the most demanding one)."""
+    meta = plan(D, E, dtype, block, interpret=False)
+    x, f32, i32 = f"*{_TT[dtype]}", "*fp32", "i32"
+    ints = dict(T=i32, H=i32, D=i32, E=i32, NT=i32)
+    common = dict(SLOPES=f32, DOC="*i64", **ints)
+    docs = dict(HAS_DOCS=has_docs)
+    specs = [
+        (_state_fwd, dict(K=x, V=x, STATES=f32, S_INIT=f32, S_FINAL=f32), dict(HAS_INIT=has_init)),
+        (_out_fwd, dict(Q=x, K=x, V=x, O=x, STATES=f32), {}),
+        (
+            _dstate_bwd,
+            dict(Q=x, DO=x, DSTATES=f32, DS_FINAL=f32, DS_INIT=f32),
+            dict(HAS_DFINAL=has_init, HAS_INIT=has_init),
+        ),
+        (_dv_bwd, dict(Q=x, K=x, DO=x, DV=x, DSTATES=f32), {}),
+        (_dqdk_bwd, dict(Q=x, K=x, V=x, DO=x, DQ=x, DK=x, STATES=f32, DSTATES=f32), {}),
+    ]
+    cases = []
+    for tuner, types, flags in specs:
+        kernel = tuner.fn.__name__.strip("_").split("_")[0]
+        isz = 4 if dtype == torch.float32 else 2
+        per = _smem_per_stage(kernel, meta["BT"], meta["BK"], meta["BV"], isz)
+        fixed = meta["BT"] * meta["BT"] * (4 + isz) + 16 * 1024
+        stages = max(s for s in (3, 2, 1) if fixed + s * per <= 232_448 or s == 1)
+        cases.append(
+            dict(
+                fn=tuner.fn,
+                types={**common, **types},
+                constexprs={**meta, **docs, **flags},
+                num_warps=min_warps(kernel, dtype == torch.float32),
+                num_stages=stages,
+            )
+        )
+    return cases

@@ -1,9 +1,13 @@
 """Triton short causal depthwise convolution, forward and backward.
 
-Each program owns a tile of BT tokens x BC channels of one batch row and loops over the K taps
-(K is a compile-time constant, e.g. 3 or 4). Backward: dx is the anti-causal convolution of dy
-with the same taps; dw is reduced per tile into a [tiles, C, K] buffer and summed by torch
-(no atomics, so the result is deterministic). Tiles are upcast to float32.
+Forward: each program owns a tile of BT tokens x BC channels of one batch row and loops over
+the K taps (K is a compile-time constant, e.g. 3 or 4). Backward: one program per BC channels
+x batch row x span of SPAN tokens sweeps its span in BT-token tiles; dx is the anti-causal
+convolution of dy with the same taps, and dw is accumulated in registers across the tiles
+([BC, K] float32) and written once per program into a [B * spans, C, K] buffer that torch
+sums: no atomics (deterministic), and the buffer is C * K floats per SPAN tokens, not per tile
+(24 MB at 1M tokens, C = 2048, K = 3, where per-tile partials took 768 MB). Tiles are upcast
+to float32; base offsets are int64.
 """
 
 from __future__ import annotations
@@ -11,6 +15,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from plait.kernels.lightning.triton import _TT, _on, check_device, prepare_doc_ids
+
+SPAN = 1024  # tokens per backward program
 
 
 @triton.jit
@@ -23,18 +31,20 @@ def _same_doc(DOC, b, T, offs_t, src, HAS_DOCS: tl.constexpr):
     return ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _fwd(X, W, BIAS, Y, DOC, T, C, K: tl.constexpr, HAS_BIAS: tl.constexpr,
          HAS_DOCS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_t, pid_c = tl.program_id(0), tl.program_id(1)
+    b = tl.cast(tl.program_id(2), tl.int64)
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_c = pid_c * BC + tl.arange(0, BC)
     cmask = offs_c < C
+    x_ptr = X + b * T * C
     acc = tl.zeros((BT, BC), tl.float32)
     for i in tl.static_range(K):
         src = offs_t - (K - 1) + i
         ok = _same_doc(DOC, b, T, offs_t, src, HAS_DOCS)
-        x = tl.load(X + b * T * C + src[:, None] * C + offs_c[None, :],
+        x = tl.load(x_ptr + src[:, None] * C + offs_c[None, :],
                     mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
         w = tl.load(W + offs_c * K + i, mask=cmask, other=0.0).to(tl.float32)
         acc += x * w[None, :]
@@ -46,41 +56,43 @@ def _fwd(X, W, BIAS, Y, DOC, T, C, K: tl.constexpr, HAS_BIAS: tl.constexpr,
     )
 
 
-@triton.jit
-def _bwd(X, W, DY, DX, DW_PART, DOC, T, C, K: tl.constexpr, HAS_DOCS: tl.constexpr,
+@triton.jit(do_not_specialize=["T"])
+def _bwd(X, W, DY, DX, DW_PART, DOC, T, C, K: tl.constexpr, KP: tl.constexpr,
+         HAS_DOCS: tl.constexpr, SPAN: tl.constexpr,
          BT: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_t = tl.num_programs(0)
-    offs_t = pid_t * BT + tl.arange(0, BT)
+    pid_c, b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_s = tl.num_programs(2)
+    b64 = tl.cast(b, tl.int64)
     offs_c = pid_c * BC + tl.arange(0, BC)
+    offs_k = tl.arange(0, KP)
     cmask = offs_c < C
-    tmask = offs_t < T
-    dy = tl.load(DY + b * T * C + offs_t[:, None] * C + offs_c[None, :],
-                 mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    dx = tl.zeros((BT, BC), tl.float32)
-    part = DW_PART + (b * n_t + pid_t) * C * K
-    for i in tl.static_range(K):
-        w = tl.load(W + offs_c * K + i, mask=cmask, other=0.0).to(tl.float32)
-        # dw[c, i] += sum_t dy[t] x[t - K + 1 + i]
-        src = offs_t - (K - 1) + i
-        ok = _same_doc(DOC, b, T, offs_t, src, HAS_DOCS)
-        x = tl.load(X + b * T * C + src[:, None] * C + offs_c[None, :],
-                    mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        tl.store(part + offs_c * K + i, tl.sum(dy * x, 0), mask=cmask)
-        # dx[t] += w[c, i] dy[t + K - 1 - i]   (t is the source of output t + K - 1 - i)
-        dst = offs_t + (K - 1) - i
-        ok2 = _same_doc(DOC, b, T, dst, offs_t, HAS_DOCS) & (dst < T)
-        dyd = tl.load(DY + b * T * C + dst[:, None] * C + offs_c[None, :],
-                      mask=ok2[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        dx += dyd * w[None, :]
-    m = tmask[:, None] & cmask[None, :]
-    tl.store(
-        DX + b * T * C + offs_t[:, None] * C + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=m
-    )
-
-
-def _grid(B, T, C, BT, BC):
-    return (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
+    x_ptr, dy_ptr, dx_ptr = X + b64 * T * C, DY + b64 * T * C, DX + b64 * T * C
+    dw = tl.zeros((BC, KP), tl.float32)
+    for t0 in range(pid_s * SPAN, tl.minimum(pid_s * SPAN + SPAN, T), BT):
+        offs_t = t0 + tl.arange(0, BT)
+        tmask = offs_t < T
+        dy = tl.load(dy_ptr + offs_t[:, None] * C + offs_c[None, :],
+                     mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        dx = tl.zeros((BT, BC), tl.float32)
+        for i in tl.static_range(K):
+            w = tl.load(W + offs_c * K + i, mask=cmask, other=0.0).to(tl.float32)
+            # dw[c, i] += sum_t dy[t] x[t - K + 1 + i]
+            src = offs_t - (K - 1) + i
+            ok = _same_doc(DOC, b64, T, offs_t, src, HAS_DOCS)
+            x = tl.load(x_ptr + src[:, None] * C + offs_c[None, :],
+                        mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            dw += tl.where(offs_k[None, :] == i, tl.sum(dy * x, 0)[:, None], 0.0)
+            # dx[t] += w[c, i] dy[t + K - 1 - i]   (t is the source of output t + K - 1 - i)
+            dst = offs_t + (K - 1) - i
+            ok2 = _same_doc(DOC, b64, T, dst, offs_t, HAS_DOCS) & (dst < T)
+            dyd = tl.load(dy_ptr + dst[:, None] * C + offs_c[None, :],
+                          mask=ok2[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            dx += dyd * w[None, :]
+        m = tmask[:, None] & cmask[None, :]
+        tl.store(dx_ptr + offs_t[:, None] * C + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=m)
+    part = DW_PART + (b64 * n_s + pid_s) * C * K
+    pm = cmask[:, None] & (offs_k < K)[None, :]
+    tl.store(part + offs_c[:, None] * K + offs_k[None, :], dw, mask=pm)
 
 
 class _ShortConvTriton(torch.autograd.Function):
@@ -89,11 +101,14 @@ class _ShortConvTriton(torch.autograd.Function):
         x, w = x.contiguous(), w.contiguous()
         B, T, C = x.shape
         K = w.shape[1]
-        docs = doc_ids.contiguous() if doc_ids is not None else x.new_zeros(1, dtype=torch.int64)
+        docs = prepare_doc_ids(doc_ids, x, "short_conv")
         y = torch.empty_like(x)
         b_arg = bias.contiguous() if bias is not None else w
-        _fwd[_grid(B, T, C, BT, BC)](x, w, b_arg, y, docs, T, C, K=K, HAS_BIAS=bias is not None,
-                                      HAS_DOCS=doc_ids is not None, BT=BT, BC=BC)  # fmt: skip
+        with _on(x):
+            _fwd[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
+                x, w, b_arg, y, docs, T, C, K=K, HAS_BIAS=bias is not None,
+                HAS_DOCS=doc_ids is not None, BT=BT, BC=BC,
+            )  # fmt: skip
         ctx.save_for_backward(x, w, docs)
         ctx.has_bias, ctx.has_docs, ctx.BT, ctx.BC = bias is not None, doc_ids is not None, BT, BC
         return y
@@ -103,15 +118,33 @@ class _ShortConvTriton(torch.autograd.Function):
         x, w, docs = ctx.saved_tensors
         B, T, C = x.shape
         K = w.shape[1]
-        grid = _grid(B, T, C, ctx.BT, ctx.BC)
-        dx = torch.empty_like(x)
-        part = torch.zeros(B * grid[0], C, K, device=x.device, dtype=torch.float32)
-        _bwd[grid](x, w, dy.contiguous(), dx, part, docs, T, C, K=K, HAS_DOCS=ctx.has_docs,
-                   BT=ctx.BT, BC=ctx.BC)  # fmt: skip
-        dw = part.sum(0).to(w.dtype)
-        db = dy.float().sum((0, 1)).to(w.dtype) if ctx.has_bias else None
+        n_s = triton.cdiv(T, SPAN)
+        with _on(x):
+            dx = torch.empty_like(x)
+            part = torch.empty(B * n_s, C, K, device=x.device, dtype=torch.float32)
+            _bwd[(triton.cdiv(C, ctx.BC), B, n_s)](
+                x, w, dy.contiguous(), dx, part, docs, T, C, K=K, KP=triton.next_power_of_2(K),
+                HAS_DOCS=ctx.has_docs, SPAN=SPAN, BT=ctx.BT, BC=ctx.BC,
+            )  # fmt: skip
+            dw = part.sum(0).to(w.dtype)
+            db = dy.float().sum((0, 1)).to(w.dtype) if ctx.has_bias else None
         return dx, dw, db, None, None, None
 
 
 def short_conv_triton(x, w, bias=None, doc_ids=None, BT: int = 32, BC: int = 32):
+    check_device(x, w, what="short_conv")
     return _ShortConvTriton.apply(x, w, bias, doc_ids, BT, BC)
+
+
+def aot_cases(K: int, dtype: torch.dtype, has_docs: bool, has_bias: bool = True,
+              BT: int = 32, BC: int = 32):  # fmt: skip
+    """The kernels one call launches, for tests/kernels/aot.py (see lightning's)."""
+    x, i32 = f"*{_TT[dtype]}", "i32"
+    flags = dict(K=K, HAS_DOCS=has_docs, BT=BT, BC=BC)
+    return [
+        dict(fn=_fwd, types=dict(X=x, W=x, BIAS=x, Y=x, DOC="*i64", T=i32, C=i32),
+             constexprs={**flags, "HAS_BIAS": has_bias}, num_warps=4, num_stages=2),
+        dict(fn=_bwd, types=dict(X=x, W=x, DY=x, DX=x, DW_PART="*fp32", DOC="*i64", T=i32, C=i32),
+             constexprs={**flags, "KP": triton.next_power_of_2(K), "SPAN": SPAN},
+             num_warps=4, num_stages=2),
+    ]  # fmt: skip

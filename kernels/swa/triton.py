@@ -4,9 +4,14 @@ Forward: one program per (query block, batch x head) runs an online softmax over
 blocks that can fall inside the window, [q_start - w + 1, q_end), and saves the row
 log-sum-exp. Backward recomputes the probabilities from it: one kernel per query block for
 dQ, one per key block for dK, dV (looping over the query blocks whose windows reach it).
-Work and memory are O(T * w). Masked scores are -1e30 (finite), so a block that a row cannot
-see contributes exactly zero once the row's own key has been seen. Tiles are upcast to
-float32 after loading.
+Work and memory are O(T * w): key blocks entirely outside the window are never visited. Masked
+scores are -1e30 (finite), so a block that a row cannot see contributes exactly zero once the
+row's own key has been seen.
+
+Precision: on a GPU the dot operands stay in the input dtype (bf16/fp16 tensor cores, the
+probabilities cast to it as flash attention does) with float32 accumulation and softmax
+statistics; fp32 inputs use ``tf32x3``. Under the CPU interpreter (CI) tiles are upcast to
+float32 (``UPCAST``: bf16 dots are silently wrong there). Base offsets are int64.
 """
 
 from __future__ import annotations
@@ -15,7 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-NEG = -1.0e30
+from plait.kernels.lightning.triton import (
+    _TT,
+    INTERPRET,
+    _on,
+    check_device,
+    prepare_doc_ids,
+)
+
+NEG: tl.constexpr = tl.constexpr(-1.0e30)  # a plain global is a NameError inside @jit on GPU
+MAX_HEAD_DIM = 256
 
 
 @triton.jit
@@ -30,24 +44,27 @@ def _mask(offs_m, offs_n, T, window, doc_ptr, HAS_DOCS: tl.constexpr):
 
 
 @triton.jit
-def _tile(ptr, offs, offs_f, T, F):
+def _tile(ptr, offs, offs_f, T, F, UPCAST: tl.constexpr):
     m = (offs < T)[:, None] & (offs_f < F)[None, :]
-    return tl.load(ptr + offs[:, None] * F + offs_f[None, :], mask=m, other=0.0).to(tl.float32)
+    x = tl.load(ptr + offs[:, None] * F + offs_f[None, :], mask=m, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _fwd(
     Q, K, V, O, LSE, DOC, T, H, D, E, window, scale,
-    HAS_DOCS: tl.constexpr, PREC: tl.constexpr,
+    HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0) * BM
-    bh = tl.program_id(1)
+    bh = tl.cast(tl.program_id(1), tl.int64)
     offs_m = start_m + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     doc_ptr = DOC + (bh // H) * T
-    q = _tile(Q + bh * T * D, offs_m, offs_d, T, D)
+    q = _tile(Q + bh * T * D, offs_m, offs_d, T, D, UPCAST)
     m_i = tl.full((BM,), NEG, tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BE), tl.float32)
@@ -55,15 +72,15 @@ def _fwd(
     hi = tl.minimum(start_m + BM, T)
     for start_n in range(lo, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
-        k = _tile(K + bh * T * D, offs_n, offs_d, T, D)
-        v = _tile(V + bh * T * E, offs_n, offs_e, T, E)
+        k = _tile(K + bh * T * D, offs_n, offs_d, T, D, UPCAST)
+        v = _tile(V + bh * T * E, offs_n, offs_e, T, E, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         s = tl.where(_mask(offs_m, offs_n, T, window, doc_ptr, HAS_DOCS), s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     o = acc / l_i[:, None]
     om = (offs_m < T)[:, None] & (offs_e < E)[None, :]
@@ -72,20 +89,20 @@ def _fwd(
     tl.store(LSE + bh * T + offs_m, m_i + tl.log(l_i), mask=offs_m < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, DOC, T, H, D, E, window, scale,
-    HAS_DOCS: tl.constexpr, PREC: tl.constexpr,
+    HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0) * BM
-    bh = tl.program_id(1)
+    bh = tl.cast(tl.program_id(1), tl.int64)
     offs_m = start_m + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     doc_ptr = DOC + (bh // H) * T
-    q = _tile(Q + bh * T * D, offs_m, offs_d, T, D)
-    do = _tile(DO + bh * T * E, offs_m, offs_e, T, E)
+    q = _tile(Q + bh * T * D, offs_m, offs_d, T, D, UPCAST)
+    do = _tile(DO + bh * T * E, offs_m, offs_e, T, E, UPCAST)
     lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros((BM, BD), tl.float32)
@@ -93,51 +110,51 @@ def _bwd_dq(
     hi = tl.minimum(start_m + BM, T)
     for start_n in range(lo, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
-        k = _tile(K + bh * T * D, offs_n, offs_d, T, D)
-        v = _tile(V + bh * T * E, offs_n, offs_e, T, E)
+        k = _tile(K + bh * T * D, offs_n, offs_d, T, D, UPCAST)
+        v = _tile(V + bh * T * E, offs_n, offs_e, T, E, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         mask = _mask(offs_m, offs_n, T, window, doc_ptr, HAS_DOCS)
         p = tl.where(mask, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds, k, input_precision=PREC) * scale
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
     qm = (offs_m < T)[:, None] & (offs_d < D)[None, :]
     tl.store(
         DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qm
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, DOC, T, H, D, E, window, scale,
-    HAS_DOCS: tl.constexpr, PREC: tl.constexpr,
+    HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
     start_n = tl.program_id(0) * BN
-    bh = tl.program_id(1)
+    bh = tl.cast(tl.program_id(1), tl.int64)
     offs_n = start_n + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     doc_ptr = DOC + (bh // H) * T
-    k = _tile(K + bh * T * D, offs_n, offs_d, T, D)
-    v = _tile(V + bh * T * E, offs_n, offs_e, T, E)
+    k = _tile(K + bh * T * D, offs_n, offs_d, T, D, UPCAST)
+    v = _tile(V + bh * T * E, offs_n, offs_e, T, E, UPCAST)
     dk = tl.zeros((BN, BD), tl.float32)
     dv = tl.zeros((BN, BE), tl.float32)
     lo = start_n // BM * BM
     hi = tl.minimum(start_n + BN + window - 1, T)
     for start_m in range(lo, hi, BM):
         offs_m = start_m + tl.arange(0, BM)
-        q = _tile(Q + bh * T * D, offs_m, offs_d, T, D)
-        do = _tile(DO + bh * T * E, offs_m, offs_e, T, E)
+        q = _tile(Q + bh * T * D, offs_m, offs_d, T, D, UPCAST)
+        do = _tile(DO + bh * T * E, offs_m, offs_e, T, E, UPCAST)
         lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         mask = _mask(offs_m, offs_n, T, window, doc_ptr, HAS_DOCS)
         p = tl.where(mask, tl.exp(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p), do, input_precision=PREC)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds), q, input_precision=PREC) * scale
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
     km = (offs_n < T)[:, None] & (offs_d < D)[None, :]
     vm = (offs_n < T)[:, None] & (offs_e < E)[None, :]
     tl.store(
@@ -148,12 +165,37 @@ def _bwd_dkdv(
     )
 
 
-def _meta(q, v, block):
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"swa (triton): block must be a power of two >= 16, got {block}")
-    pad = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    return dict(PREC=prec, BM=block, BN=block, BD=pad(q.shape[-1]), BE=pad(v.shape[-1]))
+def plan(D: int, E: int, dtype: torch.dtype, block: int, interpret: bool = INTERPRET) -> dict:
+    """The constexprs of one call (shared with the compile test). The query/key blocks shrink
+    for wide heads and for fp32 (tf32x3 doubles the operands) so nothing spills on sm_90."""
+    if block < 16 or block & (block - 1) or block > 128:
+        raise ValueError(f"swa (triton): block must be a power of two in [16, 128], got {block}")
+    if max(D, E) > MAX_HEAD_DIM:
+        raise ValueError(
+            f"swa (triton): head dims up to {MAX_HEAD_DIM} (one tile per row), got D={D}, E={E}; "
+            "use backend='chunk'"
+        )
+    BD, BE = (max(16, triton.next_power_of_2(n)) for n in (D, E))
+    wide = max(BD, BE) > 64
+    if not interpret:
+        # measured with tests/kernels/aot.py: these are the largest blocks that do not spill
+        if dtype == torch.float32:
+            if wide and max(BD, BE) > 128:
+                raise ValueError(
+                    f"swa (triton): fp32 with head dims over 128 (D={D}, E={E}) spills registers "
+                    "on sm_80/sm_90 even at 16-token blocks; use bf16 or backend='chunk'"
+                )
+            block = min(block, 16)
+        elif wide:
+            block = min(block, 32)
+    prec = "ieee" if interpret or dtype != torch.float32 else "tf32x3"
+    return dict(UPCAST=interpret, PREC=prec, BM=block, BN=block, BD=BD, BE=BE)
+
+
+def num_warps(D: int, E: int, kernel: str = "fwd") -> int:
+    """The fewest warps that do not spill on sm_80 or sm_90 (tests/kernels/aot.py): 8 for
+    heads over 64, and for dq from 64 (at 64, dk/dv spills with 8 warps on sm_80, not 4)."""
+    return 8 if max(D, E) > 64 or (kernel == "dq" and max(D, E) >= 64) else 4
 
 
 class _SwaTriton(torch.autograd.Function):
@@ -162,15 +204,16 @@ class _SwaTriton(torch.autograd.Function):
         q, k, v = (x.contiguous() for x in (q, k, v))
         B, H, T, D = q.shape
         E = v.shape[-1]
-        meta = _meta(q, v, block)
-        docs = doc_ids.contiguous() if doc_ids is not None else q.new_zeros(1, dtype=torch.int64)
+        meta = plan(D, E, q.dtype, block)
+        docs = prepare_doc_ids(doc_ids, q, "swa")
         o = torch.empty(B, H, T, E, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        grid = (triton.cdiv(T, block), B * H)
-        _fwd[grid](q, k, v, o, lse, docs, T, H, D, E, window, scale,
-                   HAS_DOCS=doc_ids is not None, **meta)  # fmt: skip
+        grid = (triton.cdiv(T, meta["BM"]), B * H)
+        with _on(q):
+            _fwd[grid](q, k, v, o, lse, docs, T, H, D, E, window, scale,
+                       HAS_DOCS=doc_ids is not None, num_warps=num_warps(D, E), **meta)  # fmt: skip
         ctx.save_for_backward(q, k, v, o, lse, docs)
-        ctx.window, ctx.scale, ctx.block, ctx.has_docs = window, scale, block, doc_ids is not None
+        ctx.window, ctx.scale, ctx.meta, ctx.has_docs = window, scale, meta, doc_ids is not None
         return o
 
     @staticmethod
@@ -178,17 +221,73 @@ class _SwaTriton(torch.autograd.Function):
         q, k, v, o, lse, docs = ctx.saved_tensors
         B, H, T, D = q.shape
         E = v.shape[-1]
-        meta = _meta(q, v, ctx.block)
-        do = d_out.contiguous()
-        delta = (do.float() * o.float()).sum(-1).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grid = (triton.cdiv(T, ctx.block), B * H)
-        args = (T, H, D, E, ctx.window, ctx.scale)
-        _bwd_dq[grid](q, k, v, do, dq, lse, delta, docs, *args, HAS_DOCS=ctx.has_docs, **meta)
-        _bwd_dkdv[grid](q, k, v, do, dk, dv, lse, delta, docs, *args, HAS_DOCS=ctx.has_docs, **meta)
-        return dq, dk, dv, None, None, None, None
+        meta = ctx.meta
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq = dk = dv = None
+        with _on(q):
+            do = d_out.contiguous()
+            delta = (do.float() * o.float()).sum(-1).contiguous()
+            args = (T, H, D, E, ctx.window, ctx.scale)
+            if need_q:
+                dq = torch.empty_like(q)
+                _bwd_dq[(triton.cdiv(T, meta["BM"]), B * H)](
+                    q,
+                    k,
+                    v,
+                    do,
+                    dq,
+                    lse,
+                    delta,
+                    docs,
+                    *args,
+                    HAS_DOCS=ctx.has_docs,
+                    num_warps=num_warps(D, E, "dq"),
+                    **meta,
+                )
+            if need_k or need_v:
+                dk, dv = torch.empty_like(k), torch.empty_like(v)
+                _bwd_dkdv[(triton.cdiv(T, meta["BN"]), B * H)](
+                    q,
+                    k,
+                    v,
+                    do,
+                    dk,
+                    dv,
+                    lse,
+                    delta,
+                    docs,
+                    *args,
+                    HAS_DOCS=ctx.has_docs,
+                    num_warps=num_warps(D, E, "dkdv"),
+                    **meta,
+                )
+        return dq, dk if need_k else None, dv if need_v else None, None, None, None, None
 
 
 def swa_triton(q, k, v, window, doc_ids=None, scale=None, block: int = 64):
+    check_device(q, k, v, what="swa")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _SwaTriton.apply(q, k, v, window, doc_ids, float(scale), block)
+
+
+def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, block: int = 64):
+    """The kernels one call launches, for tests/kernels/aot.py (see lightning's)."""
+    meta = plan(D, E, dtype, block, interpret=False)
+    x, f32, i32 = f"*{_TT[dtype]}", "*fp32", "i32"
+    common = dict(Q=x, K=x, V=x, LSE=f32, DOC="*i64", T=i32, H=i32, D=i32, E=i32, window=i32,
+                  scale="fp32")  # fmt: skip
+    specs = [
+        (_fwd, dict(O=x), "fwd"),
+        (_bwd_dq, dict(DO=x, DQ=x, DELTA=f32), "dq"),
+        (_bwd_dkdv, dict(DO=x, DK=x, DV=x, DELTA=f32), "dkdv"),
+    ]
+    return [
+        dict(
+            fn=fn,
+            types={**common, **types},
+            constexprs={**meta, "HAS_DOCS": has_docs},
+            num_warps=num_warps(D, E, kernel),
+            num_stages=2,
+        )  # fmt: skip
+        for fn, types, kernel in specs
+    ]

@@ -86,3 +86,9 @@ def test_prefill_then_steps_equal_full_forward():
         y_t, state = based_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], state)
         outs.append(y_t[:, :, None])
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-5, atol=1e-5)
+
+
+@requires_triton
+def test_triton_preset_feature_width():
+    """The presets' feature width (f = 16: 153 features, tiled 5 x 32) with value dim 64 + 1."""
+    _compare("triton", 5, 40, 16, 64, True, device=triton_device(), B=1, H=1, block=16)

@@ -188,3 +188,68 @@ def test_cu_seqlens_round_trip_and_errors():
         doc_ids_from_cu_seqlens(torch.tensor([0, 10, 30, 40]), 2, 20)
     with pytest.raises(ValueError, match="strictly increasing"):
         doc_ids_from_cu_seqlens(torch.tensor([0, 10, 10, 20]), 1, 20)
+
+
+@requires_triton
+@pytest.mark.parametrize("D,E", [(64, 64), (128, 128)])
+def test_triton_preset_head_dims(D, E):
+    """The preset head dims, several state tiles per head (64 x 64 in bf16, 32 x 32 in fp32)."""
+    _compare("triton", 6, 70, "mixed", D, E, True, block=32, device=triton_device(), B=1)
+
+
+# bf16 against the float64 reference of the same (bf16-rounded) inputs: outputs and gradients
+# are stored in bf16 (relative rounding 2^-9), the rest runs in fp32. Tolerance 1e-2.
+BF16_TOL = 1e-2
+
+
+@requires_triton
+@pytest.mark.parametrize("D,E", [(64, 64), (128, 128)])
+@pytest.mark.parametrize("docs", [False, True])
+def test_triton_bf16(D, E, docs):
+    device = triton_device()
+    q, k, v, s0, do, ds = (x.bfloat16() for x in _inputs(7, 1, 2, 48, D, E))
+    slopes = torch.tensor(SLOPES["mixed"])
+    doc_ids = random_doc_ids(1, 48, 0.05, 7) if docs else None
+    leaves = [t.detach().clone().to(device).requires_grad_() for t in (q, k, v)]
+    s0_leaf = s0.float().to(device).requires_grad_()
+    out, state = lightning_attention(
+        *leaves, slopes.to(device), doc_ids=None if doc_ids is None else doc_ids.to(device),
+        initial_state=s0_leaf, return_state=True, block=16, backend="triton",
+    )  # fmt: skip
+    assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
+    ((out.float() * do.float().to(device)).sum() + (state * ds.float().to(device)).sum()).backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, s0)]
+    ref, ref_state = lightning_attention_naive(
+        *ref_leaves[:3], slopes.double(), doc_ids, ref_leaves[3], return_state=True
+    )
+    ((ref * do.double()).sum() + (ref_state * ds.double()).sum()).backward()
+    assert_rel_close(out.cpu(), ref, BF16_TOL, "output")
+    assert_rel_close(state.cpu(), ref_state, 1e-5, "final state (fp32)")
+    for name, a, b in zip("qkv", leaves, ref_leaves):
+        assert a.grad.dtype == torch.bfloat16
+        assert_rel_close(a.grad.cpu(), b.grad, BF16_TOL, f"d{name}")
+    assert_rel_close(s0_leaf.grad.cpu(), ref_leaves[3].grad, 1e-5, "dinitial_state")
+
+
+@requires_triton
+def test_triton_skips_gradients_not_needed():
+    device = triton_device()
+    q, k, v, _, _, _ = _inputs(8, 1, 2, 40, 16, 16)
+    q = q.to(device).requires_grad_()
+    k, v = k.to(device), v.to(device)
+    out = lightning_attention(q, k, v, torch.tensor([0.1, 0.2]).to(device), backend="triton")
+    out.sum().backward()
+    assert q.grad is not None and k.grad is None and v.grad is None
+    ref = lightning_attention(q.detach().cpu(), k.cpu(), v.cpu(), torch.tensor([0.1, 0.2]))
+    torch.testing.assert_close(out.detach().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["chunk", pytest.param("triton", marks=requires_triton)])
+def test_invalid_slopes_and_doc_ids_are_refused(backend):
+    device = triton_device() if backend == "triton" else "cpu"
+    q = torch.zeros(1, 2, 6, 4, device=device)
+    with pytest.raises(ValueError, match="slopes must be >= 0"):
+        lightning_attention(q, q, q, torch.tensor([0.1, -0.1], device=device), backend=backend)
+    docs = torch.tensor([[0, 0, 1, 1, 0, 0]], device=device)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        lightning_attention(q, q, q, torch.zeros(2, device=device), doc_ids=docs, backend=backend)

@@ -1,0 +1,82 @@
+"""Every Triton kernel compiles ahead of time for sm_90 (H100/H200) and sm_80 (A100) at the
+shapes the presets use, fits the target's shared memory, and spills no more registers than
+``aot.spill_budget`` (none on sm_90). No GPU needed: tests/kernels/aot.py compiles in a
+subprocess without TRITON_INTERPRET (the interpreter, which the other kernel tests use, checks
+none of these limits). The full matrix (both archs and dtypes, every variant) is
+benchmarks/gpu_compile.py's table in docs/benchmarks.md; this test runs its quick subset.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.kernels.aot import SMEM_LIMIT, spill_budget
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.aot", "--quick"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert rows, out.stderr[-3000:]
+    return rows
+
+
+def _name(r):
+    return (
+        f"{r['op']} {r['kernel']} {r['shape']} {r['dtype']} {r.get('variant', '')} sm_{r['arch']}"
+    )
+
+
+def test_every_kernel_compiles_for_both_targets(rows):
+    failed = [f"{_name(r)}: {r['error']}" for r in rows if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    assert {r["arch"] for r in rows} == {80, 90}
+    assert {r["op"] for r in rows} == {"lightning", "swa", "shortconv"}
+
+
+def test_shared_memory_fits_the_target(rows):
+    over = [
+        f"{_name(r)}: {r['shared']} B > {SMEM_LIMIT[r['arch']]}"
+        for r in rows
+        if r["ok"] and r["shared"] > SMEM_LIMIT[r["arch"]]
+    ]
+    assert not over, "\n".join(over)
+
+
+def test_register_spills_within_budget(rows):
+    over = [
+        f"{_name(r)}: {r['spills']} B spilled ({r['registers']} registers), "
+        f"budget {spill_budget(r['arch'], r['dtype'])}"
+        for r in rows
+        if r["ok"] and r["spills"] > spill_budget(r["arch"], r["dtype"])
+    ]
+    assert not over, "\n".join(over)
+
+
+def test_unsupported_shapes_are_refused_at_the_wrapper():
+    from plait.kernels.lightning.triton import plan as lightning_plan
+    from plait.kernels.swa.triton import plan as swa_plan
+
+    with pytest.raises(ValueError, match="fp32 with head dims over 128"):
+        swa_plan(256, 256, torch.float32, 64, interpret=False)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        swa_plan(320, 64, torch.bfloat16, 64)
+    with pytest.raises(ValueError, match="block must be a power of two"):
+        lightning_plan(64, 64, torch.bfloat16, 48)
+    # lightning tiles any head dim: a state tile is at most 64 x 64 (32 x 32 in fp32)
+    meta = lightning_plan(153, 65, torch.bfloat16, 64, interpret=False)
+    assert meta["BK"] <= 64 and meta["BV"] <= 64
+    meta = lightning_plan(256, 128, torch.float32, 64, interpret=False)
+    assert meta["BK"] == meta["BV"] == 32 and meta["PREC"] == "tf32x3"
