@@ -29,7 +29,15 @@ the shards into ``.tmp-step<N>`` as it goes, every rank its RNG file, fsync, bar
 writes meta.json and COMPLETE, renames the directory, moves ``latest``, prunes
 (``checkpoint.keep_last``, ``checkpoint.keep_every``; a failed delete is reported, never
 fatal). A process killed anywhere in this leaves either the old ``latest`` or the new, and a
-``.tmp-*`` directory that resume reports and removes.
+``.tmp-*`` directory that resume reports and never reads.
+
+Asynchronous saves (``checkpoint.async_save``, ``Saver``): everything collective (the gathers,
+the barriers, every rank's RNG file) and the capture of every counter still happen at the step
+boundary; rank 0 then keeps CPU copies of the gathered tensors and a background thread does
+the rest in the same order (shards, fsync, meta.json, COMPLETE, rename, ``latest``, prune)
+while training continues. One save at most is in flight: the next save and the end of the run
+wait for it, collectively, so no rank counts a checkpoint done before rank 0 wrote it, and an
+error in the writer is raised there on every rank.
 
 The gathers and the redistribution to a layout live in plait.parallel.engine_state (with
 the DeepSpeed internals they read); this module is files, order and checks.
@@ -45,6 +53,8 @@ import random
 import re
 import shutil
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,8 +64,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from plait.parallel.engine_state import load_logical_state, logical_state
-from plait.parallel.runtime import barrier, global_rank
+from plait.parallel.engine_state import client_optimizer, load_logical_state, logical_state
+from plait.parallel.runtime import all_reduce_max, barrier, broadcast_object, global_rank
 
 FORMAT = 1
 LATEST = "latest"
@@ -70,15 +80,32 @@ class CheckpointError(RuntimeError):
     line for the user, the run exits non-zero."""
 
 
-def _kill_point(point: str) -> None:
-    """Fault injection for the atomicity tests: ``PLAIT_TEST_KILL_IN_SAVE=<point>[:<rank>]``
-    SIGKILLs this process (rank 0 by default) at that point of a save, as ``kill -9`` would."""
-    spec = os.environ.get("PLAIT_TEST_KILL_IN_SAVE", "")
-    if not spec:
+def _kill_point(point: str, step: int) -> None:
+    """Fault injection for the atomicity tests:
+    ``PLAIT_TEST_KILL_IN_SAVE=<point>[:<rank>][@<step>]`` SIGKILLs this process (rank 0 by
+    default) at that point of a save (of that step only, when given), as ``kill -9`` would.
+    Specs separated by ``;`` apply to the successive attempts of a torchrun job that restarts
+    its workers (``TORCHELASTIC_RESTART_COUNT`` picks one)."""
+    specs = os.environ.get("PLAIT_TEST_KILL_IN_SAVE", "")
+    if not specs:
         return
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    specs_by_attempt = specs.split(";")
+    if attempt >= len(specs_by_attempt):
+        return
+    spec, _, at = specs_by_attempt[attempt].partition("@")
     name, _, rank = spec.partition(":")
-    if name == point and int(rank or 0) == global_rank():
+    if name == point and int(rank or 0) == global_rank() and (not at or int(at) == step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hold_for_test() -> None:
+    """Test hook for the overlap tests: ``PLAIT_TEST_HOLD_SAVE=<file>`` holds an asynchronous
+    writer until that file exists, so a test can watch training go on while a save is in
+    flight without relying on timing."""
+    gate = os.environ.get("PLAIT_TEST_HOLD_SAVE", "")
+    while gate and not Path(gate).exists():
+        time.sleep(0.05)
 
 
 def _fsync_file(path: Path) -> None:
@@ -197,37 +224,84 @@ def _layout(rt, cfg) -> dict[str, int]:
             "zero_stage": cfg.parallel.zero_stage}  # fmt: skip
 
 
-def save(
-    ckpt_dir: Path, step: int, engine, scheduler, loader, cfg, rt, identity: RunIdentity
-) -> Path:
-    """Write checkpoint ``step<step>`` atomically (every rank calls this) and prune. Returns
-    its path."""
-    ckpt_dir = Path(ckpt_dir)
-    tag = f"step{step}"
-    tmp = ckpt_dir / f".tmp-{tag}"
-    main = global_rank() == 0
-    if main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
+def _live_memory(engine) -> set[int]:
+    """Storage addresses of the tensors training keeps changing: the model's parameters and
+    the optimizer's state."""
+    ptrs = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+    for st in client_optimizer(engine).state.values():
+        ptrs.update(v.untyped_storage().data_ptr() for v in st.values() if torch.is_tensor(v))
+    return ptrs
 
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, str(path), metadata={"format": str(FORMAT)})
+    _fsync_file(path)
+
+
+@dataclasses.dataclass
+class _Finish:
+    """Rank 0's part of a save once every collective is done: the shards not written yet,
+    the file hashes, meta.json, COMPLETE, the rename, ``latest`` and pruning. It touches no
+    engine state and no process group, so it may run in a thread while training goes on."""
+
+    ckpt_dir: Path
+    tag: str
+    step: int
+    meta: dict
+    shards: list[tuple[str, dict[str, torch.Tensor]]]
+    keep_last: int
+    keep_every: int
+
+    def run(self) -> None:
+        tmp, path = self.ckpt_dir / f".tmp-{self.tag}", self.ckpt_dir / self.tag
+        while self.shards:  # released one by one: the CPU copies are rank 0's largest memory
+            name, tensors = self.shards.pop(0)
+            _write_shard(tmp / name, tensors)
+        all_files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        self.meta["files"] = {
+            f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in all_files
+        }
+        _write_atomic(tmp / META, json.dumps(self.meta, indent=1))
+        _kill_point("meta", self.step)
+        _write_atomic(tmp / COMPLETE, _sha256(tmp / META) + "\n")
+        _kill_point("complete", self.step)
+        if path.exists():  # the same step saved again (e.g. after a skipped-step abort)
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(self.ckpt_dir)
+        _kill_point("rename", self.step)
+        _write_atomic(self.ckpt_dir / LATEST, self.tag + "\n")
+        prune(self.ckpt_dir, self.keep_last, self.keep_every, keep=self.tag)
+
+
+def _capture(
+    tmp: Path, step: int, engine, scheduler, loader, cfg, rt, identity: RunIdentity,
+    loop_state: dict | None, hold: bool,
+) -> _Finish | None:  # fmt: skip
+    """The collective part of a save, on every rank, at the step boundary: gather every
+    tensor (rank 0 writes each shard as it fills, or with ``hold`` keeps CPU copies nothing
+    else writes to), write this rank's RNG file, barrier, and capture every counter. Returns
+    rank 0's remaining work (None elsewhere)."""
+    main = global_rank() == 0
     index: dict[str, str] = {}
-    files: list[str] = []
     shapes: dict[str, list[int]] = {}
+    held: list[tuple[str, dict[str, torch.Tensor]]] = []
     buffer: dict[str, torch.Tensor] = {}
-    size = 0
+    size, n_files = 0, 0
     steps: set[int] = set()  # the optimizer's step count, one value for every tensor
     zero3 = cfg.parallel.zero_stage == 3
+    live = _live_memory(engine) if hold and main and not zero3 else set()
 
     def flush() -> None:
-        nonlocal buffer, size
+        nonlocal buffer, size, n_files
         if not buffer:
             return
-        name = f"shard-{len(files):05d}.safetensors"
-        save_file(buffer, str(tmp / name), metadata={"format": str(FORMAT)})
-        _fsync_file(tmp / name)
-        files.append(name)
+        name = f"shard-{n_files:05d}.safetensors"
+        if hold:
+            held.append((name, buffer))
+        else:
+            _write_shard(tmp / name, buffer)
+        n_files += 1
         buffer, size = {}, 0
 
     if zero3:
@@ -236,65 +310,158 @@ def save(
         engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
     for name, tensors, opt_step in [] if zero3 else logical_state(engine):
         steps.add(opt_step)
+        _kill_point("shards", step)
         if not main:
             continue
         shapes[name] = list(tensors[""].shape)
         for k, t in tensors.items():
             key = name if not k else f"{name}::{k}"
-            buffer[key] = t.contiguous()
-            index[key] = f"shard-{len(files):05d}.safetensors"
+            # At ZeRO-0 on CPU the "gathered" weight is the parameter itself: copy what
+            # training would change under an asynchronous writer.
+            own = t.clone() if t.untyped_storage().data_ptr() in live else t.contiguous()
+            buffer[key] = own
+            index[key] = f"shard-{n_files:05d}.safetensors"
             size += t.numel() * t.element_size()
         if size >= SHARD_BYTES:
             flush()
-        _kill_point("shards")
     if main:
         flush()
 
     rng_name = f"rng-{global_rank():05d}.safetensors"
     save_file(_rng_state(), str(tmp / rng_name))
     _fsync_file(tmp / rng_name)
-    _kill_point("rng")
+    _kill_point("rng", step)
     barrier()
+    if not main:
+        return None
+    if len(steps) > 1:
+        raise CheckpointError(f"optimizer steps differ between parameters: {sorted(steps)}")
+    meta = {
+        "format": FORMAT,
+        "kind": "deepspeed-zero3" if zero3 else "logical",
+        "step": step,
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "skipped_steps": engine.skipped_steps,
+        "optimizer_step": steps.pop() if steps else 0,  # ZeRO-3: DeepSpeed keeps it
+        "scheduler": scheduler.state_dict(),
+        "loader": loader.state_dict(),
+        "layout": _layout(rt, cfg),
+        "identity": dataclasses.asdict(identity),
+        "config": cfg.to_dict(),
+        "loop": loop_state or {},
+        "index": index,
+        "shapes": shapes,
+        "saved_at": time.time(),
+    }
+    meta = json.loads(json.dumps(meta))  # a snapshot: nothing live reaches the writer
+    c = cfg.checkpoint
+    return _Finish(tmp.parent, f"step{step}", step, meta, held, c.keep_last, c.keep_every)
 
-    path = ckpt_dir / tag
-    if main:
-        if len(steps) > 1:
-            raise CheckpointError(f"optimizer steps differ between parameters: {sorted(steps)}")
-        all_files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        meta = {
-            "format": FORMAT,
-            "kind": "deepspeed-zero3" if zero3 else "logical",
-            "step": step,
-            "global_steps": engine.global_steps,
-            "global_samples": engine.global_samples,
-            "skipped_steps": engine.skipped_steps,
-            "optimizer_step": steps.pop() if steps else 0,  # ZeRO-3: DeepSpeed keeps it
-            "scheduler": scheduler.state_dict(),
-            "loader": loader.state_dict(),
-            "layout": _layout(rt, cfg),
-            "identity": dataclasses.asdict(identity),
-            "config": cfg.to_dict(),
-            "index": index,
-            "shapes": shapes,
-            "files": {
-                f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-                for f in all_files
-            },  # fmt: skip
-            "saved_at": time.time(),
-        }
-        _write_atomic(tmp / META, json.dumps(meta, indent=1))
-        _kill_point("meta")
-        _write_atomic(tmp / COMPLETE, _sha256(tmp / META) + "\n")
-        _kill_point("complete")
-        if path.exists():  # the same step saved again (e.g. after a skipped-step abort)
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        _fsync_dir(ckpt_dir)
-        _kill_point("rename")
-        _write_atomic(ckpt_dir / LATEST, tag + "\n")
-        prune(ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, keep=tag)
-    barrier()
-    return path
+
+class Saver:
+    """A run's checkpoint writer; every rank holds one and calls ``save`` at the same steps.
+
+    Synchronous (default): ``save`` returns once the checkpoint is complete on disk.
+    Asynchronous (``checkpoint.async_save``): ``save`` does the collectives and captures every
+    counter and RNG state at the step boundary, then rank 0's thread writes while training
+    continues. Rank 0 holds CPU copies of the whole state until they are written (12 bytes a
+    parameter, where the synchronous save holds one ~1 GiB shard). At most one save is in
+    flight: ``wait`` (a collective; the next ``save`` calls it, the run calls it before it
+    exits) joins the writer, and every rank learns there whether it succeeded; a writer's
+    error is raised there as a CheckpointError, on every rank.
+    """
+
+    def __init__(self, ckpt_dir: Path, cfg, rt, identity: RunIdentity,
+                 asynchronous: bool | None = None):  # fmt: skip
+        self.ckpt_dir = Path(ckpt_dir)
+        self.cfg, self.rt, self.identity = cfg, rt, identity
+        self.asynchronous = cfg.checkpoint.async_save if asynchronous is None else asynchronous
+        self._pending = ""  # the checkpoint in flight, known to every rank
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, step: int, engine, scheduler, loader, loop_state: dict | None = None) -> Path:
+        """Write checkpoint ``step<step>`` (complete when this returns, or, asynchronous,
+        after the next ``wait``) and prune. ``loop_state``: the training loop's own state
+        (JSON), kept in meta.json under ``loop``. Returns the checkpoint's path."""
+        self.wait()
+        tag = f"step{step}"
+        tmp = self.ckpt_dir / f".tmp-{tag}"
+        if global_rank() == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        finish = _capture(tmp, step, engine, scheduler, loader, self.cfg,
+                          self.rt, self.identity, loop_state, self.asynchronous)  # fmt: skip
+        if not self.asynchronous:
+            if finish is not None:
+                finish.run()
+            barrier()
+            return self.ckpt_dir / tag
+        self._pending = tag
+        if finish is not None:
+            self._thread = threading.Thread(target=self._write, args=(finish,),
+                                            name=f"plait-save-{tag}")  # fmt: skip
+            self._thread.start()
+        return self.ckpt_dir / tag
+
+    def _write(self, finish: _Finish) -> None:
+        try:
+            _hold_for_test()
+            finish.run()
+        except BaseException as e:  # raised by wait(), on every rank
+            self._error = e
+
+    def writing(self) -> bool:
+        """Whether this rank's writer is still at work (rank 0; no collective)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def failed(self) -> bool:
+        """Whether this rank's writer has already failed (rank 0; no collective). A run polls
+        it at each step boundary, all-reduced with its other flags, and then calls ``wait``."""
+        t = self._thread
+        return t is not None and not t.is_alive() and self._error is not None
+
+    def wait(self) -> None:
+        """Return once the save in flight (if any) is complete on disk. A collective when one
+        is in flight. Raises CheckpointError, on every rank, if rank 0's writer failed."""
+        if not self._pending:
+            return
+        tag, self._pending = self._pending, ""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        failed = all_reduce_max(torch.tensor([float(self._error is not None)]))
+        if failed.item():
+            error, self._error = self._error, None
+            why = broadcast_object(f"{type(error).__name__}: {error}" if error else "")
+            raise CheckpointError(
+                f"the asynchronous save of {tag} failed on rank 0: {why}"
+            ) from error
+
+    def close(self) -> None:
+        """Let a save in flight finish without a collective (the run is ending on an
+        error): rank 0's checkpoint still completes; a writer's own error is printed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            print(f"checkpoint: the asynchronous save of {self._pending} failed: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)  # fmt: skip
+        self._pending = ""
+
+
+def save(
+    ckpt_dir: Path, step: int, engine, scheduler, loader, cfg, rt, identity: RunIdentity,
+    loop_state: dict | None = None,
+) -> Path:  # fmt: skip
+    """Write checkpoint ``step<step>`` synchronously (every rank calls this) and prune.
+    Returns its path."""
+    saver = Saver(ckpt_dir, cfg, rt, identity, asynchronous=False)
+    return saver.save(step, engine, scheduler, loader, loop_state)
 
 
 def write_weights_only(ckpt_dir: Path, state: dict[str, torch.Tensor], model_cfg, source: str):

@@ -95,6 +95,14 @@ class TrainingConfig:
     max_skipped_in_a_row: int = 3
     """Steps skipped for a non-finite loss or gradient norm, in a row, that stop the run (with
     a checkpoint of the last good state and exit code 3)."""
+    spike_zscore: float = 0.0
+    """Skip the optimizer step, on every rank, when the step's loss is more than this many
+    standard deviations above the mean of the last ``spike_window`` accepted steps (a spike
+    from one bad batch then leaves no trace in the weights); 0: off. Spike skips are counted
+    apart (``spike_skipped_steps``) and count toward ``max_skipped_in_a_row``."""
+    spike_window: int = 100
+    """Accepted (not skipped) steps the spike test compares with; it starts once this many
+    have been seen."""
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "eval_batches"):
@@ -106,6 +114,8 @@ class TrainingConfig:
             raise ConfigError(
                 "time_limit and exit_margin must be >= 0 and max_skipped_in_a_row >= 1"
             )
+        if self.spike_zscore < 0 or self.spike_window < 2:
+            raise ConfigError("spike_zscore must be >= 0 (0: off) and spike_window >= 2")
 
 
 @dataclass
@@ -130,6 +140,12 @@ class CheckpointConfig:
     allow_changes: list[str] = field(default_factory=list)
     """Run differences a resume accepts: ``data`` (datasets, tokenizer, sequence length,
     data seed). The model and the optimizer must match."""
+    async_save: bool = False
+    """Write checkpoints in the background: the gathers still run at the step boundary, then
+    rank 0 writes, hashes and renames in a thread while training continues (at most one save
+    in flight; the next save and the end of the run wait for it). Off by default: rank 0 then
+    holds a CPU copy of the whole state (12 bytes a parameter) instead of one ~1 GiB shard at
+    a time, and the writer shares the host's cores with training."""
 
     def validate(self) -> None:
         if self.save_every < 0 or self.keep_last < 0 or self.keep_every < 0:

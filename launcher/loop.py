@@ -3,14 +3,17 @@
 Per optimizer step it runs ``grad_accum`` micro steps through the DeepSpeed engine and
 reports loss (mean over micro steps and data-parallel replicas), learning rate, global
 gradient norm, step time and tokens per second to the console (a progress bar on rank 0),
-to TensorBoard and to ``metrics.jsonl`` in the run directory.
+to TensorBoard and to ``metrics.jsonl`` in the run directory. With
+``training.spike_zscore`` it skips the optimizer step of a loss spike (``SpikeDetector``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from plait.data.loader import PackedSequences, SequenceLoader, warmup_length, warmup_reshape
+from plait.parallel.finite import any_rank, poisoned
 from plait.parallel.runtime import Runtime, data_parallel_mean
 
 from .config import Config
@@ -33,9 +37,49 @@ class StepStats:
     tokens_per_s: float
     skipped_steps: int = 0
     """Optimizer steps skipped so far for a non-finite gradient norm (all ranks agree)."""
+    spike_skipped_steps: int = 0
+    """Optimizer steps skipped so far for a loss spike (``training.spike_zscore``)."""
     parts: dict[str, float] = field(default_factory=dict)
     """The model's own loss parts and gauges (``HybridLM.metrics``: lm_loss, moh_balance,
     seqboat_active), averaged like the loss; logged as train/<name>."""
+
+
+class SpikeDetector:
+    """Loss-spike test: a step's loss is a spike when it is more than ``zscore`` standard
+    deviations above the mean of the last ``window`` accepted steps' losses (population
+    standard deviation; the test starts once the window is full). Skipped steps, for a spike
+    or a non-finite gradient, never enter the window, so a burst of spikes is measured
+    against the losses before it. ``zscore`` 0 turns it off. Its state (the window and the
+    count) goes into checkpoints, so a resumed run takes the same decisions."""
+
+    def __init__(self, zscore: float, window: int):
+        self.zscore = zscore
+        self.losses: deque[float] = deque(maxlen=window)
+        self.skipped = 0
+
+    @property
+    def active(self) -> bool:
+        return self.zscore > 0
+
+    def is_spike(self, loss: float) -> bool:
+        if not self.active or len(self.losses) < self.losses.maxlen:
+            return False
+        mean = sum(self.losses) / len(self.losses)
+        std = math.sqrt(sum((x - mean) ** 2 for x in self.losses) / len(self.losses))
+        return loss > mean + self.zscore * std  # False for NaN: a non-finite skip instead
+
+    def accept(self, loss: float) -> None:
+        """A step that was taken: its loss joins the window."""
+        if math.isfinite(loss):
+            self.losses.append(loss)
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.clear()
+        self.losses.extend(state.get("losses", []))
+        self.skipped = state.get("skipped", 0)
 
 
 class MetricsSink:
@@ -117,36 +161,68 @@ def _nan_injected(step: int, rank: int) -> bool:
     return step in {int(x) for x in steps.split(",")} and rank == int(who or 0)
 
 
+def _spike_injected(step: int, rank: int) -> bool:
+    """Fault injection for the spike tests: ``PLAIT_TEST_SPIKE_AT=<step>,...:<rank>`` makes
+    that rank's loss (and so its gradients) 10x larger at those steps: finite, but a spike."""
+    spec = os.environ.get("PLAIT_TEST_SPIKE_AT", "")
+    if not spec:
+        return False
+    steps, _, who = spec.partition(":")
+    return step in {int(x) for x in steps.split(",")} and rank == int(who or 0)
+
+
 def train_step(
-    engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoader, sp=None
-) -> StepStats:
+    engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoader, sp=None,
+    spikes: SpikeDetector | None = None,
+) -> StepStats:  # fmt: skip
+    """One optimizer step. With an active ``spikes`` detector every rank learns the step's
+    loss before the last backward (it is known after the last forward) and all agree whether
+    it is a spike; a spike's last loss is poisoned (parallel/finite.py) so that the optimizer
+    step is skipped as a non-finite one would be."""
     t0 = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
     losses = []
     parts: dict[str, list[torch.Tensor]] = {}
     d = cfg.data
     length = warmup_length(engine.global_steps, d.warmup_seq_len, d.seq_len, d.warmup_seq_len_steps)
-    for _ in range(cfg.training.grad_accum):
+    skipped_before, spike = engine.skipped_steps, False
+    for micro in range(cfg.training.grad_accum):
         batch = _local(warmup_reshape(loader.next_micro_batch(), length), sp)
         b = _to_device(batch, rt.device)
         loss = _forward(engine, b, cfg)
         if _nan_injected(engine.global_steps + 1, rt.rank):
             loss = loss * float("nan")
+        if _spike_injected(engine.global_steps + 1, rt.rank):
+            loss = loss * 10.0
+        value = loss.detach().float()
+        if spikes is not None and spikes.active and micro == cfg.training.grad_accum - 1:
+            step_loss = data_parallel_mean(torch.stack([*losses, value]).mean()).item()
+            spike = any_rank(spikes.is_spike(step_loss))
+            if spike:
+                loss = poisoned(loss)
         engine.backward(loss)
         engine.step()
-        losses.append(loss.detach().float())
+        losses.append(value)
         for k, v in getattr(engine.module, "metrics", {}).items():
             parts.setdefault(k, []).append(v.float())
     loss = data_parallel_mean(torch.stack(losses).mean()).item()
     means = {k: data_parallel_mean(torch.stack(v).mean()).item() for k, v in sorted(parts.items())}
+    if spike:
+        if engine.skipped_steps == skipped_before:  # the NaN path did not skip: never silent
+            raise RuntimeError(f"step {engine.global_steps}: a loss spike was not skipped")
+        spikes.skipped += 1
+    elif spikes is not None and spikes.active and engine.skipped_steps == skipped_before:
+        spikes.accept(loss)
     gn = engine.get_global_grad_norm()
     gn = float(gn.item() if torch.is_tensor(gn) else (gn if gn is not None else float("nan")))
     dt = time.perf_counter() - t0
     t = cfg.training
     tokens = t.micro_batch_size * t.grad_accum * rt.dp * cfg.data.seq_len
+    n_spikes = spikes.skipped if spikes is not None else 0
     return StepStats(
-        engine.global_steps, loss, lr, gn, dt, tokens / dt, engine.skipped_steps, means
-    )
+        engine.global_steps, loss, lr, gn, dt, tokens / dt, engine.skipped_steps - n_spikes,
+        n_spikes, means,
+    )  # fmt: skip
 
 
 def run(
@@ -158,10 +234,11 @@ def run(
     val: PackedSequences | None,
     on_step=None,
     sp=None,
+    spikes: SpikeDetector | None = None,
 ) -> list[StepStats]:
     """Train from ``engine.global_steps`` to ``training.steps``. ``on_step(stats)`` runs after
     each step (checkpoints, preemption, fault handling) and stops the run by returning a
-    reason (any true value)."""
+    reason (any true value). ``spikes``: the loss-spike detector, if the run skips spikes."""
     sink = MetricsSink(cfg, rt)
     history: list[StepStats] = []
     start = engine.global_steps
@@ -175,7 +252,7 @@ def run(
     )
     try:
         while engine.global_steps < cfg.training.steps:
-            s = train_step(engine, scheduler, cfg, rt, loader, sp)
+            s = train_step(engine, scheduler, cfg, rt, loader, sp, spikes)
             history.append(s)
             if s.step % cfg.logging.log_every == 0 or s.step == cfg.training.steps:
                 row = {k: v for k, v in asdict(s).items() if k not in ("step", "parts")}

@@ -6,8 +6,9 @@ reads each one's environment), on CPU (gloo, fp32) and CUDA (nccl, bf16).
 Exit codes (what a Slurm template acts on):
     0   trained to ``training.steps``
     2   a user error: the config, or a checkpoint that does not fit this run (one line)
-    3   too many non-finite steps in a row (``training.max_skipped_in_a_row``); a checkpoint
-        of the last good weights was saved
+    3   too many skipped steps in a row (non-finite, or loss spikes with
+        ``training.spike_zscore``; ``training.max_skipped_in_a_row``); a checkpoint of the
+        last good weights was saved
     75  stopped early to be requeued: SIGUSR1 or SIGTERM (Slurm's ``--signal``), or a time
         limit (``training.time_limit``, ``SLURM_JOB_END_TIME``) within ``exit_margin``; a
         checkpoint was saved and ``checkpoint.resume: auto`` continues from it
@@ -41,7 +42,7 @@ from plait.parallel.tensor_parallel import logical_numel
 from . import checkpoint
 from .config import Config, ConfigError, load_config
 from .engine import build_engine
-from .loop import StepStats, run
+from .loop import SpikeDetector, StepStats, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,6 +124,7 @@ def sequence_parallel_context(cfg: Config) -> SequenceParallel:
 
 EXIT_NONFINITE = 3
 EXIT_REQUEUE = 75
+_SKIPPED_STOPS = ("non-finite", "loss spikes")
 
 
 class _Preemption:
@@ -164,10 +166,11 @@ def _has_checkpoint(cfg: Config) -> bool:
     return any(p.is_dir() for p in _checkpoint_dir(cfg).glob("step*"))
 
 
-def _resume(cfg: Config, rt, engine, scheduler, loader, identity) -> None:
+def _resume(cfg: Config, rt, engine, scheduler, loader, identity) -> dict | None:
+    """Load the checkpoint ``checkpoint.resume`` asks for, if any; returns its meta."""
     c = cfg.checkpoint
     if c.resume == "never":
-        return
+        return None
     # Rank 0 checks (hashing every file once, not once per rank) and tells the others.
     found: list = [None, [], ""]
     if rt.is_main:
@@ -187,19 +190,21 @@ def _resume(cfg: Config, rt, engine, scheduler, loader, identity) -> None:
         for line in problems:
             print(f"checkpoint: {line}", flush=True)
     if path is None:
-        return
+        return None
     meta = checkpoint.load(path, engine, scheduler, loader, cfg, rt, identity)
     if rt.is_main:
         how = f", resharded from {meta['layout']}" if meta["resharded"] else ""
         print(f"resumed from {path} at step {engine.global_steps}{how}", flush=True)
+    return meta
 
 
 def train(cfg: Config) -> tuple[list[StepStats], str]:
     """Train; returns the step history and why it stopped ("" when it reached the end,
-    "preempted", "time limit" or "non-finite")."""
+    "preempted", "time limit", "non-finite" or "loss spikes")."""
     start = time.time()
     rt = runtime.initialize(cfg.parallel, cfg.training.seed)
     preemption = _Preemption()
+    saver = None
     try:
         tok, train_set, val_set = build_data(cfg, rt)
         sp = sequence_parallel_context(cfg)
@@ -211,7 +216,10 @@ def train(cfg: Config) -> tuple[list[StepStats], str]:
         engine, _, scheduler = build_engine(model, cfg, rt)
         loader = SequenceLoader(train_set, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
         identity = checkpoint.run_identity(cfg, tok.sha256)
-        _resume(cfg, rt, engine, scheduler, loader, identity)
+        meta = _resume(cfg, rt, engine, scheduler, loader, identity)
+        spikes = SpikeDetector(cfg.training.spike_zscore, cfg.training.spike_window)
+        spikes.load_state_dict((meta or {}).get("loop", {}).get("spikes", {}))
+        saver = checkpoint.Saver(_checkpoint_dir(cfg), cfg, rt, identity)
 
         if rt.is_main:
             (Path(cfg.out_dir) / "stop.json").unlink(missing_ok=True)
@@ -229,32 +237,35 @@ def train(cfg: Config) -> tuple[list[StepStats], str]:
             (Path(cfg.out_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
         deadline = _deadline(cfg, start)
-        seen = {"skipped": engine.skipped_steps, "in_a_row": 0}
+        seen = {"skipped": engine.skipped_steps - spikes.skipped, "spikes": spikes.skipped,
+                "in_a_row": 0}  # fmt: skip
         stopped = {"why": ""}
 
         def save(step: int) -> None:
-            checkpoint.save(
-                _checkpoint_dir(cfg), step, engine, scheduler, loader, cfg, rt, identity
-            )
+            saver.save(step, engine, scheduler, loader, {"spikes": spikes.state_dict()})
 
         def on_step(s: StepStats) -> str:
-            if s.skipped_steps > seen["skipped"]:
-                seen["in_a_row"] += 1
-                if rt.is_main:
-                    print(f"step {s.step}: non-finite gradient norm, step skipped "
-                          f"({s.skipped_steps} so far)", flush=True)  # fmt: skip
-            else:
-                seen["in_a_row"] = 0
-            seen["skipped"] = s.skipped_steps
+            nonfinite = s.skipped_steps > seen["skipped"]
+            spike = s.spike_skipped_steps > seen["spikes"]
+            seen["in_a_row"] = seen["in_a_row"] + 1 if nonfinite or spike else 0
+            if rt.is_main and nonfinite:
+                print(f"step {s.step}: non-finite gradient norm, step skipped "
+                      f"({s.skipped_steps} so far)", flush=True)  # fmt: skip
+            if rt.is_main and spike:
+                print(f"step {s.step}: loss {s.loss:.4f} is a spike (training.spike_zscore), "
+                      f"step skipped ({s.spike_skipped_steps} so far)", flush=True)  # fmt: skip
+            seen["skipped"], seen["spikes"] = s.skipped_steps, s.spike_skipped_steps
             flags = torch.tensor(
                 [preemption.requested, time.time() > deadline,
-                 seen["in_a_row"] >= cfg.training.max_skipped_in_a_row],
+                 seen["in_a_row"] >= cfg.training.max_skipped_in_a_row, saver.failed()],
                 dtype=torch.float32,
             )  # fmt: skip
             runtime.all_reduce_max(flags)
+            if flags[3]:
+                saver.wait()  # raises, on every rank, what rank 0's writer raised
             why = ""
             if flags[2]:
-                why = "non-finite"
+                why = "loss spikes" if spike and not nonfinite else "non-finite"
             elif flags[0]:
                 why = "preempted"
             elif flags[1]:
@@ -265,15 +276,19 @@ def train(cfg: Config) -> tuple[list[StepStats], str]:
             stopped["why"] = why
             return why
 
-        history = run(engine, scheduler, cfg, rt, loader, val_set, on_step=on_step, sp=sp)
+        history = run(engine, scheduler, cfg, rt, loader, val_set, on_step=on_step, sp=sp,
+                      spikes=spikes)  # fmt: skip
+        saver.wait()  # the last checkpoint is complete before the run says it stopped
         if rt.is_main and stopped["why"]:
             # For job scripts: launchers such as torchrun report their own exit code.
             stop = {"reason": stopped["why"], "step": engine.global_steps,
-                    "exit_code": EXIT_NONFINITE if stopped["why"] == "non-finite"
+                    "exit_code": EXIT_NONFINITE if stopped["why"] in _SKIPPED_STOPS
                     else EXIT_REQUEUE}  # fmt: skip
             (Path(cfg.out_dir) / "stop.json").write_text(json.dumps(stop) + "\n")
         return history, stopped["why"]
     finally:
+        if saver is not None:
+            saver.close()  # after an error: let rank 0's writer finish, no collective
         preemption.restore()
         runtime.shutdown()
 
@@ -282,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        cfg.parallel.check_trainable()
+    except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -294,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     main_rank = os.environ.get("RANK", "0") == "0"
-    if why == "non-finite":
+    if why in _SKIPPED_STOPS:
+        spikes = " or a loss spike" if cfg.training.spike_zscore else ""
         if main_rank:
             print(
                 f"stopped: {cfg.training.max_skipped_in_a_row} steps in a row had a non-finite "
-                "gradient norm; the last good weights are saved in "
+                f"gradient norm{spikes}; the last good weights are saved in "
                 f"{_checkpoint_dir(cfg)} (look at the data and the learning rate)",
                 file=sys.stderr,
             )

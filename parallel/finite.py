@@ -9,6 +9,13 @@ non-finite flag over every rank (TP ranks hold different shards, so one rank's N
 all of them) and, when set, does nothing and reports ``overflow = True``, which DeepSpeed's
 engine reads after ``step()`` to count the skip and hold the schedule (engine.py
 ``_take_model_step``, DeepSpeed 0.19).
+
+A step can also be skipped on purpose (a loss spike, launcher/loop.py): every rank agrees
+(``any_rank``) and ``poisoned`` makes the last micro batch's loss NaN before its backward, so
+the step takes exactly the path above (DeepSpeed's overflow check at ZeRO 1-3, fp32 and bf16;
+``SkipNonFinite`` at ZeRO-0): weights, moments and the LR schedule stay as they were, and
+``engine.skipped_steps`` counts it. One path for every ZeRO stage, rather than reaching into
+each of DeepSpeed's optimizers to drop a step.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .lamb import Lamb
+from .runtime import all_reduce_max
 
 
 def nonfinite_anywhere(tensors: list[torch.Tensor]) -> bool:
@@ -30,6 +38,18 @@ def nonfinite_anywhere(tensors: list[torch.Tensor]) -> bool:
         bad = bad.to(tensors[0].device if tensors else "cpu")
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bool(bad.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (a collective every rank calls at the same point):
+    a decision all ranks must take together."""
+    return bool(all_reduce_max(torch.tensor([float(flag)])).item())
+
+
+def poisoned(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` made NaN, so that its backward makes every gradient NaN and the optimizer
+    step is skipped (and counted) as a non-finite one; call it on every rank."""
+    return loss * float("nan")
 
 
 class SkipNonFinite:

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume under each layout, resharding (weights and optimizer state as
-the same logical tensors), atomicity under kill -9 at every point of a save, corrupt files,
-preemption by signal, non-finite steps skipped on every rank, and the run-identity checks.
+the same logical tensors), atomicity under kill -9 at every point of a save (of either rank of
+a torchrun job too), asynchronous saves, corrupt files, preemption by signal, non-finite steps
+and loss spikes skipped on every rank, and the run-identity checks.
 
 The in-process tests drive DeepSpeed engines on forked gloo ranks (tests/distributed.py)
 with batches that depend only on the global step; the CLI tests run the real job.
@@ -17,12 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from plait.launcher import checkpoint
 from plait.launcher.config import Config
 from plait.launcher.engine import build_engine
+from plait.launcher.loop import SpikeDetector
 from plait.models.common import ModelConfig, build_model
 from plait.parallel.config import ParallelConfig
 from plait.parallel.engine_state import logical_state
@@ -104,10 +107,13 @@ def _job(rt, cfg: Config, mode: str, n: int):
         out["resharded"], out["problems"] = meta["resharded"], problems
         out["step"], out["consumed"] = engine.global_steps, loader.consumed_samples
         out["lr"] = scheduler.get_last_lr()[0]
-    out["losses"] = _train(engine, rt, SequenceParallel() if sp is None else sp, n, loader)
+    sp = SequenceParallel() if sp is None else sp
+    out["losses"] = _train(engine, rt, sp, n, loader)
     if mode == "save":
         checkpoint.save(Path(cfg.checkpoint.dir), engine.global_steps, engine, scheduler,
                         loader, cfg, rt, identity)  # fmt: skip
+    if mode == "save_async":
+        out.update(_save_async_and_train_on(engine, scheduler, loader, cfg, rt, identity, sp))
     if cfg.parallel.zero_stage == 3:
         import deepspeed
 
@@ -116,6 +122,26 @@ def _job(rt, cfg: Config, mode: str, n: int):
     else:
         out["weights"] = gather_full(engine.module)
     return out if rt.rank == 0 else None
+
+
+def _save_async_and_train_on(engine, scheduler, loader, cfg, rt, identity, sp) -> dict:
+    """Start an asynchronous save, hold rank 0's writer (PLAIT_TEST_HOLD_SAVE), train two
+    more steps while it is held, then let it write and wait."""
+    from plait.parallel.runtime import barrier
+
+    ckpt = Path(cfg.checkpoint.dir)
+    gate = ckpt.parent / "gate"
+    os.environ["PLAIT_TEST_HOLD_SAVE"] = str(gate)
+    saver = checkpoint.Saver(ckpt, cfg, rt, identity, asynchronous=True)
+    tag = saver.save(engine.global_steps, engine, scheduler, loader).name
+    after = _train(engine, rt, sp, 2, loader)  # changes weights and moments in place
+    out = {"in_flight": (ckpt / f".tmp-{tag}").is_dir() and not (ckpt / tag).exists()}
+    barrier()  # every rank trained on while the save was held
+    if rt.rank == 0:
+        gate.touch()
+    saver.wait()
+    out["complete"], out["after"] = checkpoint.verify(ckpt / tag), after
+    return out
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -152,6 +178,124 @@ def test_resume_is_bit_exact(tmp_path, layout):
     assert first["losses"] + second["losses"] == straight["losses"]
     for name, w in straight["weights"].items():
         assert torch.equal(second["weights"][name], w), name
+
+
+def test_async_save_is_bit_exact_while_training_goes_on(tmp_path):
+    """An asynchronous save at step 10 (TP=2, ZeRO-0) whose writer is held while both ranks
+    train two more steps (the checkpoint is still a .tmp directory then: training does not
+    wait for the writer), then released: resuming from it gives 20 steps bit-identical to the
+    straight run. At ZeRO-0 the gathered weights are the live parameters, so this shows that
+    the writer's copies are not the tensors training goes on changing (without the copy it
+    fails). DP=2 ZeRO-1 with asynchronous saves resumes bit for bit in the torchrun kill test
+    below."""
+    world = 2
+    cfg = _cfg(ckpt=str(tmp_path / "ckpt"), tp=2, zero=0)
+    cfg.optimizer.decay_steps = 20
+    straight = _run(cfg, "train", 20, world)
+    first = _run(cfg, "save_async", 10, world)
+    assert first["in_flight"] and first["complete"] == ""
+    assert first["after"] == straight["losses"][10:12]  # it trained on meanwhile
+    second = _run(cfg, "resume", 10, world)
+    assert second["step"] == 10 and second["consumed"] == 10 * BATCH
+    assert first["losses"] + second["losses"] == straight["losses"]
+    for name, w in straight["weights"].items():
+        assert torch.equal(second["weights"][name], w), name
+
+
+def _failing_async_save(rt, cfg: Config):
+    """Rank 0's writer fails (as on a full disk); every rank must learn it at wait()."""
+    model = build_model(cfg.model, rt.tp, vocab_size=VOCAB)
+    engine, _, scheduler = build_engine(model, cfg, rt)
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    if rt.rank == 0:
+        checkpoint._Finish.run = disk_full
+    saver = checkpoint.Saver(Path(cfg.checkpoint.dir), cfg, rt,
+                             checkpoint.run_identity(cfg, "t"), asynchronous=True)  # fmt: skip
+    saver.save(1, engine, scheduler, _Loader())
+    while rt.rank == 0 and not saver.failed():  # polled at each step boundary in a run
+        time.sleep(0.01)
+    try:
+        saver.wait()
+    except checkpoint.CheckpointError as e:
+        return str(e)
+    return "no error"
+
+
+def test_async_save_error_is_raised_on_every_rank(tmp_path):
+    cfg = _cfg(dp=2, ckpt=str(tmp_path))
+    errors = run_distributed(_failing_async_save, 2, cfg, parallel=cfg.parallel)
+    for e in errors:
+        assert "asynchronous save of step1 failed on rank 0" in e and "No space left" in e, e
+    assert not (tmp_path / "step1").exists()
+
+
+def test_spike_detector():
+    d = SpikeDetector(zscore=3.0, window=4)
+    for x in (2.0, 2.2, 1.8, 2.0):
+        assert not d.is_spike(100.0)  # the test starts once the window is full
+        d.accept(x)
+    # mean 2.0, population std sqrt(0.02) = 0.1414: the threshold is 2.424
+    assert not d.is_spike(2.42) and d.is_spike(2.43)
+    assert not d.is_spike(float("nan"))  # a non-finite loss is the non-finite skip's
+    d.accept(float("inf"))  # never enters the window
+    d.skipped = 1
+    again = SpikeDetector(zscore=3.0, window=4)
+    again.load_state_dict(json.loads(json.dumps(d.state_dict())))
+    assert list(again.losses) == [2.0, 2.2, 1.8, 2.0] and again.skipped == 1
+    assert not SpikeDetector(zscore=0.0, window=2).active
+
+
+class _Tokens:
+    """A data source for the real loader: sample i is a fixed random sequence."""
+
+    def sample(self, i: int) -> dict:
+        rng = np.random.default_rng(i)
+        return {"tokens": rng.integers(0, VOCAB, T + 1), "doc_ids": np.zeros(T, np.int64),
+                "positions": np.arange(T)}  # fmt: skip
+
+
+def _loop_job(rt, cfg: Config, env: dict):
+    """The real training loop (launcher/loop.py) for cfg.training.steps steps."""
+    from plait.data.loader import SequenceLoader
+    from plait.launcher.loop import run
+
+    os.environ.update(env)
+    model = build_model(cfg.model, rt.tp, vocab_size=VOCAB)
+    engine, _, scheduler = build_engine(model, cfg, rt)
+    loader = SequenceLoader(_Tokens(), cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
+    spikes = SpikeDetector(cfg.training.spike_zscore, cfg.training.spike_window)
+    history = run(engine, scheduler, cfg, rt, loader, None, spikes=spikes)
+    rows = [(s.loss, s.lr, s.skipped_steps, s.spike_skipped_steps) for s in history]
+    return {"rows": rows, "weights": gather_full(engine.module)}
+
+
+def test_loss_spike_is_skipped_on_every_rank(tmp_path):
+    """A 10x loss on rank 1 at step 4 (DP=2, ZeRO-1, z-score 6 over a window of 2): the step
+    is skipped on both ranks, counted as a spike (not as non-finite) in metrics.jsonl and
+    TensorBoard, the LR schedule holds, and the run continues exactly as when that step is
+    skipped for a NaN: same later losses and final weights, bit for bit."""
+    cfg = _cfg(dp=2, zero=1)
+    cfg.training.steps, cfg.training.spike_zscore, cfg.training.spike_window = 6, 6.0, 2
+    cfg.logging.progress_bar = False
+    runs = {}
+    for kind, env in (("spike", {"PLAIT_TEST_SPIKE_AT": "4:1"}),
+                      ("nan", {"PLAIT_TEST_NAN_AT": "4:1"})):  # fmt: skip
+        cfg.out_dir = str(tmp_path / kind)
+        runs[kind] = run_distributed(_loop_job, 2, cfg, env, parallel=cfg.parallel)[0]
+    spike, nan = runs["spike"]["rows"], runs["nan"]["rows"]
+    assert [r[3] for r in spike] == [0, 0, 0, 1, 1, 1] and [r[2] for r in spike] == [0] * 6
+    assert [r[2] for r in nan] == [0, 0, 0, 1, 1, 1] and [r[3] for r in nan] == [0] * 6
+    assert spike[3][0] > 5 * spike[2][0] and spike[4][1] == spike[3][1]  # the LR held
+    assert [r[:2] for r in spike[4:]] == [r[:2] for r in nan[4:]]  # loss and LR
+    for name, w in runs["nan"]["weights"].items():
+        assert torch.equal(runs["spike"]["weights"][name], w), name
+    logged = _losses(tmp_path / "spike")
+    assert [logged[s]["spike_skipped_steps"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    (events,) = (tmp_path / "spike" / "tensorboard").glob("events.*")
+    assert b"train/spike_skipped_steps" in events.read_bytes()
 
 
 def test_resharding_carries_weights_and_optimizer_state(tmp_path):
@@ -274,6 +418,44 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     got, ref = _losses(run), _losses(full)
     for s in (5, 6):
         assert got[s]["loss"] == ref[s]["loss"], s
+
+
+def test_kill_9_of_either_rank_during_async_saves_of_a_torchrun_job(tmp_path):
+    """A two-rank torchrun job (DP=2, ZeRO-1, asynchronous saves) that restarts its workers
+    after a failure, as an elastic job does, loses a rank to SIGKILL in the save of step 3 on
+    each attempt, at another point each time: rank 1 in the middle of the gathers, rank 1
+    after its RNG file, rank 0's writer thread after meta.json, and after the rename. Each
+    restarted attempt reports the interrupted save, resumes from step 2 (never from the
+    partial one) and computes step 3 again bit for bit; the kill after the rename leaves step
+    3 complete, and it is the one found although ``latest`` still names step 2. (COMPLETE is
+    covered by the single-process test above; each attempt here costs ~10 s of imports.)"""
+    out = tmp_path / "run"
+    points = ["shards:1", "rng:1", "meta:0", "rename:0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={len(points) - 1}", "-m", "plait.launcher.train",
+           "--config", "configs/tiny.yaml"]  # fmt: skip
+    sets = ["out_dir=" + str(out), "logging.progress_bar=false", "training.eval_every=0",
+            "model.num_layers=2", "model.pattern=LA", "parallel.zero_stage=1",
+            "training.micro_batch_size=4", "training.steps=3", "checkpoint.save_every=2",
+            "checkpoint.async_save=true"]  # fmt: skip
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: torchrun's shared store keeps the previous
+    # attempt's keys, and a restarted gloo group may connect to a dead rank (pytorch#135712).
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+               PLAIT_TEST_KILL_IN_SAVE=";".join(f"{p}@3" for p in points))  # fmt: skip
+    proc = subprocess.run(cmd + [a for x in sets for a in ("--set", x)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0  # the last attempt was killed too
+    assert log.count("(exitcode: -9)") == len(points), log[-4000:]  # one SIGKILL an attempt
+    ckpts = out / "checkpoints"
+    assert log.count(f"{ckpts / '.tmp-step3'}: an interrupted save") == len(points) - 1
+    assert log.count(f"resumed from {ckpts / 'step2'} at step 2") == len(points) - 1
+    found, problems = checkpoint.find_resumable(ckpts)
+    assert found == ckpts / "step3" and not problems
+    assert (ckpts / "latest").read_text().strip() == "step2"  # killed before it moved
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    step3 = [r["loss"] for r in rows if r["kind"] == "train" and r["step"] == 3]
+    assert len(step3) == len(points) and len(set(step3)) == 1, step3
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous(tmp_path):
