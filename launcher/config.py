@@ -83,6 +83,10 @@ class TrainingConfig:
     """Validation loss every this many steps (and at the end); 0 turns it off."""
     eval_batches: int = 4
     """Micro batches per validation pass (per data-parallel rank)."""
+    eval_passkey: int = 0
+    """Passkey sequences per depth (0, 0.5, 1) scored at each validation, at the training
+    length, logged as ``val/passkey@<depth>``; 0: none. The loss by position bucket is
+    logged at every validation anyway (``val/loss_pos_<p>``)."""
     seed: int = 1234
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on CUDA, fp32 on CPU (where bf16 matmul is ~100x slower)."""
@@ -108,8 +112,8 @@ class TrainingConfig:
         for name in ("steps", "micro_batch_size", "grad_accum", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every: must be >= 0, got {self.eval_every}")
+        if self.eval_every < 0 or self.eval_passkey < 0:
+            raise ConfigError("eval_every and eval_passkey must be >= 0")
         if self.time_limit < 0 or self.exit_margin < 0 or self.max_skipped_in_a_row < 1:
             raise ConfigError(
                 "time_limit and exit_margin must be >= 0 and max_skipped_in_a_row >= 1"

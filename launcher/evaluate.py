@@ -90,12 +90,13 @@ def _tp_leader() -> bool:
 
 @torch.no_grad()
 def position_loss(model, source, length: int, micro_batch: int, batches: int, rt, sp=None,
-                  document_masking: bool = True) -> PositionLoss:  # fmt: skip
+                  document_masking: bool = True, windows=None) -> PositionLoss:  # fmt: skip
     """Summed next-token loss and token counts per position bucket over ``batches`` micro
     batches per DP rank of the (unshuffled) windows of ``length`` tokens of ``source``,
     added up over every rank. Averaged with the counts as weights it is the mean validation
-    loss of those batches."""
-    data = PackedSequences(source, length, seed=0, shuffle=False)
+    loss of those batches. ``windows``: the windows themselves (the training loop's
+    validation set, blended or not) instead of ``source``."""
+    data = windows if windows is not None else PackedSequences(source, length, 0, shuffle=False)
     loader = SequenceLoader(data, micro_batch, rt.dp, rt.dp_rank)
     edges = bucket_edges(length)
     inner = torch.tensor(edges[1:-1])

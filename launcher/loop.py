@@ -120,10 +120,16 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _local(b: dict[str, torch.Tensor], sp) -> dict[str, torch.Tensor]:
+def _local(b: dict[str, torch.Tensor], sp, masking: bool = True) -> dict[str, torch.Tensor]:
     """This context-parallel rank's tokens of every sequence, in the scheme's layout
     (contiguous for LASP-2, zigzag for ring attention in all-softmax models); positions and
-    document ids stay global."""
+    document ids stay global. Without document masking (``masking=False``) a row is one
+    sequence: its positions are the window's indices, so a rank's chunk continues the
+    previous rank's (the model's own default, arange of the local length, would restart
+    them on every rank)."""
+    if not masking:
+        T = b["tokens"].shape[1]
+        b = {**b, "positions": torch.arange(T).expand_as(b["tokens"])}
     if sp is None or sp.world == 1:
         return b
     index = sp.local_index(b["tokens"].shape[1])
@@ -134,21 +140,36 @@ def _forward(engine, b: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:
     """Loss of one micro batch (this rank's tokens; DeepSpeed averages over DP x CP ranks,
     which hold equal token counts); document boundaries go to the model unless disabled."""
     if not cfg.data.document_masking:
-        return engine(b["tokens"], b["labels"])
+        return engine(b["tokens"], b["labels"], None, b["positions"])
     return engine(b["tokens"], b["labels"], None, b["positions"], b["doc_ids"])
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: Config, rt: Runtime, val, sp=None) -> float:
-    """Mean loss over the first ``eval_batches`` micro batches of every DP rank (fixed order)."""
+def evaluate(engine, cfg: Config, rt: Runtime, val, sp=None, tokenizer=None) -> dict[str, float]:
+    """Validation over the first ``eval_batches`` micro batches of every DP rank (fixed
+    order): ``loss`` (the mean over every token), the loss by position bucket
+    (``loss_pos_<p>``: positions from p to the next power of two, as plait.launcher.evaluate
+    reports; their count-weighted mean is ``loss``) and, with ``training.eval_passkey`` and a
+    tokenizer, passkey accuracy at the training length (``passkey@<depth>``)."""
+    from .evaluate import passkey_accuracy, position_loss
+
     engine.eval()
-    loader = SequenceLoader(val, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
-    losses = []
-    for _ in range(cfg.training.eval_batches):
-        b = _to_device(_local(loader.next_micro_batch(), sp), rt.device)
-        losses.append(_forward(engine, b, cfg).float())
+    t = cfg.training
+    r = position_loss(engine, None, cfg.data.seq_len, t.micro_batch_size, t.eval_batches, rt,
+                      sp, cfg.data.document_masking, windows=val)  # fmt: skip
+    out = {"loss": r.mean}
+    for a, m in zip(r.edges[:-1], r.bucket_means()):
+        if m is not None:
+            out[f"loss_pos_{a}"] = m
+    if t.eval_passkey and tokenizer is not None:
+        for depth in (0.0, 0.5, 1.0):
+            try:
+                out[f"passkey@{depth}"] = passkey_accuracy(
+                    engine, tokenizer, cfg.data.seq_len, depth, t.eval_passkey, rt, sp)
+            except ValueError:  # the training length is too short for the prompt
+                break
     engine.train()
-    return data_parallel_mean(torch.stack(losses).mean()).item()
+    return out
 
 
 def _nan_injected(step: int, rank: int) -> bool:
@@ -187,7 +208,8 @@ def train_step(
     length = warmup_length(engine.global_steps, d.warmup_seq_len, d.seq_len, d.warmup_seq_len_steps)
     skipped_before, spike = engine.skipped_steps, False
     for micro in range(cfg.training.grad_accum):
-        batch = _local(warmup_reshape(loader.next_micro_batch(), length), sp)
+        batch = _local(warmup_reshape(loader.next_micro_batch(), length), sp,
+                       cfg.data.document_masking)  # fmt: skip
         b = _to_device(batch, rt.device)
         loss = _forward(engine, b, cfg)
         if _nan_injected(engine.global_steps + 1, rt.rank):
@@ -235,6 +257,7 @@ def run(
     on_step=None,
     sp=None,
     spikes: SpikeDetector | None = None,
+    tokenizer=None,
 ) -> list[StepStats]:
     """Train from ``engine.global_steps`` to ``training.steps``. ``on_step(stats)`` runs after
     each step (checkpoints, preemption, fault handling) and stops the run by returning a
@@ -266,10 +289,11 @@ def run(
             )
             every = cfg.training.eval_every
             if val is not None and every and (s.step % every == 0 or s.step == cfg.training.steps):
-                vl = evaluate(engine, cfg, rt, val, sp)
-                sink.scalars(s.step, {"loss": vl}, "val")
+                vals = evaluate(engine, cfg, rt, val, sp, tokenizer)
+                sink.scalars(s.step, vals, "val")
                 if rt.is_main:
-                    bar.write(f"step {s.step}: train loss {s.loss:.4f}  val loss {vl:.4f}")
+                    bar.write(f"step {s.step}: train loss {s.loss:.4f}  val loss "
+                              f"{vals['loss']:.4f}")  # fmt: skip
             if on_step is not None and on_step(s):
                 break
     finally:

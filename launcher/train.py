@@ -277,7 +277,7 @@ def train(cfg: Config) -> tuple[list[StepStats], str]:
             return why
 
         history = run(engine, scheduler, cfg, rt, loader, val_set, on_step=on_step, sp=sp,
-                      spikes=spikes)  # fmt: skip
+                      spikes=spikes, tokenizer=tok)  # fmt: skip
         saver.wait()  # the last checkpoint is complete before the run says it stopped
         if rt.is_main and stopped["why"]:
             # For job scripts: launchers such as torchrun report their own exit code.

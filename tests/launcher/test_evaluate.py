@@ -139,3 +139,20 @@ def test_cli_writes_results_plots_and_tensorboard(tmp_path):
     bad = subprocess.run([*cmd[:4], str(tmp_path / "none")], cwd=REPO, env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_training_chunks_continue_positions_without_document_masking():
+    """The training loop's context-parallel slicing: without document masking a rank's chunk
+    carries the window's own positions (rank 1 of 2 holds 4..7), with it the restarting ones."""
+    from plait.launcher.loop import _local
+
+    class SecondOfTwo:
+        world = 2
+
+        def local_index(self, T):
+            return torch.arange(T // 2, T)
+
+    b = {"tokens": torch.zeros(1, 8, dtype=torch.long),
+         "positions": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])}  # fmt: skip
+    assert _local(b, SecondOfTwo(), masking=False)["positions"].tolist() == [[4, 5, 6, 7]]
+    assert _local(b, SecondOfTwo(), masking=True)["positions"].tolist() == [[1, 0, 1, 2]]

@@ -72,7 +72,7 @@ def _tiny(out: Path, *extra: str) -> list[str]:
 
 def test_demo_learns_and_logs_tensorboard(tmp_path):
     out = tmp_path / "run"
-    _run(_tiny(out, "training.steps=80", "training.eval_every=40"))
+    _run(_tiny(out, "training.steps=80", "training.eval_every=40", "training.eval_passkey=2"))
     train = _metrics(out)
     assert sorted(train) == list(range(1, 81))
     first = sum(train[s]["loss"] for s in range(1, 6)) / 5
@@ -81,6 +81,10 @@ def test_demo_learns_and_logs_tensorboard(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train.values())
     val = _metrics(out, "val")
     assert sorted(val) == [40, 80] and val[80]["loss"] < val[40]["loss"]
+    # the loss by position (buckets [0,1), [1,2), [2,4) ... [64,128)) and the passkey probe
+    buckets = sorted(int(k.split("_")[-1]) for k in val[80] if k.startswith("loss_pos_"))
+    assert buckets[:3] == [0, 1, 2] and buckets[-1] == 64, val[80]
+    assert all(0.0 <= val[80][f"passkey@{d}"] <= 1.0 for d in (0.0, 0.5, 1.0))
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -104,6 +108,8 @@ def test_demo_learns_and_logs_tensorboard(tmp_path):
         "train/tokens_per_s",
         "train/step_time_s",
         "val/loss",
+        "val/loss_pos_64",
+        "val/passkey@0.5",
     ):
         assert tag in tags, tags
     events = acc.Scalars("train/loss")
@@ -177,11 +183,13 @@ def test_blended_prepared_datasets_with_seq_len_warmup(tmp_path):
     assert not (out / "data").exists()  # nothing prepared: the given datasets were used
 
 
-def test_context_parallel_run_matches_single_process(tmp_path):
+@pytest.mark.parametrize("masking", [True, False])
+def test_context_parallel_run_matches_single_process(tmp_path, masking):
     """torchrun with context_parallel=2 (LASP-2 + LASP-2H, ZeRO-1 over the DP x CP group)
-    follows the single-process run step for step."""
+    follows the single-process run step for step, with documents masked and without (then
+    the rotary positions of the second rank's chunk continue the first's)."""
     common = ("training.steps=5", "training.eval_every=0", "model.num_layers=2",
-              "model.pattern=LA")  # fmt: skip
+              "model.pattern=LA", f"data.document_masking={str(masking).lower()}")  # fmt: skip
     _run(_tiny(tmp_path / "one", *common))
     proc = _run(_tiny(tmp_path / "cp2", *common, "parallel.context_parallel=2"), nproc=2)
     assert "world 2 (tp 1 cp 2 dp 1)" in proc.stdout
