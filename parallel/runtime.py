@@ -192,7 +192,11 @@ def initialize(parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None
         backend = "gloo"
         cpu_compat.apply()
         tune_cpu_allocator()
-    if not dist.is_initialized():
+    if not dist.is_initialized() and env.world_size == 1:
+        # One process rendezvous with itself: an in-memory store, no port to race for with
+        # the other processes of the machine (tests and benchmarks start many at once).
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    elif not dist.is_initialized():
         dist.init_process_group(
             backend,
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
