@@ -198,6 +198,12 @@ def _doc(passkey, ext, curriculum, batch, steps, elapsed) -> str:
         cells = " | ".join(f"{by_len.get(str(n), by_len.get(n, float('nan'))):.3f}"
                            for n in lengths)  # fmt: skip
         lines.append(f"| {name} | {cells} |")
+    lines += ["", "Reading: on this corpus (dictionary entries of a few dozen tokens) no model "
+              "gains from context beyond the training length; the loss rises by about the same "
+              "amount for the pure linear model as for the softmax ones, so the rise is the "
+              "longer windows' content, not RoPE failing. The passkey grid is where positions "
+              "show: LALA's softmax layers find a key placed near the question at 4x and 8x, "
+              "and mostly not one placed further back than they were trained on."]  # fmt: skip
     return "\n".join(lines)
 
 
