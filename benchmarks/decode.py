@@ -6,8 +6,9 @@ attention (a KV cache read at every step).
     .venv/bin/python benchmarks/decode.py --smoke    # tiny shapes, prints only
 
 One process, fp32, batch 1, 4 layers of one letter, d=256, 4 heads, vocab 2048, random
-weights (time does not depend on them). The prompt is prefilled once; then the median of 32
-single-token steps through ``forward(past_key_values=...)``, the call ``generate()`` makes.
+weights (time does not depend on them). Each prompt is prefilled once; then the median of 64
+single-token steps through ``forward(past_key_values=...)``, the call ``generate()`` makes,
+the two contexts' steps alternating (a busy machine slows both alike).
 """
 
 from __future__ import annotations
@@ -39,29 +40,33 @@ def model(letter: str, hidden: int) -> PlaitForCausalLM:
 
 
 @torch.no_grad()
-def per_token(m: PlaitForCausalLM, context: int, steps: int) -> float:
-    """Median seconds of one decode step after a ``context``-token prompt."""
-    prompt = torch.randint(0, 2048, (1, context))
-    out = m(prompt, use_cache=True)
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    times = []
+def per_token(m: PlaitForCausalLM, contexts: tuple[int, ...], steps: int) -> list[float]:
+    """Median seconds of one decode step after each context's prefilled prompt. The steps of
+    the different contexts alternate, so a busy machine slows them alike."""
+    caches, nxt = [], []
+    for context in contexts:
+        out = m(torch.randint(0, 2048, (1, context)), use_cache=True)
+        caches.append(out.past_key_values)
+        nxt.append(out.logits[:, -1:].argmax(-1))
+    times: list[list[float]] = [[] for _ in contexts]
     for _ in range(steps):
-        t0 = time.perf_counter()
-        out = m(nxt, past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - t0)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return statistics.median(times)
+        for i in range(len(contexts)):
+            t0 = time.perf_counter()
+            out = m(nxt[i], past_key_values=caches[i], use_cache=True)
+            times[i].append(time.perf_counter() - t0)
+            caches[i], nxt[i] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
-    hidden, contexts, steps = (64, (64, 256), 4) if args.smoke else (256, (1024, 16384), 32)
+    hidden, contexts, steps = (64, (64, 256), 4) if args.smoke else (256, (1024, 16384), 64)
     rows = []
     for letter, what in LETTERS.items():
         m = model(letter, hidden)
-        t = [per_token(m, c, steps) for c in contexts]
+        t = per_token(m, contexts, steps)
         rows.append((letter, what, t))
         print(f"{letter}: " + ", ".join(f"{c}: {x * 1e3:.2f} ms" for c, x in zip(contexts, t)),
               flush=True)  # fmt: skip
