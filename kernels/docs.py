@@ -44,6 +44,18 @@ def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, torch.tensor([B * T], device=flat.device)])
 
 
+def document_lengths(doc_ids: torch.Tensor) -> list[list[int]]:
+    """The documents of each row as run lengths, in order: [B, T] doc ids -> B lists that sum
+    to T (a run of equal ids is one document; row starts always start one). One host copy of
+    the change points, so per-document loops can cut tensors with ``split``."""
+    B, T = doc_ids.shape
+    change = torch.nonzero(doc_ids[:, 1:] != doc_ids[:, :-1]).tolist()  # (row, t): t+1 starts
+    starts: list[list[int]] = [[0] for _ in range(B)]
+    for b, t in change:
+        starts[b].append(t + 1)
+    return [[e - s for s, e in zip(row, row[1:] + [T])] for row in starts]
+
+
 def resolve_doc_ids(
     cu_seqlens: torch.Tensor | None, doc_ids: torch.Tensor | None, B: int, T: int
 ) -> torch.Tensor | None:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from plait.kernels.attention import causal_attention
+
 from .collectives import all_gather, all_gather_nograd
 from .lasp2h import attention_lasp2h
 from .ring import layout_index, ring_attention
@@ -20,22 +22,17 @@ if TYPE_CHECKING:
 
 
 def attention(sp: SequenceParallel, q, k, v, doc_ids=None) -> torch.Tensor:
-    """Causal softmax attention within documents in the context ``sp``: one rank, SDPA;
-    several, LASP-2H (all-gather K, V) or Ring Attention as ``parallel.softmax_sp`` says
-    (letter A)."""
+    """Causal softmax attention within documents in the context ``sp``: one rank,
+    kernels/attention (causal SDPA per document); several, LASP-2H (all-gather K, V) or Ring
+    Attention as ``parallel.softmax_sp`` says (letter A)."""
     if sp.world > 1 and sp.softmax == "ring":
         index = sp.local_index(q.shape[2] * sp.world).to(q.device)
         return ring_attention(q, k, v, index, sp.group, doc_ids=doc_ids)
     if sp.world > 1:
         return attention_lasp2h(q, k, v, sp.group, doc_ids=doc_ids)
-    if doc_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # Causal and within-document. A dense [B, 1, T, T] mask: fine at the lengths the
-    # softmax layers see on CPU; varlen flash attention replaces it on GPUs.
-    T = q.shape[2]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    # Causal within documents without a [T, T] mask: one causal call per document on CPU,
+    # flash attention's varlen kernel on CUDA (kernels/attention).
+    return causal_attention(q, k, v, doc_ids=doc_ids)
 
 
 def gather_keys(sp: SequenceParallel, k, v, doc_ids=None):

@@ -56,5 +56,10 @@ PRESETS = {
         "released; the 1B-class preset",
         "the name is rounded: the released config itself gives 1.35B (tied, vocab 50264)",
     ),
+    "based-25m": Preset(
+        lambda: based(512, 8, [1, 6], [2, 7], vocab=0),
+        None,
+        "benchmarks/train_step.py; the released layer order",
+    ),
     "based-tiny": Preset(_tiny, None, "CPU tests"),
 }

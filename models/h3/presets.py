@@ -70,5 +70,10 @@ PRESETS = {
     "h3-2.7b-3attn": Preset(
         lambda: _h3_2_7b((8, 16, 24), 0), 2.7e9, "released (danfu09/H3-2.7B, model-3attn)"
     ),
+    "h3-25m": Preset(
+        lambda: h3(512, 7, 8, (3,), vocab=0),
+        None,
+        "benchmarks/train_step.py; attention mid-stack as in 125M",
+    ),
     "h3-tiny": Preset(_tiny, None, "CPU tests"),
 }

@@ -23,9 +23,28 @@ def _tiny() -> ModelConfig:
     )
 
 
+def _25m() -> ModelConfig:
+    """hybrid-tiny's layout at ~25M parameters (with a 2048-token vocabulary): the size
+    benchmarks/train_step.py compares with transformers' Llama of the same shape."""
+    return ModelConfig(
+        pattern="LALALALA",
+        num_layers=8,
+        hidden_size=512,
+        num_heads=8,
+        ffn_hidden_size=1280,
+        mlp="swiglu",
+        norm="rmsnorm",
+        tie_embeddings=True,
+        lightning_block=64,
+    )
+
+
 FAMILY = Family(
     name="hybrid",
     description="plait's mixed hybrids (letters of the other families)",
     letters=(),
-    presets={"hybrid-tiny": Preset(_tiny, None, "the embedded CPU default (configs/tiny.yaml)")},
+    presets={
+        "hybrid-tiny": Preset(_tiny, None, "the embedded CPU default (configs/tiny.yaml)"),
+        "hybrid-25m": Preset(_25m, None, "hybrid-tiny's layout at ~25M (benchmarks/train_step.py)"),
+    },
 )

@@ -20,7 +20,9 @@ see ``HybridLM``) and logged on its own.
 
 Skipping: a routed head computes attention only for the queries that selected it (gathered,
 attended against all keys with their original positions, scattered back); keys and values
-are computed for every token, since any later query may select the head.
+are computed for every token, since any later query may select the head. On one rank,
+shared heads run causal SDPA without a mask, and with packed documents everything runs
+document by document (``_heads_by_document``), so no [T, T] mask is built.
 
 Tensor parallelism: heads are split across ranks, but top-k needs all routed logits, so the
 router (three small [hidden -> heads] matrices) is replicated and every rank routes all heads
@@ -49,6 +51,8 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
+from plait.kernels.attention import causal_attention
+from plait.kernels.docs import document_lengths
 from plait.models.common.config import ModelConfig
 from plait.models.common.family import Auxiliary
 from plait.models.common.layers import HeadProjections, apply_rotary, rotary_cos_sin, wide
@@ -181,6 +185,8 @@ class MoHAttention(nn.Module):
         gates, mask = self._route(x_BTC, q, balance=True)
         cos, sin = rotary_cos_sin(positions_BT, q.shape[-1], self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.sp.world == 1 and doc_ids_BT is not None:
+            return self.proj.merge(self._heads_by_document(q, k, v, gates, mask, doc_ids_BT))
         k_all, v_all, k_index, k_docs, q_index = softmax.gather_keys(self.sp, k, v, doc_ids_BT)
         o = self._heads(q, k_all, v_all, gates, mask, q_index, k_index, doc_ids_BT, k_docs)
         return self.proj.merge(o)
@@ -228,10 +234,18 @@ class MoHAttention(nn.Module):
         routed heads for the queries that selected them (positions q_index [T] among keys at
         k_index [S])."""
         scale = 1.0 / math.sqrt(q.shape[-1])
+        T, S = q.shape[2], k_all.shape[2]
+        whole = docs is None and T == S and bool((q_index == k_index).all())
         outs = []
         for j in range(self.proj.heads):
             head = self.proj.first_head + j
             g = gates[..., head].to(q.dtype)[..., None]
+            if head < self.shared and whole:  # every query, every key: plain causal SDPA
+                o = F.scaled_dot_product_attention(
+                    q[:, j : j + 1], k_all[:, j : j + 1], v_all[:, j : j + 1], is_causal=True
+                )[:, 0]
+                outs.append(o * g)
+                continue
             if head < self.shared:
                 sel = torch.ones_like(mask[..., 0])
             else:
@@ -241,3 +255,45 @@ class MoHAttention(nn.Module):
             )
             outs.append(o * g)
         return torch.stack(outs, 1)
+
+    def _heads_by_document(self, q, k, v, gates, mask, docs):
+        """``_heads`` on one rank with packed documents, document by document, without a
+        [T, T] mask: the shared heads by per-document causal SDPA (kernels/attention), each
+        routed head's selected queries of a document against that document's keys only (a
+        mask [selected, L_d] per document; sum_d L_d^2 entries rather than T^2)."""
+        H, first = self.proj.heads, self.proj.first_head
+        ls = min(max(self.shared - first, 0), H)  # local shared heads come first (contiguous)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        parts = []
+        if ls:
+            parts.append(causal_attention(q[:, :ls], k[:, :ls], v[:, :ls], doc_ids=docs))
+        if ls < H:
+            r0 = first + ls - self.shared
+            sel = mask[..., r0 : r0 + H - ls].transpose(1, 2)  # [B, routed local, T]
+            lengths = document_lengths(docs)
+            rows = [
+                _routed_by_document(qb, kb, vb, sb, lb, scale)
+                for qb, kb, vb, sb, lb in zip(
+                    q[:, ls:].unbind(0), k[:, ls:].unbind(0), v[:, ls:].unbind(0),
+                    sel.unbind(0), lengths,
+                )
+            ]  # fmt: skip
+            parts.append(torch.stack(rows))
+        o = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        g = gates[..., first : first + H].transpose(1, 2).to(q.dtype)[..., None]
+        return o * g
+
+
+def _routed_by_document(q_HTD, k_HTD, v_HTD, sel_HT, lengths: list[int], scale):
+    """One row's routed heads, document by document: within a document of L tokens the
+    selected queries attend its keys causally (``_attend_selected`` with the heads as its
+    batch). Cut with ``split`` and joined with ``cat`` (one gradient copy, see
+    kernels/attention/segments.py). [H, T, D]."""
+    outs = []
+    for q, k, v, sel in zip(
+        q_HTD.split(lengths, 1), k_HTD.split(lengths, 1), v_HTD.split(lengths, 1),
+        sel_HT.split(lengths, 1),
+    ):  # fmt: skip
+        idx = torch.arange(q.shape[1], device=q.device)
+        outs.append(_attend_selected(q, k, v, sel, idx, idx, None, None, scale))
+    return torch.cat(outs, 1) if len(outs) > 1 else outs[0]

@@ -38,5 +38,6 @@ def _tiny() -> ModelConfig:
 PRESETS = {
     "moh-360m": Preset(lambda: moh(1024, 24, 16), None, "comparable to Based 360M"),
     "moh-1b": Preset(lambda: moh(2048, 18, 16), None, "the 1B-class preset"),
+    "moh-25m": Preset(lambda: moh(512, 7, 8, vocab=0), None, "benchmarks/train_step.py"),
     "moh-tiny": Preset(_tiny, None, "CPU tests"),
 }

@@ -81,5 +81,6 @@ PRESETS = {
     ),
     "seqboat-360m": Preset(lambda: seqboat(1024, 22, 2048), None, "comparable to Based 360M"),
     "seqboat-1b": Preset(lambda: seqboat(2048, 16, 4096), None, "the 1B-class preset"),
+    "seqboat-25m": Preset(lambda: seqboat(512, 7, 1024, vocab=0), None, "benchmarks/train_step.py"),
     "seqboat-tiny": Preset(_tiny, None, "CPU tests"),
 }

@@ -44,5 +44,8 @@ PRESETS = {
         "released; the 1B-class preset",
         "the name is rounded: the released config gives 1.02B tied",
     ),
+    "transnormer-25m": Preset(
+        lambda: transnormer(512, 7, 8, 1408, vocab=0), None, "benchmarks/train_step.py"
+    ),
     "transnormer-tiny": Preset(lambda: transnormer(64, 4, 4, 128, vocab=0), None, "CPU tests"),
 }

@@ -186,3 +186,129 @@ def test_query_norm_router_is_moh_llama3(shared, top_k, seed):
     for a, b, what in zip(fast, ref, ("output", "dx", "d in_proj"), strict=True):
         assert_rel_close(a, b, 1e-5, what)
     assert all(n.startswith("proj.") for n in names) and aux == []
+
+
+# Packed documents on one rank (_heads_by_document) against the dense-mask path it replaced
+# (_heads with the [T, T] causal and same-document mask): rows with different boundaries,
+# uneven documents, length-1 documents (first, middle, last).
+DOC_ROWS = [[11, 1, 12, 5], [1, 1, 25, 1, 1]]
+
+
+def _doc_ids_and_positions():
+    ids, pos, first = [], [], 0
+    for lengths in DOC_ROWS:
+        n = torch.tensor(lengths)
+        ids.append(torch.repeat_interleave(torch.arange(len(lengths)) + first, n))
+        pos.append(torch.cat([torch.arange(L) for L in lengths]))
+        first += len(lengths)
+    return torch.stack(ids), torch.stack(pos)
+
+
+def _dense_forward(m: MoHAttention, x, pos, docs):
+    """forward's single-rank path before documents were cut: every head through
+    _attend_selected with the dense [T, T] causal, same-document mask."""
+    q, k, v = m.proj.split(x)
+    gates, mask = m._route(x, q, balance=False)
+    cos, sin = rotary_cos_sin(pos, D, m.rope_theta)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    idx = torch.arange(T)
+    return m.proj.merge(m._heads(q, k, v, gates, mask, idx, idx, docs, docs))
+
+
+def _by_document(rt, shared, top_k, seed, router):
+    torch.manual_seed(seed)
+    m = _layer(shared, top_k, router=router)
+    ref_m = _layer(shared, top_k, router=router).double()
+    ref_m.load_state_dict(m.state_dict())
+    docs, pos = _doc_ids_and_positions()
+    g = torch.Generator().manual_seed(seed + 10)
+    x = torch.randn(2, T, H * D, generator=g)
+    dy = torch.randn(2, T, H * D, generator=g)
+    runs = (
+        (m, lambda xi: m(xi, pos, docs), torch.float32),
+        (ref_m, lambda xi: _dense_forward(ref_m, xi, pos, docs), torch.float64),
+    )
+    outs = []
+    for mod, fn, dtype in runs:
+        xi = x.to(dtype).clone().requires_grad_()
+        y = fn(xi)
+        (y * dy.to(dtype)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in mod.named_parameters() if p.grad is not None}
+        outs.append((y.detach(), xi.grad.clone(), grads))
+    return outs
+
+
+@pytest.mark.parametrize("shared,top_k", [(2, 2), (0, 3), (3, 1), (5, 1)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("router", ["learned", "query_norm"])
+def test_documents_by_document_equal_the_dense_mask(shared, top_k, seed, router):
+    """fp32 per-document path against the float64 dense-mask path: output, dx and every
+    parameter's gradient (the routers' included)."""
+    (y, dx, grads), (y_ref, dx_ref, grads_ref) = run_distributed(
+        _by_document, 1, shared, top_k, seed, router
+    )[0]
+    assert_rel_close(y, y_ref, 1e-5, "output")
+    assert_rel_close(dx, dx_ref, 1e-5, "dx")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert_rel_close(grads[name], grads_ref[name], 1e-5, f"d {name}")
+
+
+def _local_heads(rt, first, heads, shared):
+    """One TP rank's slice of the heads (first, heads), as HeadProjections hands it over:
+    _heads_by_document and the dense _heads see the same local tensors."""
+    torch.manual_seed(0)
+    m = _layer(shared, max(1, (H - shared) // 2)).double()
+    m.proj.first_head, m.proj.heads = first, heads
+    docs, _ = _doc_ids_and_positions()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, heads, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    x = torch.randn(2, T, H * D, generator=g, dtype=torch.float64)
+    gates, mask, _ = route(x, m.w_routed, m.w_shared, m.w_mix, m.top_k)
+    idx = torch.arange(T)
+    got = m._heads_by_document(q, k, v, gates, mask, docs)
+    want = m._heads(q, k, v, gates, mask, idx, idx, docs, docs)
+    return got, want
+
+
+@pytest.mark.parametrize("first,heads", [(0, 3), (3, 3), (2, 2)])
+@pytest.mark.parametrize("shared", [2, 4])
+def test_documents_by_document_on_a_tensor_parallel_slice(first, heads, shared):
+    got, want = run_distributed(_local_heads, 1, first, heads, shared)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _count_queries_by_document(rt):
+    torch.manual_seed(0)
+    m = _layer(2, 1)
+    docs, pos = _doc_ids_and_positions()
+    x = torch.randn(2, T, H * D)
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, *a, **kw):
+        seen.append((q.shape[-2], kw.get("attn_mask") is not None))
+        return real(q, *a, **kw)
+
+    moh_mixer.F.scaled_dot_product_attention = spy
+    try:
+        m(x, pos, docs)
+    finally:
+        moh_mixer.F.scaled_dot_product_attention = real
+    _, mask, _ = route(x, m.w_routed, m.w_shared, m.w_mix, 1)  # [B, T, routed]
+    want = []
+    for row, lengths in enumerate(DOC_ROWS):  # per document, the most any routed head got
+        for sel in mask[row].split(lengths):
+            want.append(int(sel.sum(0).max()))
+    return seen, [n for n in want if n > 0]
+
+
+def test_documents_routed_heads_skip_unselected_queries():
+    """With documents, shared heads run one maskless causal call per document; routed heads
+    one masked call per document with only the queries some head selected there."""
+    seen, want = run_distributed(_count_queries_by_document, 1)[0]
+    shared = [n for n, masked in seen if not masked]
+    routed = [n for n, masked in seen if masked]
+    assert shared == [n for lengths in DOC_ROWS for n in lengths]
+    assert routed == want
+    assert sum(routed) < 2 * T  # top-1 of 4 routed heads

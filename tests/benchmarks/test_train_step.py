@@ -1,0 +1,32 @@
+"""The whole-step benchmark's smoke mode (a CI-cheap guard that benchmarks/train_step.py
+still runs end to end): tiny shapes, a worker subprocess per model, the table written. No
+timing is asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_smoke_mode_runs_and_writes_its_table(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--smoke",
+         "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    table = (tmp_path / "table.md").read_text()
+    for model in ("Llama (transformers)", "plait LALA"):
+        assert f"| {model} |" in table
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["groups"]["smoke"]
+    assert {(r["model"], r["T"]) for r in rows} == {
+        (m, T) for m in ("Llama (transformers)", "plait LALA") for T in (64, 128)
+    }
+    for r in rows:
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["flops_per_token"] > 0
+        assert r["loss"] == r["loss"]  # finite enough to train: not NaN
+    assert results["gemm_gflops"]["peak"] > 0
