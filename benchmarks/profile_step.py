@@ -1,0 +1,219 @@
+"""Where one training step's time goes: torch.profiler over plait's real step, summarised.
+
+    python benchmarks/profile_step.py                      # docs/benchmarks.md "profile-step"
+    python benchmarks/profile_step.py --preset transnormer-25m --seq-len 8192  # one, printed
+    python benchmarks/profile_step.py --preset hybrid-tiny --trace /tmp/step.json  # + trace
+
+The step is benchmarks/train_step.py's (configs/tiny.yaml's run config, the preset, micro-batch
+1, fp32, one process, packed documents of mean 1024 tokens, launcher.loop.train_step), so the
+figures here explain that table. After two warm-up steps, ``--steps`` steps are timed (wall
+and process CPU time) and then profiled (CPU activities, no shapes or stacks, which would
+inflate the overhead being measured).
+
+Every operator's self time falls in one category (``CATEGORIES``, by operator name):
+matrix products, attention kernels, element-wise arithmetic, copies and layout changes,
+reductions and norms, the optimizer's own operators and communication. What the profiler does
+not see, the step's wall time minus the operators' self time, is Python and dispatch overhead
+between operators (module calls, autograd bookkeeping, DeepSpeed's engine). The summary also
+gives the model FLOPs utilisation: model FLOPs per token (train_step.plait_flops) x tokens/s
+over the fp32 GEMM rate measured in the same process, and the share of the step the matrix
+products take, whose ratio is the rate the GEMMs themselves reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SECTION = "profile-step"
+DOC_RUNS = [("hybrid-tiny", 2048), ("hybrid-25m", 2048), ("transnormer-25m", 16384)]
+"""(preset, tokens) profiled for docs/benchmarks.md."""
+
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "matrix products (mm, bmm, addmm, baddbmm, linear)": (
+        "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::linear",
+        "aten::matmul", "aten::_addmm_activation", "aten::addbmm",
+    ),
+    "attention kernels (SDPA flash / math)": ("aten::_scaled_dot_product",),
+    "copies and layout (copy_, cat, stack, clone, contiguous, to)": (
+        "aten::copy_", "aten::cat", "aten::stack", "aten::clone", "aten::contiguous",
+        "aten::_to_copy", "aten::to", "aten::index", "aten::gather", "aten::scatter",
+        "aten::index_put", "aten::repeat", "aten::flip", "aten::fill_", "aten::zero_",
+        "aten::zeros", "aten::empty", "aten::empty_strided", "aten::new_zeros",
+        "aten::ones", "aten::full", "aten::arange",
+    ),
+    "reductions and norms (sum, mean, norm, max, softmax)": (
+        "aten::sum", "aten::mean", "aten::linalg_vector_norm", "aten::norm", "aten::max",
+        "aten::min", "aten::amax", "aten::_softmax", "aten::_log_softmax", "aten::rsqrt",
+        "aten::var", "aten::cumsum", "aten::argmax", "aten::any", "aten::all",
+        "aten::nll_loss", "aten::_log_softmax_backward", "aten::_softmax_backward",
+        "aten::nll_loss_backward",
+    ),
+    "communication (all-reduce, all-gather: one rank here)": ("c10d::", "gloo"),
+}  # fmt: skip
+ELEMENTWISE = "element-wise arithmetic (mul, add, exp, silu, ...)"
+VIEWS = ("aten::view", "aten::as_strided", "aten::reshape", "aten::unsqueeze", "aten::select",
+         "aten::slice", "aten::t", "aten::transpose", "aten::permute", "aten::expand",
+         "aten::detach", "aten::alias", "aten::_unsafe_view", "aten::unbind", "aten::split",
+         "aten::narrow", "aten::squeeze", "aten::chunk", "aten::lift_fresh",
+         "aten::_reshape_alias", "aten::resolve_conj", "aten::resolve_neg")  # fmt: skip
+
+
+def category(name: str) -> str | None:
+    """The category of an operator event; None for events that are not operators (autograd
+    nodes, user scopes: their self time is the Python around the operators they wrap) and for
+    views (metadata only: their time is dispatch overhead)."""
+    if not name.startswith(("aten::", "c10d::", "gloo")):
+        return None
+    if name in VIEWS:
+        return "views (metadata only)"
+    for cat, prefixes in CATEGORIES.items():
+        if name.startswith(prefixes):
+            return cat
+    return ELEMENTWISE
+
+
+def profile(preset: str, T: int, masking: bool, steps: int, trace: str = "") -> dict:
+    import torch
+    import train_step as ts
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    job = ts.Job(name=preset, kind="plait", preset=preset, lengths=[T], masking=masking)
+    step, flops, n_params = ts._plait_model(job)
+    lengths = ts.document_lengths(T, 1024, seed=0)
+    rows = ts._Rows(ts.batch(T, ts.VOCAB, lengths, seed=T))
+    for _ in range(2):
+        step(T, rows)
+    wall, cpu = [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(T, rows)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    gemm = ts.gemm_rate(2048, reps=5)[0]
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(T, rows)
+    profiled_wall = (time.perf_counter() - t0) / steps
+    if trace:
+        prof.export_chrome_trace(trace)
+    per_cat: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    per_op: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        cat = category(e.key)
+        if cat is None:
+            continue
+        per_cat[cat] += e.self_cpu_time_total / 1e6 / steps
+        calls[cat] += e.count // steps
+        per_op[e.key] += e.self_cpu_time_total / 1e6 / steps
+    ops_s = sum(per_cat.values())
+    med = statistics.median(wall)
+    f = flops(T, lengths if masking else [T])
+    return {
+        "preset": preset, "T": T, "masking": masking, "docs": len(lengths),
+        "params": n_params, "threads": torch.get_num_threads(),
+        "step_s": med, "cpu_s": statistics.median(cpu), "profiled_step_s": profiled_wall,
+        "tokens_per_s": T / med, "flops_per_token": f, "gemm_gflops": gemm,
+        "mfu": T / med * f / (gemm * 1e9),
+        "categories": dict(per_cat), "calls": dict(calls),
+        "overhead_s": max(profiled_wall - ops_s, 0.0),
+        "top_ops": sorted(per_op.items(), key=lambda kv: -kv[1])[:12],
+    }  # fmt: skip
+
+
+def summary(r: dict) -> str:
+    from common import machine
+
+    p = r["profiled_step_s"]
+    gemm_cat = next(c for c in CATEGORIES if c.startswith("matrix"))
+    gemm_share = r["categories"].get(gemm_cat, 0.0) / p
+    lines = [
+        f"{r['preset']} ({r['params'] / 1e6:.1f}M parameters), {r['T']} tokens, documents "
+        f"{'masked' if r['masking'] else 'not masked'} ({r['docs']} in the row); "
+        f"{r['threads']} threads.",
+        "",
+        f"- step {r['step_s'] * 1e3:.0f} ms (median; profiled {p * 1e3:.0f} ms), "
+        f"{r['tokens_per_s']:,.0f} tokens/s, {r['flops_per_token'] / 1e6:.1f} MFLOP/token, "
+        f"fp32 GEMM {r['gemm_gflops']:.0f} GFLOP/s: **MFU {r['mfu'] * 100:.1f}%**",
+        f"- the matrix products take {gemm_share * 100:.0f}% of the step; at the MFU above "
+        f"they run at {r['mfu'] / max(gemm_share, 1e-9) * 100:.0f}% of the GEMM rate "
+        "(the model FLOPs are nearly all matrix products)",
+        "",
+        "| where the step goes | ms | share | operator calls |",
+        "|---|---|---|---|",
+    ]
+    cats = sorted(r["categories"].items(), key=lambda kv: -kv[1])
+    for cat, s in cats:
+        lines.append(f"| {cat} | {s * 1e3:.1f} | {s / p * 100:.0f}% | {r['calls'][cat]:,} |")
+    o = r["overhead_s"]
+    lines.append(
+        f"| Python and dispatch between operators (step - operators) | {o * 1e3:.1f} "
+        f"| {o / p * 100:.0f}% | - |"
+    )
+    lines += ["", "Top operators (self time per step, ms): " + ", ".join(
+        f"{k.removeprefix('aten::')} {v * 1e3:.1f}" for k, v in r["top_ops"][:8])]  # fmt: skip
+    return f"Machine: {machine()}\n\n" + "\n".join(lines)
+
+
+def _run_one(preset: str, T: int, steps: int) -> dict:
+    """One profile in a fresh process (each builds its own runtime and DeepSpeed engine)."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, os.path.abspath(__file__), "--preset", preset, "--seq-len", str(T),
+           "--steps", str(steps), "--json"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(next(x for x in out.splitlines() if x.startswith("PROFILE "))[8:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--preset", default="", help="one preset, printed only (default: the doc's set)"
+    )
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--trace", default="", help="write the Chrome trace here (with --preset)")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.preset:
+        from plait.parallel.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
+        r = profile(args.preset, args.seq_len, True, args.steps, args.trace)
+        if args.json:
+            import json
+
+            print("PROFILE " + json.dumps(r), flush=True)
+        else:
+            print(summary(r))
+        return 0
+    parts = []
+    for preset, T in DOC_RUNS:
+        parts.append(summary(_run_one(preset, T, args.steps)))
+        print(parts[-1], flush=True)
+    from common import write_section
+
+    cmd = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/profile_step.py"
+    write_section(
+        SECTION,
+        "\n\n".join(
+            ["## Where a training step's time goes (CPU profile)", f"Command: `{cmd}`"] + parts
+        ),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
