@@ -657,12 +657,17 @@ def main(argv: list[str] | None = None) -> int:
         "--merge", action="store_true",
         help="keep the other models' rows of the last full run (docs/train_step_results.json)",
     )  # fmt: skip
+    ap.add_argument(
+        "--render", action="store_true",
+        help="rewrite the docs section from docs/train_step_results.json; run nothing",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.worker:
         worker(Job(**json.loads(args.worker)))
         return 0
-
-    from common import write_section
+    if args.render:
+        return render(json.loads((REPO / "docs" / "train_step_results.json").read_text()),
+                      REPO / "docs", write_doc=True)  # fmt: skip
 
     t_start = time.time()
     threads = 1 if args.smoke else 0
@@ -720,14 +725,22 @@ def main(argv: list[str] | None = None) -> int:
     summary["header"] = header
     if args.merge:
         summary, header = _merge(json.loads(results_path.read_text()), summary, header, args)
+        summary["header"] = header
     summary["notes"] = {g: summary.get("notes", {}).get(g, []) + notes.get(g, [])
                         for g in summary["groups"]}  # fmt: skip
+    results_path.write_text(json.dumps(summary, indent=1))
+    return render(summary, out_dir, write_doc=not args.out)
+
+
+def render(summary: dict, out_dir: Path, write_doc: bool) -> int:
+    """The section's text from a results summary (MFU against its peak), written to
+    docs/benchmarks.md or, with ``write_doc`` False, to out_dir/table.md."""
     peak = summary["gemm_gflops"]["peak"]
     for rows in summary["groups"].values():  # MFU against the run's (or merged runs') peak
         for r in rows:
             if "tokens_per_s" in r:
                 r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9)
-    body = [header]
+    body = [summary["header"]]
     for gname, rows in summary["groups"].items():
         if not rows:
             continue
@@ -735,14 +748,64 @@ def main(argv: list[str] | None = None) -> int:
             body.append(_mixers_text(rows, summary["notes"][gname]))
         else:
             body.append(_group_text(gname, rows, summary["notes"][gname], out_dir))
+    if "25m" in summary["groups"] or "tiny" in summary["groups"]:
+        body.append(targets_text(summary["groups"], peak))
     text = "\n\n".join(body)
-    results_path.write_text(json.dumps(summary, indent=1))
-    if args.out:
-        (out_dir / "table.md").write_text(text + "\n")
-    else:
+    if write_doc:
+        from common import write_section
+
         write_section(SECTION, text)
+    else:
+        (out_dir / "table.md").write_text(text + "\n")
     print(text)
     return 0
+
+
+TARGETS = (
+    ("tiny", "plait LALA", 16384, 2.0),
+    ("tiny", "plait AAAA", 8192, 1 / 1.1),
+    ("25m", "transnormer-25m", 8192, 2.0),
+    ("25m", "transnormer-25m", 16384, 6.0),
+    ("25m", "based-25m", 8192, 2.0),
+    ("25m", "based-25m", 16384, 6.0),
+)
+"""(group, model, tokens, the issue's least tokens/s ratio to the Llama baseline)."""
+
+
+def targets_text(groups: dict, peak: float) -> str:
+    """The issue's speed targets against the same run's Llama rows, each with its ceiling on
+    this machine: the ratio the model would reach at 100% MFU (its FLOPs per token at the
+    measured GEMM peak) over the baseline's measured rate."""
+    out = [
+        "### The targets, and what this CPU allows",
+        "",
+        "| model | tokens | target (x Llama) | measured | ceiling at 100% MFU | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for gname, model, T, target in TARGETS:
+        rows = groups.get(gname, [])
+
+        def get(name, rows=rows, T=T):
+            m = [r for r in rows if r.get("model") == name and r.get("T") == T]
+            return m[0] if m and m[0].get("status") == "ok" else None
+
+        base, row = get("Llama (transformers)"), get(model)
+        if base is None or row is None:
+            out.append(f"| {model} | {_len(T)} | {target:.2f}x | not measured | - | - |")
+            continue
+        ratio = row["tokens_per_s"] / base["tokens_per_s"]
+        ceiling = peak * 1e9 / row["flops_per_token"] / base["tokens_per_s"]
+        met = "yes" if ratio >= target else ("no; above the ceiling" if target > ceiling else "no")
+        out.append(f"| {model} | {_len(T)} | {target:.2f}x | {ratio:.2f}x | {ceiling:.2f}x "
+                   f"| {met} |")  # fmt: skip
+    out += [
+        "",
+        "The ceiling divides the measured fp32 GEMM peak by the model's FLOPs per token and by "
+        "the baseline's tokens/s: a target above it needs the baseline itself to run below "
+        "its measured MFU, whatever plait does (the Llama baseline's SDPA is the flash kernel, "
+        "its FLOPs are GEMMs).",
+    ]
+    return "\n".join(out)
 
 
 def _doc_header() -> str:
