@@ -8,6 +8,7 @@ registers and spill bytes per thread. tests/kernels/test_gpu_compile.py asserts 
 a quick subset.
 
     .venv/bin/python benchmarks/gpu_compile.py     # about 7 minutes on 2 cores, cold cache
+                                                   # (seconds warm: tests/kernels/aot.py)
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def table(rows: list[dict]) -> str:
         f"sm_90 {SMEM_LIMIT[90]:,} B, sm_80 {SMEM_LIMIT[80]:,} B. Spill budget: 0 B, except "
         f"fp32 on sm_80 ({spill_budget(80, 'fp32')} B). Worst figure over the variants "
         "(docs = packed documents, init = initial state). warps/stages: the launch config "
-        "compiled (lightning: the largest autotune config its shared-memory pruner keeps on "
-        "an H100). fp32 sliding window with heads over 128 is refused at the wrapper.",
+        "compiled (lightning and sliding window: the first autotune config their shared-memory "
+        "pruners keep on an H100, the fewest warps that do not spill with the most stages that "
+        "fit; what runs with PLAIT_TRITON_AUTOTUNE=0). fp32 sliding window with heads over 128 "
+        "is refused at the wrapper.",
         "",
         "| op | shape | dtype | target | kernel | variants | compiles | shared B | regs "
         "| spill B | warps/stages |",

@@ -53,6 +53,20 @@ def based(sp: SequenceParallel, q, k, v, doc_ids=None, eps: float = 1e-6, block:
     return based_attention_lasp2(q, k, v, sp.group, doc_ids=doc_ids, eps=eps, block=block)
 
 
+def chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids=None, backend: str = "auto") -> torch.Tensor:
+    """M_r, the state this rank's chunk hands on (float32), on the kernels' own pieces: the
+    Triton state kernel for CUDA tensors (and ``backend="triton"``, which the tests run under
+    the CPU interpreter), the one-matmul PyTorch form otherwise (unchanged on CPU). The kernel
+    takes fp32/bf16/fp16; other dtypes (float64 in tests) stay on the PyTorch form."""
+    use_triton = backend == "triton" or (backend == "auto" and k_BHCD.is_cuda)
+    dt = torch.promote_types(k_BHCD.dtype, v_BHCE.dtype)  # Based's values carry a fp32 column
+    if use_triton and dt in (torch.float32, torch.bfloat16, torch.float16):
+        from plait.kernels.lightning.triton import lightning_chunk_state_triton
+
+        return lightning_chunk_state_triton(k_BHCD.to(dt), v_BHCE.to(dt), slopes_H, doc_ids)
+    return lightning_chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids)
+
+
 def lightning_attention_lasp2(
     q_BHCD: torch.Tensor,
     k_BHCD: torch.Tensor,
@@ -71,7 +85,7 @@ def lightning_attention_lasp2(
     if not causal:
         if doc_ids is not None or bool((slopes_H != 0).any()):
             raise ValueError("lightning LASP-2: bidirectional mode takes no decay and no documents")
-        total = all_gather(lightning_chunk_state(k_BHCD, v_BHCE, slopes_H), group).sum(0)
+        total = all_gather(chunk_state(k_BHCD, v_BHCE, slopes_H, backend=backend), group).sum(0)
         return (q_BHCD.to(acc) @ total).to(q_BHCD.dtype)
 
     if W == 1:
@@ -80,7 +94,7 @@ def lightning_attention_lasp2(
         )
     B, H, C, _ = q_BHCD.shape
     # The state all-gather runs while the local (intra-chunk) attention is computed.
-    gather = AsyncGather(lightning_chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids), group)
+    gather = AsyncGather(chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids, backend), group)
     local = lightning_attention(
         q_BHCD, k_BHCD, v_BHCE, slopes_H, doc_ids=doc_ids, block=block, backend=backend
     )

@@ -24,19 +24,31 @@ float32 accumulation; fp32 inputs use ``tf32x3`` (three TF32 products, about fp3
 States and decay tables are float32. Under the CPU interpreter (how CI runs these kernels)
 bf16 dots are silently wrong, so there ``UPCAST`` turns every tile into float32 and the dots
 run in IEEE fp32. Base offsets are int64 (B*H*T*D passes 2^31 at about 1M tokens per GPU).
+
+LASP-2's chunk state (parallel/lasp2.py, the state each rank all-gathers) is ``_state_fwd``'s
+final state with nothing written per chunk (``lightning_chunk_state_triton``). The device
+guard, doc-id handling and autotune config list are shared with the other Triton kernels
+(kernels/triton_common.py).
 """
 
 from __future__ import annotations
-
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MIN_CAPABILITY = (8, 0)  # bf16 tensor cores; the kernels are compile-checked for sm_80, sm_90
+from plait.kernels.triton_common import (
+    INTERPRET,
+    SMEM_DEFAULT,
+    TRITON_DTYPE,
+    autotune_configs,
+    check_device,
+    check_slopes,
+    keep,
+    on_device,
+    prepare_doc_ids,
+    smem_limit,
+)
 
 
 # ---------------------------------------------------------------- autotuning
@@ -57,13 +69,6 @@ def min_warps(kernel: str, fp32: bool) -> int:
     return 8 if fp32 or kernel == "dqdk" else 4
 
 
-def _smem_limit() -> int:
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return getattr(props, "shared_memory_per_block_optin", 232_448)
-    return 232_448
-
-
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         BT, BK, BV = kwargs["BT"], kwargs["BK"], kwargs["BV"]
@@ -72,29 +77,21 @@ def _pruner(kernel: str):
         per = _smem_per_stage(kernel, BT, BK, BV, isz)
         # fixed part: the BT x BT score tile and its operand copy, a margin for the rest
         fixed = BT * BT * (4 + isz) + 16 * 1024
-        limit = _smem_limit()
+        limit = smem_limit()
         kept = [
             c
             for c in configs
             if fixed + max(1, c.num_stages) * per <= limit
             and c.num_warps >= min_warps(kernel, isz == 4 and not kwargs.get("UPCAST"))
         ]
-        return kept or configs[-1:]
+        return keep(kept, configs)
 
     return prune
 
 
-def _configs() -> list[triton.Config]:
-    if INTERPRET:  # several configs fail in the interpreter
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2, 1)
-    ]  # largest first: the pruner keeps what fits
-
-
 def _autotune(kernel: str):
     return triton.autotune(
-        configs=_configs(),
+        configs=autotune_configs(),
         key=["D", "E", "BT", "BK", "BV", "HAS_DOCS"],
         prune_configs_by={"early_config_prune": _pruner(kernel)},
     )
@@ -156,7 +153,7 @@ def _state_fwd(
     K, V, STATES, SLOPES, DOC, S_INIT, S_FINAL,
     T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, HAS_INIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WRITE_STATES: tl.constexpr = True,
 ):  # fmt: skip
     pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
@@ -172,7 +169,8 @@ def _state_fwd(
         S = _state_tile(S_INIT + bh64 * D * E, offs_k, offs_v, D, E).to(tl.float32)
     for i in range(0, NT):
         start = i * BT
-        _put_state(st_ptr + tl.cast(i, tl.int64) * D * E, S, offs_k, offs_v, D, E)
+        if WRITE_STATES:
+            _put_state(st_ptr + tl.cast(i, tl.int64) * D * E, S, offs_k, offs_v, D, E)
         _, _, kd, carry = _tables(s, offs_t, start, T, doc_ptr, HAS_DOCS, False)
         k = _tile(k_ptr, start + offs_t, offs_k, T, D, UPCAST)
         v = _tile(v_ptr, start + offs_t, offs_v, T, E, UPCAST)
@@ -360,43 +358,6 @@ def plan(D: int, E: int, dtype: torch.dtype, block: int, interpret: bool = INTER
     )
 
 
-def check_device(*tensors: torch.Tensor, what: str) -> None:
-    """Say at the wrapper, not at launch, why a kernel cannot run here."""
-    dev = tensors[0].device
-    if any(t.device != dev for t in tensors if t is not None):
-        raise ValueError(
-            f"{what} (triton): inputs on several devices {[str(t.device) for t in tensors]}"
-        )
-    if dev.type == "cuda":
-        cap = torch.cuda.get_device_capability(dev)
-        if cap < MIN_CAPABILITY:
-            raise RuntimeError(
-                f"{what} (triton): needs compute capability >= {MIN_CAPABILITY}, "
-                f"{torch.cuda.get_device_name(dev)} has {cap}; use backend='chunk'"
-            )
-    elif not INTERPRET:
-        raise RuntimeError(
-            f"{what} (triton): tensors on {dev} need CUDA or TRITON_INTERPRET=1; "
-            "use backend='chunk'"
-        )
-
-
-def prepare_doc_ids(doc_ids: torch.Tensor | None, like: torch.Tensor, what: str) -> torch.Tensor:
-    """Doc ids as contiguous int64 on the kernels' device (moved once), validated
-    non-decreasing along each row; a dummy when there are none."""
-    if doc_ids is None:
-        return like.new_zeros(1, dtype=torch.int64)
-    docs = doc_ids.to(device=like.device, dtype=torch.int64).contiguous()
-    if docs.shape[1] > 1 and bool((docs[:, 1:] < docs[:, :-1]).any()):
-        raise ValueError(f"{what}: doc_ids must be non-decreasing along each row")
-    return docs
-
-
-def _on(x: torch.Tensor):
-    """Launch on the inputs' GPU whatever the current device is."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _launch_forward(q, k, v, slopes32, docs, init, has_docs, meta, need_out=True):
     B, H, T, D = q.shape
     E = v.shape[-1]
@@ -430,7 +391,7 @@ class _LightningTriton(torch.autograd.Function):
             if has_init
             else q.new_zeros(1, dtype=torch.float32)
         )
-        with _on(q):
+        with on_device(q):
             o, final, _ = _launch_forward(q, k, v, slopes32, docs, init, doc_ids is not None, meta)
         ctx.save_for_backward(q, k, v, slopes32, docs, init)
         ctx.has_docs, ctx.has_init, ctx.meta = doc_ids is not None, has_init, meta
@@ -448,7 +409,7 @@ class _LightningTriton(torch.autograd.Function):
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         need_init = ctx.has_init and ctx.needs_input_grad[5]
         dq = dk = dv = d_init = None
-        with _on(q):
+        with on_device(q):
             do = (
                 d_out.contiguous()
                 if d_out is not None
@@ -508,14 +469,73 @@ def lightning_attention_triton(
     block: int = 64,
 ):
     check_device(q_BHTD, k_BHTD, v_BHTE, what="lightning_attention")
+    check_slopes(slopes_H, "lightning_attention")
     out, state = _LightningTriton.apply(
         q_BHTD, k_BHTD, v_BHTE, slopes_H, doc_ids_BT, initial_state_BHDE, block
     )
     return (out, state) if return_state else out
 
 
+class _ChunkStateTriton(torch.autograd.Function):
+    """The state a chunk hands on (LASP-2's M_r): the forward is ``_state_fwd``'s final state
+    with nothing written per chunk. The backward needs no kernel of its own: with one state
+    gradient dF for the whole chunk, dK = kd * (V dF^T) and dV = kd * (K dF) are two batched
+    GEMMs with no recurrence (kd_t = lambda^(T-1-t) on the chunk's last document), which
+    cuBLAS runs at full rate."""
+
+    @staticmethod
+    def forward(ctx, k, v, slopes, doc_ids, block):
+        k, v = k.contiguous(), v.contiguous()
+        B, H, T, D = k.shape
+        E = v.shape[-1]
+        meta = plan(D, E, k.dtype, block)
+        slopes32 = slopes.to(device=k.device, dtype=torch.float32).contiguous()
+        docs = prepare_doc_ids(doc_ids, k, "lightning_chunk_state")
+        final = torch.empty(B, H, D, E, device=k.device, dtype=torch.float32)
+        dummy = k.new_zeros(1, dtype=torch.float32)
+        with on_device(k):
+            _state_fwd[(triton.cdiv(D, meta["BK"]), triton.cdiv(E, meta["BV"]), B * H)](
+                k, v, dummy, slopes32, docs, dummy, final, T, H, D, E, triton.cdiv(T, meta["BT"]),
+                HAS_DOCS=doc_ids is not None, HAS_INIT=False, WRITE_STATES=False, **meta,
+            )  # fmt: skip
+        ctx.save_for_backward(k, v, slopes32, docs)
+        ctx.has_docs = doc_ids is not None
+        return final
+
+    @staticmethod
+    def backward(ctx, d_final):
+        k, v, slopes32, docs = ctx.saved_tensors
+        T = k.shape[2]
+        t = torch.arange(T, device=k.device, dtype=torch.float32)
+        kd = torch.exp(-slopes32[:, None] * (T - 1 - t))[None]  # [1, H, T]
+        if ctx.has_docs:
+            kd = kd * (docs == docs[:, -1:]).to(torch.float32)[:, None]
+        kd = kd[..., None]
+        dF = d_final.to(torch.float32)
+        need_k, need_v = ctx.needs_input_grad[:2]
+        dk = (kd * (v.float() @ dF.transpose(-1, -2))).to(k.dtype) if need_k else None
+        dv = (kd * (k.float() @ dF)).to(v.dtype) if need_v else None
+        return dk, dv, None, None, None
+
+
+def lightning_chunk_state_triton(
+    k_BHTD: torch.Tensor,
+    v_BHTE: torch.Tensor,
+    slopes_H: torch.Tensor,
+    doc_ids_BT: torch.Tensor | None = None,
+    block: int = 64,
+) -> torch.Tensor:
+    """``lightning_chunk_state`` on the Triton state kernel (float32 [B, H, D, E]): the state
+    tiled <= 64 x 64 per program, so Based's 153 x 65 and TransNormerLLM's 256 x 128 states
+    run within an H100's shared memory, where the one-matmul PyTorch form materialises a
+    decayed copy of K."""
+    check_device(k_BHTD, v_BHTE, what="lightning_chunk_state")
+    check_slopes(slopes_H, "lightning_chunk_state")
+    return _ChunkStateTriton.apply(k_BHTD, v_BHTE, slopes_H, doc_ids_BT, block)
+
+
 # ---------------------------------------------------------------- ahead-of-time compile cases
-_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_TT = TRITON_DTYPE
 
 
 def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, has_init: bool, block: int = 64):
@@ -528,7 +548,11 @@ def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, has_init: bool
     common = dict(SLOPES=f32, DOC="*i64", **ints)
     docs = dict(HAS_DOCS=has_docs)
     specs = [
-        (_state_fwd, dict(K=x, V=x, STATES=f32, S_INIT=f32, S_FINAL=f32), dict(HAS_INIT=has_init)),
+        (
+            _state_fwd,
+            dict(K=x, V=x, STATES=f32, S_INIT=f32, S_FINAL=f32),
+            dict(HAS_INIT=has_init, WRITE_STATES=True),
+        ),
         (_out_fwd, dict(Q=x, K=x, V=x, O=x, STATES=f32), {}),
         (
             _dstate_bwd,
@@ -544,7 +568,7 @@ def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, has_init: bool
         isz = 4 if dtype == torch.float32 else 2
         per = _smem_per_stage(kernel, meta["BT"], meta["BK"], meta["BV"], isz)
         fixed = meta["BT"] * meta["BT"] * (4 + isz) + 16 * 1024
-        stages = max(s for s in (3, 2, 1) if fixed + s * per <= 232_448 or s == 1)
+        stages = max(s for s in (3, 2, 1) if fixed + s * per <= SMEM_DEFAULT or s == 1)
         cases.append(
             dict(
                 fn=tuner.fn,

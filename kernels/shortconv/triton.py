@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.kernels.lightning.triton import _TT, _on, check_device, prepare_doc_ids
+from plait.kernels.triton_common import TRITON_DTYPE as _TT
+from plait.kernels.triton_common import check_device, on_device, prepare_doc_ids
 
 SPAN = 1024  # tokens per backward program
 
@@ -104,7 +105,7 @@ class _ShortConvTriton(torch.autograd.Function):
         docs = prepare_doc_ids(doc_ids, x, "short_conv")
         y = torch.empty_like(x)
         b_arg = bias.contiguous() if bias is not None else w
-        with _on(x):
+        with on_device(x):
             _fwd[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
                 x, w, b_arg, y, docs, T, C, K=K, HAS_BIAS=bias is not None,
                 HAS_DOCS=doc_ids is not None, BT=BT, BC=BC,
@@ -119,7 +120,7 @@ class _ShortConvTriton(torch.autograd.Function):
         B, T, C = x.shape
         K = w.shape[1]
         n_s = triton.cdiv(T, SPAN)
-        with _on(x):
+        with on_device(x):
             dx = torch.empty_like(x)
             part = torch.empty(B * n_s, C, K, device=x.device, dtype=torch.float32)
             _bwd[(triton.cdiv(C, ctx.BC), B, n_s)](

@@ -4,9 +4,19 @@ Forward: one program per (query block, batch x head) runs an online softmax over
 blocks that can fall inside the window, [q_start - w + 1, q_end), and saves the row
 log-sum-exp. Backward recomputes the probabilities from it: one kernel per query block for
 dQ, one per key block for dK, dV (looping over the query blocks whose windows reach it).
-Work and memory are O(T * w): key blocks entirely outside the window are never visited. Masked
-scores are -1e30 (finite), so a block that a row cannot see contributes exactly zero once the
-row's own key has been seen.
+Work and memory are O(T * w): key blocks entirely outside the window are never visited, and
+with packed documents neither are blocks across a document boundary: the wrapper computes,
+once per call, each token's document start and end ([2, B, T] int32, from the non-decreasing
+doc ids), and a query block's key loop starts at its first query's document start, a key
+block's query loop stops after its last key's document end. A short document in a long
+window then costs its own length, not the window's. Masked scores are -1e30 (finite), so a
+block that a row cannot see contributes exactly zero once the row's own key has been seen.
+
+Launch configuration: ``triton.autotune`` over warps and pipeline stages, pruned before any
+benchmarking by an estimate of shared memory (what ``num_stages`` multiplies: the K/V or Q/dO
+tiles of one loop iteration) against the device's limit, and by the fewest warps that do not
+spill (``num_warps``) and the most stages that do not (``max_stages``), both measured with
+tests/kernels/aot.py. One config under the interpreter.
 
 Precision: on a GPU the dot operands stay in the input dtype (bf16/fp16 tensor cores, the
 probabilities cast to it as flash attention does) with float32 accumulation and softmax
@@ -20,16 +30,80 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.kernels.lightning.triton import (
-    _TT,
+from plait.kernels.triton_common import (
     INTERPRET,
-    _on,
+    SMEM_DEFAULT,
+    autotune_configs,
     check_device,
+    device_arch,
+    keep,
+    on_device,
     prepare_doc_ids,
+    smem_limit,
 )
+from plait.kernels.triton_common import TRITON_DTYPE as _TT
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # a plain global is a NameError inside @jit on GPU
 MAX_HEAD_DIM = 256
+
+
+def num_warps(D: int, E: int, kernel: str = "fwd") -> int:
+    """The fewest warps that do not spill on sm_80 or sm_90 (tests/kernels/aot.py): 8 for
+    heads over 64, and for dq from 64 (at 64, dk/dv spills with 8 warps on sm_80, not 4)."""
+    return 8 if max(D, E) > 64 or (kernel == "dq" and max(D, E) >= 64) else 4
+
+
+def max_stages(D: int, E: int, kernel: str, arch: int = 90) -> int:
+    """Pipeline stages beyond which registers spill (tests/kernels/aot.py): on sm_80 a third
+    stage spills already at head dim 32 (forward) and 64 (dK/dV); on sm_90 only dK/dV at head
+    dim 256 in bf16 (two 32 x 256 fp32 accumulators plus a third stage of Q/dO tiles pass 255
+    registers, 16 B spilled)."""
+    if arch < 90 or (kernel == "dkdv" and max(D, E) > 128):
+        return 2
+    return 3
+
+
+def smem_estimate(kernel: str, BM: int, BN: int, BD: int, BE: int, isz: int, stages: int) -> int:
+    """Bytes of shared memory a launch needs, roughly: the tiles one loop iteration loads
+    (times ``stages``, which pipelining keeps in flight), the tiles loaded once, the
+    BM x BN score tile and a margin for layout conversions."""
+    per = {
+        "fwd": BN * (BD + BE) * isz,
+        "dq": BN * (BD + BE) * isz,
+        "dkdv": BM * (BD + BE) * isz + 2 * BM * 4,
+    }[kernel]
+    fixed = {
+        "fwd": BM * BD * isz,
+        "dq": BM * (BD + BE) * isz,
+        "dkdv": BN * (BD + BE) * isz,
+    }[kernel]
+    return fixed + max(1, stages) * per + BM * BN * (4 + isz) + 16 * 1024
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        isz = 4 if (kwargs.get("UPCAST") or named_args["Q"].dtype == torch.float32) else 2
+        BM, BN, BD, BE = (kwargs[n] for n in ("BM", "BN", "BD", "BE"))
+        D, E = named_args["D"], named_args["E"]
+        limit, arch = smem_limit(), device_arch()
+        kept = [
+            c
+            for c in configs
+            if smem_estimate(kernel, BM, BN, BD, BE, isz, c.num_stages) <= limit
+            and c.num_warps >= num_warps(D, E, kernel)
+            and c.num_stages <= max_stages(D, E, kernel, arch)
+        ]
+        return keep(kept, configs)
+
+    return prune
+
+
+def _autotune(kernel: str):
+    return triton.autotune(
+        configs=autotune_configs(),
+        key=["D", "E", "BM", "BN", "HAS_DOCS"],
+        prune_configs_by={"early_config_prune": _pruner(kernel)},
+    )
 
 
 @triton.jit
@@ -52,9 +126,10 @@ def _tile(ptr, offs, offs_f, T, F, UPCAST: tl.constexpr):
     return x
 
 
+@_autotune("fwd")
 @triton.jit(do_not_specialize=["T"])
 def _fwd(
-    Q, K, V, O, LSE, DOC, T, H, D, E, window, scale,
+    Q, K, V, O, LSE, DOC, BOUNDS, T, H, D, E, window, scale,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
@@ -68,7 +143,10 @@ def _fwd(
     m_i = tl.full((BM,), NEG, tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BE), tl.float32)
-    lo = tl.maximum(start_m - window + 1, 0) // BN * BN
+    lo = tl.maximum(start_m - window + 1, 0)
+    if HAS_DOCS:  # nothing before the first query's document start
+        lo = tl.maximum(lo, tl.load(BOUNDS + (bh // H) * T + start_m))
+    lo = lo // BN * BN
     hi = tl.minimum(start_m + BM, T)
     for start_n in range(lo, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
@@ -89,9 +167,10 @@ def _fwd(
     tl.store(LSE + bh * T + offs_m, m_i + tl.log(l_i), mask=offs_m < T)
 
 
+@_autotune("dq")
 @triton.jit(do_not_specialize=["T"])
 def _bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, DOC, T, H, D, E, window, scale,
+    Q, K, V, DO, DQ, LSE, DELTA, DOC, BOUNDS, T, H, D, E, window, scale,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
@@ -106,7 +185,10 @@ def _bwd_dq(
     lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros((BM, BD), tl.float32)
-    lo = tl.maximum(start_m - window + 1, 0) // BN * BN
+    lo = tl.maximum(start_m - window + 1, 0)
+    if HAS_DOCS:
+        lo = tl.maximum(lo, tl.load(BOUNDS + (bh // H) * T + start_m))
+    lo = lo // BN * BN
     hi = tl.minimum(start_m + BM, T)
     for start_n in range(lo, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
@@ -124,9 +206,10 @@ def _bwd_dq(
     )
 
 
+@_autotune("dkdv")
 @triton.jit(do_not_specialize=["T"])
 def _bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, DOC, T, H, D, E, window, scale,
+    Q, K, V, DO, DK, DV, LSE, DELTA, DOC, BOUNDS, T, H, D, E, window, scale,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
@@ -142,6 +225,10 @@ def _bwd_dkdv(
     dv = tl.zeros((BN, BE), tl.float32)
     lo = start_n // BM * BM
     hi = tl.minimum(start_n + BN + window - 1, T)
+    if HAS_DOCS:  # no query after the last key's document end
+        last = tl.minimum(start_n + BN - 1, T - 1)
+        B = tl.num_programs(1) // H
+        hi = tl.minimum(hi, tl.load(BOUNDS + (B + bh // H) * T + last) + 1)
     for start_m in range(lo, hi, BM):
         offs_m = start_m + tl.arange(0, BM)
         q = _tile(Q + bh * T * D, offs_m, offs_d, T, D, UPCAST)
@@ -192,10 +279,19 @@ def plan(D: int, E: int, dtype: torch.dtype, block: int, interpret: bool = INTER
     return dict(UPCAST=interpret, PREC=prec, BM=block, BN=block, BD=BD, BE=BE)
 
 
-def num_warps(D: int, E: int, kernel: str = "fwd") -> int:
-    """The fewest warps that do not spill on sm_80 or sm_90 (tests/kernels/aot.py): 8 for
-    heads over 64, and for dq from 64 (at 64, dk/dv spills with 8 warps on sm_80, not 4)."""
-    return 8 if max(D, E) > 64 or (kernel == "dq" and max(D, E) >= 64) else 4
+def doc_bounds(docs: torch.Tensor, T: int) -> torch.Tensor:
+    """[2, B, T] int32: each token's document start and (inclusive) end, from non-decreasing
+    doc ids. Computed once per call on the kernels' device (two scans), so the kernels skip
+    blocks across document boundaries with one load each instead of searching."""
+    B = docs.shape[0]
+    idx = torch.arange(T, device=docs.device, dtype=torch.int32).expand(B, T)
+    first = torch.ones(B, T, dtype=torch.bool, device=docs.device)
+    first[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    last = torch.ones(B, T, dtype=torch.bool, device=docs.device)
+    last[:, :-1] = first[:, 1:]
+    start = torch.where(first, idx, 0).cummax(1).values
+    end = torch.where(last, idx, T - 1).flip(1).cummin(1).values.flip(1)
+    return torch.stack([start, end]).to(torch.int32).contiguous()
 
 
 class _SwaTriton(torch.autograd.Function):
@@ -206,60 +302,38 @@ class _SwaTriton(torch.autograd.Function):
         E = v.shape[-1]
         meta = plan(D, E, q.dtype, block)
         docs = prepare_doc_ids(doc_ids, q, "swa")
+        has_docs = doc_ids is not None
+        bounds = doc_bounds(docs, T) if has_docs else docs.new_zeros(1, dtype=torch.int32)
         o = torch.empty(B, H, T, E, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(T, meta["BM"]), B * H)
-        with _on(q):
-            _fwd[grid](q, k, v, o, lse, docs, T, H, D, E, window, scale,
-                       HAS_DOCS=doc_ids is not None, num_warps=num_warps(D, E), **meta)  # fmt: skip
-        ctx.save_for_backward(q, k, v, o, lse, docs)
-        ctx.window, ctx.scale, ctx.meta, ctx.has_docs = window, scale, meta, doc_ids is not None
+        with on_device(q):
+            _fwd[grid](q, k, v, o, lse, docs, bounds, T, H, D, E, window, scale,
+                       HAS_DOCS=has_docs, **meta)  # fmt: skip
+        ctx.save_for_backward(q, k, v, o, lse, docs, bounds)
+        ctx.window, ctx.scale, ctx.meta, ctx.has_docs = window, scale, meta, has_docs
         return o
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, o, lse, docs = ctx.saved_tensors
+        q, k, v, o, lse, docs, bounds = ctx.saved_tensors
         B, H, T, D = q.shape
-        E = v.shape[-1]
         meta = ctx.meta
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         dq = dk = dv = None
-        with _on(q):
+        with on_device(q):
             do = d_out.contiguous()
             delta = (do.float() * o.float()).sum(-1).contiguous()
-            args = (T, H, D, E, ctx.window, ctx.scale)
+            args = (docs, bounds, T, H, D, v.shape[-1], ctx.window, ctx.scale)
             if need_q:
                 dq = torch.empty_like(q)
                 _bwd_dq[(triton.cdiv(T, meta["BM"]), B * H)](
-                    q,
-                    k,
-                    v,
-                    do,
-                    dq,
-                    lse,
-                    delta,
-                    docs,
-                    *args,
-                    HAS_DOCS=ctx.has_docs,
-                    num_warps=num_warps(D, E, "dq"),
-                    **meta,
+                    q, k, v, do, dq, lse, delta, *args, HAS_DOCS=ctx.has_docs, **meta
                 )
             if need_k or need_v:
                 dk, dv = torch.empty_like(k), torch.empty_like(v)
                 _bwd_dkdv[(triton.cdiv(T, meta["BN"]), B * H)](
-                    q,
-                    k,
-                    v,
-                    do,
-                    dk,
-                    dv,
-                    lse,
-                    delta,
-                    docs,
-                    *args,
-                    HAS_DOCS=ctx.has_docs,
-                    num_warps=num_warps(D, E, "dkdv"),
-                    **meta,
+                    q, k, v, do, dk, dv, lse, delta, *args, HAS_DOCS=ctx.has_docs, **meta
                 )
         return dq, dk if need_k else None, dv if need_v else None, None, None, None, None
 
@@ -270,24 +344,36 @@ def swa_triton(q, k, v, window, doc_ids=None, scale=None, block: int = 64):
     return _SwaTriton.apply(q, k, v, window, doc_ids, float(scale), block)
 
 
-def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, block: int = 64):
-    """The kernels one call launches, for tests/kernels/aot.py (see lightning's)."""
+def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, block: int = 64,
+              arch: int = 90):  # fmt: skip
+    """The kernels one call launches, for tests/kernels/aot.py (see lightning's): each at the
+    fewest warps its pruner allows and the most stages that fit an H100 (the most demanding
+    config the autotuner can pick on ``arch``)."""
     meta = plan(D, E, dtype, block, interpret=False)
     x, f32, i32 = f"*{_TT[dtype]}", "*fp32", "i32"
-    common = dict(Q=x, K=x, V=x, LSE=f32, DOC="*i64", T=i32, H=i32, D=i32, E=i32, window=i32,
-                  scale="fp32")  # fmt: skip
+    common = dict(Q=x, K=x, V=x, LSE=f32, DOC="*i64", BOUNDS="*i32", T=i32, H=i32, D=i32, E=i32,
+                  window=i32, scale="fp32")  # fmt: skip
     specs = [
         (_fwd, dict(O=x), "fwd"),
         (_bwd_dq, dict(DO=x, DQ=x, DELTA=f32), "dq"),
         (_bwd_dkdv, dict(DO=x, DK=x, DV=x, DELTA=f32), "dkdv"),
     ]
-    return [
-        dict(
-            fn=fn,
-            types={**common, **types},
-            constexprs={**meta, "HAS_DOCS": has_docs},
-            num_warps=num_warps(D, E, kernel),
-            num_stages=2,
+    isz = 4 if dtype == torch.float32 else 2
+    tiles = (meta["BM"], meta["BN"], meta["BD"], meta["BE"])
+    cases = []
+    for tuner, types, kernel in specs:
+        stages = max(
+            s for s in (3, 2, 1)
+            if (smem_estimate(kernel, *tiles, isz, s) <= SMEM_DEFAULT
+                and s <= max_stages(D, E, kernel, arch)) or s == 1
         )  # fmt: skip
-        for fn, types, kernel in specs
-    ]
+        cases.append(
+            dict(
+                fn=tuner.fn,
+                types={**common, **types},
+                constexprs={**meta, "HAS_DOCS": has_docs},
+                num_warps=num_warps(D, E, kernel),
+                num_stages=stages,
+            )
+        )
+    return cases

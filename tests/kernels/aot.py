@@ -5,8 +5,11 @@ PTX and cubin for ``GPUTarget("cuda", arch, 32)`` and reads what a real launch w
 to: shared memory from Triton's metadata, registers and spill bytes from the ``ptxas -v`` that
 ships inside the triton wheel. Pointer and integer arguments get the ``tt.divisibility`` 16
 hint that launches from aligned tensors get (vectorised loads need more shared memory, so
-leaving it out would under-report). Results are cached per process: the same tile
-configuration serves several shapes.
+leaving it out would under-report). Results are cached per process (the same tile
+configuration serves several shapes) and across runs: Triton keeps its compiled kernels in its
+own cache (``TRITON_CACHE_DIR``, default ~/.triton/cache), and the ``ptxas -v`` figures are
+kept beside them, keyed by the PTX's hash, so a run whose kernels did not change spends its
+time only on what did (the CI test: about 90 s cold, a few seconds warm).
 
 Limits of the targets (bytes of shared memory one block may opt into): sm_90 232,448
 (H100/H200), sm_80 166,912 (A100).
@@ -15,6 +18,8 @@ Limits of the targets (bytes of shared memory one block may opt into): sm_90 232
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -42,7 +47,32 @@ class CompileResult:
     num_stages: int
 
 
+def _stats_cache() -> Path:
+    base = os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache"
+    return Path(base) / "plait-ptxas"
+
+
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes) of one kernel, from the cache when this PTX was seen before."""
+    key = hashlib.sha256(f"{arch}\0{PTXAS.stat().st_size}\0{ptx}".encode()).hexdigest()
+    cached = _stats_cache() / f"{key}.json"
+    try:
+        regs, spills = json.loads(cached.read_text())
+        return int(regs), int(spills)
+    except (OSError, ValueError):
+        pass
+    regs, spills = _run_ptxas(ptx, arch)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([regs, spills]))
+        tmp.replace(cached)  # atomic: concurrent runs never read half a file
+    except OSError:
+        pass  # a read-only cache only costs time
+    return regs, spills
+
+
+def _run_ptxas(ptx: str, arch: int) -> tuple[int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
@@ -161,7 +191,7 @@ def matrix(quick: bool = False):
                 if dt == torch.float32 and D > 128:
                     continue  # refused at the wrapper (spills); see test_gpu_compile.py
                 for docs in (True,) if quick and not main else (False, True):
-                    for case in sw.aot_cases(D, D, dt, docs):
+                    for case in sw.aot_cases(D, D, dt, docs, arch=arch):
                         label = dict(op="swa", shape=f"{shape} {D}", dtype=dname,
                                      variant=f"docs={int(docs)}")  # fmt: skip
                         yield label, case, arch
