@@ -65,7 +65,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from plait.parallel.engine_state import client_optimizer, load_logical_state, logical_state
-from plait.parallel.runtime import all_reduce_max, barrier, broadcast_object, global_rank
+from plait.parallel.runtime import (
+    all_reduce_max,
+    barrier,
+    broadcast_object,
+    gather_to_main,
+    global_rank,
+    stage_lead,
+)
 
 FORMAT = 1
 LATEST = "latest"
@@ -216,6 +223,7 @@ def run_identity(cfg, tokenizer_sha256: str) -> RunIdentity:
     data = dataclasses.asdict(cfg.data)
     model = cfg.model.to_dict()
     model.pop("preset", None)  # a name; the fields it set are compared one by one
+    model.pop("pipeline_marks", None)  # the layout's cut, not the model
     return RunIdentity(model, cfg.optimizer.name, data, tokenizer_sha256)
 
 
@@ -283,6 +291,11 @@ def _capture(
     else writes to), write this rank's RNG file, barrier, and capture every counter. Returns
     rank 0's remaining work (None elsewhere)."""
     main = global_rank() == 0
+    # Under pipeline stages each stage's first rank writes that stage's tensors (files
+    # shard-pp<k>-*) and rank 0 collects the index; without stages the writer is rank 0.
+    writer, pp_rank = stage_lead()
+    prefix = f"pp{pp_rank}-" if pp_rank else ""
+    hold = hold and main  # other stages' writers write at once (before the barrier)
     index: dict[str, str] = {}
     shapes: dict[str, list[int]] = {}
     held: list[tuple[str, dict[str, torch.Tensor]]] = []
@@ -296,7 +309,7 @@ def _capture(
         nonlocal buffer, size, n_files
         if not buffer:
             return
-        name = f"shard-{n_files:05d}.safetensors"
+        name = f"shard-{prefix}{n_files:05d}.safetensors"
         if hold:
             held.append((name, buffer))
         else:
@@ -311,7 +324,7 @@ def _capture(
     for name, tensors, opt_step in [] if zero3 else logical_state(engine):
         steps.add(opt_step)
         _kill_point("shards", step)
-        if not main:
+        if not writer:
             continue
         shapes[name] = list(tensors[""].shape)
         for k, t in tensors.items():
@@ -320,11 +333,11 @@ def _capture(
             # training would change under an asynchronous writer.
             own = t.clone() if t.untyped_storage().data_ptr() in live else t.contiguous()
             buffer[key] = own
-            index[key] = f"shard-{n_files:05d}.safetensors"
+            index[key] = f"shard-{prefix}{n_files:05d}.safetensors"
             size += t.numel() * t.element_size()
         if size >= SHARD_BYTES:
             flush()
-    if main:
+    if writer:
         flush()
 
     rng_name = f"rng-{global_rank():05d}.safetensors"
@@ -332,8 +345,14 @@ def _capture(
     _fsync_file(tmp / rng_name)
     _kill_point("rng", step)
     barrier()
+    stages = gather_to_main((index, shapes, sorted(steps)) if writer else None)
     if not main:
         return None
+    for part in stages or []:
+        if part is not None and part[0] is not index:
+            index = {**part[0], **index}  # a tied embedding is written by two stages
+            shapes = {**part[1], **shapes}
+            steps.update(part[2])
     if len(steps) > 1:
         raise CheckpointError(f"optimizer steps differ between parameters: {sorted(steps)}")
     meta = {
@@ -499,7 +518,7 @@ def write_weights_only(ckpt_dir: Path, state: dict[str, torch.Tensor], model_cfg
 
 
 @torch.no_grad()
-def init_weights_from(path: Path, model: torch.nn.Module) -> str:
+def init_weights_from(path: Path, model: torch.nn.Module, partial: bool = False) -> str:
     """Copy a checkpoint's full weights into this rank's TP shard of ``model`` (before the
     engine is built, so ZeRO's fp32 masters start from them). Every rank reads its own
     slice; names and full shapes must match. Returns the checkpoint's description."""
@@ -524,7 +543,7 @@ def init_weights_from(path: Path, model: torch.nn.Module) -> str:
     reader = _Reader(path, meta)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(meta["shapes"]))
-    extra = sorted(set(meta["shapes"]) - set(params))
+    extra = [] if partial else sorted(set(meta["shapes"]) - set(params))  # partial: a stage
     if missing or extra:
         raise CheckpointError(
             f"checkpoint.init_from: {path}: parameters missing {missing[:5]}, unexpected "
@@ -661,7 +680,8 @@ def load(path: Path, engine, scheduler, loader, cfg, rt, identity: RunIdentity) 
         return meta
     names = [n for n, _ in engine.module.named_parameters()]
     missing = sorted(set(names) - set(meta["shapes"]))
-    extra = sorted(set(meta["shapes"]) - set(names))
+    # a pipeline stage holds only its own layers (checked whole by ``missing``)
+    extra = [] if rt.pp > 1 else sorted(set(meta["shapes"]) - set(names))
     if missing or extra:
         raise CheckpointError(f"{path}: parameters missing {missing[:5]}, unexpected {extra[:5]}")
     reader = _Reader(path, meta)
@@ -672,7 +692,17 @@ def load(path: Path, engine, scheduler, loader, cfg, rt, identity: RunIdentity) 
     engine.global_steps = meta["global_steps"]
     engine.global_samples = meta["global_samples"]
     engine.skipped_steps = meta["skipped_steps"]
-    scheduler.load_state_dict(meta["scheduler"])
+    sched = dict(meta["scheduler"])
+    if rt.pp > 1 or meta["layout"].get("pp", 1) > 1:
+        # Rank 0 saved its stage's per-group learning rates; every stage keeps its own groups'
+        # base rates and recomputes them at the saved step (the schedule is one function).
+        for key in ("base_lrs", "_last_lr"):
+            sched.pop(key, None)
+        scheduler.load_state_dict(sched)
+        pairs = zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+        scheduler._last_lr = [base * f(scheduler.last_epoch) for f, base in pairs]
+    else:
+        scheduler.load_state_dict(sched)
     for g, lr in zip(client.param_groups, scheduler.get_last_lr(), strict=True):
         g["lr"] = lr  # LambdaLR writes lr only at its next step
     loader.load_state_dict(meta["loader"])

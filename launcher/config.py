@@ -23,6 +23,7 @@ import yaml
 from plait.data.config import DataConfig
 from plait.models.common.config import ModelConfig
 from plait.models.common.family import families
+from plait.models.common.lm import Recompute
 from plait.models.presets import apply_preset
 from plait.parallel.config import ParallelConfig
 
@@ -90,6 +91,12 @@ class TrainingConfig:
     seed: int = 1234
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on CUDA, fp32 on CPU (where bf16 matmul is ~100x slower)."""
+    recompute: Recompute = "none"
+    """Activation checkpointing, traded for a second forward of what is recomputed: none;
+    full (every block keeps only its input and is re-run in the backward); selective (blocks
+    of softmax-like letters re-run whole, the others keep their mixer's activations and
+    re-run the MLP: models/common/lm.py ``Block.recomputed``). Losses and gradients equal
+    none's."""
     time_limit: float = 0.0
     """Wall-clock seconds this process may train; the run saves and exits (with the requeue
     code) ``exit_margin`` seconds before. 0: no limit of its own. Under Slurm the job's end

@@ -89,11 +89,19 @@ def deepspeed_config(cfg: Config, rt: Runtime) -> dict:
     bf16 = use_bf16(cfg, rt)
     if bf16 and cfg.parallel.zero_stage == 0:
         raise ValueError("training.precision: bf16 needs parallel.zero_stage >= 1 under DeepSpeed")
+    # Under pipeline stages megatron's schedule runs the grad_accum micro-batches; the engine
+    # sees one global batch per step (one reduction, one optimizer step).
+    micro, accum = t.micro_batch_size, t.grad_accum
+    if rt.pp > 1:
+        micro, accum = micro * accum, 1
     return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * ds_dp,
-        "gradient_clipping": cfg.optimizer.grad_clip,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * ds_dp,
+        # ZeRO-0 under pipeline stages: clipped by plait.parallel.pipeline.clip_stage_grads
+        "gradient_clipping": 0.0
+        if rt.pp > 1 and not cfg.parallel.zero_stage
+        else cfg.optimizer.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,
         # check_grad_overflow: a step with a non-finite gradient norm is skipped on every

@@ -22,6 +22,13 @@ from tqdm import tqdm
 
 from plait.data.loader import PackedSequences, SequenceLoader, warmup_length, warmup_reshape
 from plait.parallel.finite import any_rank, poisoned
+from plait.parallel.pipeline import (
+    PipelineRunner,
+    bubble_fraction,
+    from_last_stage,
+    names_over_pipeline,
+    sum_over_pipeline,
+)
 from plait.parallel.runtime import Runtime, data_parallel_mean
 
 from .config import Config
@@ -145,7 +152,8 @@ def _forward(engine, b: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: Config, rt: Runtime, val, sp=None, tokenizer=None) -> dict[str, float]:
+def evaluate(engine, cfg: Config, rt: Runtime, val, sp=None, tokenizer=None,
+             pipe: PipelineRunner | None = None) -> dict[str, float]:  # fmt: skip
     """Validation over the first ``eval_batches`` micro batches of every DP rank (fixed
     order): ``loss`` (the mean over every token), the loss by position bucket
     (``loss_pos_<p>``: positions from p to the next power of two, as plait.launcher.evaluate
@@ -155,13 +163,14 @@ def evaluate(engine, cfg: Config, rt: Runtime, val, sp=None, tokenizer=None) -> 
 
     engine.eval()
     t = cfg.training
-    r = position_loss(engine, None, cfg.data.seq_len, t.micro_batch_size, t.eval_batches, rt,
+    model = PipelineForward(pipe) if pipe is not None else engine
+    r = position_loss(model, None, cfg.data.seq_len, t.micro_batch_size, t.eval_batches, rt,
                       sp, cfg.data.document_masking, windows=val)  # fmt: skip
     out = {"loss": r.mean}
     for a, m in zip(r.edges[:-1], r.bucket_means()):
         if m is not None:
             out[f"loss_pos_{a}"] = m
-    if t.eval_passkey and tokenizer is not None:
+    if t.eval_passkey and tokenizer is not None and pipe is None:  # PP: refused at start-up
         for depth in (0.0, 0.5, 1.0):
             try:
                 out[f"passkey@{depth}"] = passkey_accuracy(
@@ -170,6 +179,76 @@ def evaluate(engine, cfg: Config, rt: Runtime, val, sp=None, tokenizer=None) -> 
                 break
     engine.train()
     return out
+
+
+class PipelineForward:
+    """``model(tokens, labels, mask, positions, doc_ids)`` for evaluation under pipeline stages:
+    one micro batch through every stage (megatron's schedule, forward only); the logits on the
+    last stage, None elsewhere (plait.launcher.evaluate counts only the ranks that have them)."""
+
+    def __init__(self, pipe: PipelineRunner):
+        self.pipe = pipe
+
+    def __call__(self, tokens, labels=None, mask=None, positions=None, doc_ids=None):
+        b = {"tokens": tokens, "positions": positions}
+        if doc_ids is not None:
+            b["doc_ids"] = doc_ids
+
+        def forward(chunk, b):
+            out = chunk(b["tokens"], None, None, b["positions"], b.get("doc_ids"))
+            return {"logits": out} if chunk.stage.last else out
+
+        # The interleaved schedule needs at least pipeline_parallel micro-batches: the batch
+        # is run that many times then (validation only; the first copy's logits are used).
+        copies = self.pipe.pp if self.pipe.virtual > 1 else 1
+        out = self.pipe.run([b] * copies, forward, tokens.shape[1] * self.pipe.cp,
+                            forward_only=True)  # fmt: skip
+        return out[0]["logits"] if out else None
+
+
+def _pipeline_step(engine, scheduler, pipe: PipelineRunner, cfg: Config, rt: Runtime,
+                   loader: SequenceLoader, sp=None) -> StepStats:  # fmt: skip
+    """One optimizer step under pipeline stages: every stage reads the same ``grad_accum``
+    micro batches (the first needs the tokens, the last the labels, all the positions and
+    document ids), megatron's schedule runs them, the engine reduces and steps once. The loss
+    and the model's parts come from the last stage (auxiliary losses: every stage's share,
+    added up), averaged over DP x CP, and every rank gets them."""
+    t0 = time.perf_counter()
+    lr = scheduler.get_last_lr()[0]
+    d = cfg.data
+    length = warmup_length(engine.global_steps, d.warmup_seq_len, d.seq_len, d.warmup_seq_len_steps)
+    batches, seq_len = [], 0
+    for _ in range(cfg.training.grad_accum):
+        full = warmup_reshape(loader.next_micro_batch(), length)
+        seq_len = full["tokens"].shape[1]
+        batches.append(_to_device(_local(full, sp, d.document_masking), rt.device))
+    parts: dict[str, float] = {}
+    shares = []  # the auxiliary losses of chunks before the last (HybridLM.stage_loss)
+
+    def forward(chunk, b):
+        out = _forward(chunk, b, cfg)
+        for k, v in chunk.module.metrics.items():
+            parts[k] = parts.get(k, 0.0) + float(v) / len(batches)
+        if not chunk.stage.last and chunk.module.stage_loss is not None:
+            shares.append(float(chunk.module.stage_loss) / len(batches))
+        return out
+
+    outs = pipe.run(batches, forward, seq_len)
+    pipe.step()
+    loss = torch.stack([o["loss"] for o in outs]).mean() if outs else torch.zeros(())
+    loss = loss + sum(shares)
+    names = names_over_pipeline(list(parts))
+    local = torch.tensor([float(loss), *(parts.get(n, 0.0) for n in names)])
+    local = data_parallel_mean(local)
+    total = sum_over_pipeline(dict(zip(["", *names], local.tolist())), ["", *names])
+    loss = total.pop("")
+    gn = engine.get_global_grad_norm()
+    gn = float(gn.item() if torch.is_tensor(gn) else (gn if gn is not None else float("nan")))
+    dt = from_last_stage(torch.tensor([time.perf_counter() - t0], dtype=torch.float64)).item()
+    t = cfg.training
+    tokens = t.micro_batch_size * t.grad_accum * rt.dp * cfg.data.seq_len
+    return StepStats(engine.global_steps, loss, lr, gn, dt, tokens / dt, engine.skipped_steps,
+                     0, total)  # fmt: skip
 
 
 def _nan_injected(step: int, rank: int) -> bool:
@@ -194,12 +273,15 @@ def _spike_injected(step: int, rank: int) -> bool:
 
 def train_step(
     engine, scheduler, cfg: Config, rt: Runtime, loader: SequenceLoader, sp=None,
-    spikes: SpikeDetector | None = None,
+    spikes: SpikeDetector | None = None, pipe: PipelineRunner | None = None,
 ) -> StepStats:  # fmt: skip
-    """One optimizer step. With an active ``spikes`` detector every rank learns the step's
-    loss before the last backward (it is known after the last forward) and all agree whether
-    it is a spike; a spike's last loss is poisoned (parallel/finite.py) so that the optimizer
-    step is skipped as a non-finite one would be."""
+    """One optimizer step (``pipe``: under pipeline stages, ``_pipeline_step``). With an
+    active ``spikes`` detector every rank learns the step's loss before the last backward (it
+    is known after the last forward) and all agree whether it is a spike; a spike's last loss
+    is poisoned (parallel/finite.py) so that the optimizer step is skipped as a non-finite one
+    would be."""
+    if pipe is not None:
+        return _pipeline_step(engine, scheduler, pipe, cfg, rt, loader, sp)
     t0 = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
     losses = []
@@ -258,11 +340,16 @@ def run(
     sp=None,
     spikes: SpikeDetector | None = None,
     tokenizer=None,
+    pipe: PipelineRunner | None = None,
 ) -> list[StepStats]:
     """Train from ``engine.global_steps`` to ``training.steps``. ``on_step(stats)`` runs after
     each step (checkpoints, preemption, fault handling) and stops the run by returning a
     reason (any true value). ``spikes``: the loss-spike detector, if the run skips spikes."""
     sink = MetricsSink(cfg, rt)
+    p = cfg.parallel
+    # the pipeline's idle fraction, shown beside tokens/s (the interleaved formula with v > 1)
+    idle = bubble_fraction(p.pipeline_parallel, cfg.training.grad_accum, p.virtual_pipeline)
+    bubble = {"bubble": f"{idle:.0%}"} if pipe else {}
     history: list[StepStats] = []
     start = engine.global_steps
     bar = tqdm(
@@ -275,7 +362,7 @@ def run(
     )
     try:
         while engine.global_steps < cfg.training.steps:
-            s = train_step(engine, scheduler, cfg, rt, loader, sp, spikes)
+            s = train_step(engine, scheduler, cfg, rt, loader, sp, spikes, pipe)
             history.append(s)
             if s.step % cfg.logging.log_every == 0 or s.step == cfg.training.steps:
                 row = {k: v for k, v in asdict(s).items() if k not in ("step", "parts")}
@@ -286,10 +373,11 @@ def run(
                 lr=f"{s.lr:.2e}",
                 gnorm=f"{s.grad_norm:.2f}",
                 tok_s=f"{s.tokens_per_s:.0f}",
+                **bubble,
             )
             every = cfg.training.eval_every
             if val is not None and every and (s.step % every == 0 or s.step == cfg.training.steps):
-                vals = evaluate(engine, cfg, rt, val, sp, tokenizer)
+                vals = evaluate(engine, cfg, rt, val, sp, tokenizer, pipe)
                 sink.scalars(s.step, vals, "val")
                 if rt.is_main:
                     bar.write(f"step {s.step}: train loss {s.loss:.4f}  val loss "

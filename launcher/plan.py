@@ -26,7 +26,7 @@ import sys
 
 from plait.models.common import family
 from plait.models.common.layers import norm_params
-from plait.parallel.pipeline import balance, bubble_fraction
+from plait.parallel.pipeline import bubble_fraction, stage_layers
 
 from .config import Config, ConfigError, load_config
 
@@ -47,6 +47,19 @@ def layer_costs(cfg: Config) -> tuple[list[float], list[int]]:
     return costs, params
 
 
+def stage_bounds(cfg: Config, vocab: int = 0) -> list[tuple[int, int]]:
+    """The layers of every model chunk (``pipeline_parallel x virtual_pipeline`` of them, in
+    model order) a run uses: where ``|`` marks in the pattern cut it, else the cut that
+    minimises the costliest chunk, the output layer counted on the last. Training and this
+    planner call the same function."""
+    p, m = cfg.parallel, cfg.model
+    costs, _ = layer_costs(cfg)
+    V = m.padded_vocab_size(vocab or m.vocab_size or cfg.data.prepare.vocab_size)
+    marks = m.pipeline_marks if p.pipeline_parallel > 1 and m.pipeline_marks else None
+    return stage_layers(costs, p.pipeline_parallel, p.virtual_pipeline, marks,
+                        last_extra=2.0 * m.hidden_size * V)  # fmt: skip
+
+
 def plan(cfg: Config, world: int, precision: str = "bf16", vocab: int = 0) -> dict:
     p = cfg.parallel
     tp, pp, cp = p.tensor_parallel, p.pipeline_parallel, p.context_parallel
@@ -57,7 +70,8 @@ def plan(cfg: Config, world: int, precision: str = "bf16", vocab: int = 0) -> di
     V = m.padded_vocab_size(vocab or m.vocab_size or cfg.data.prepare.vocab_size)
     costs, params = layer_costs(cfg)
     out_cost = 2.0 * m.hidden_size * V
-    stages = balance(costs, pp, last_extra=out_cost)
+    stages = stage_bounds(cfg, V)
+    vp, last = p.virtual_pipeline, len(stages) - 1
     wb = 2 if precision == "bf16" else 4
     opt_b = 12 if precision == "bf16" else 8
     micro = cfg.training.grad_accum
@@ -66,21 +80,22 @@ def plan(cfg: Config, world: int, precision: str = "bf16", vocab: int = 0) -> di
     rows = []
     for k, (a, e) in enumerate(stages):
         n = sum(params[a:e]) + (V * h if k == 0 else 0)
-        if k == pp - 1:
+        if k == last:  # a tied embedding is held again by the last stage (its output layer)
             n += norm_params(m) + (V * h if (not m.tie_embeddings or pp > 1) else 0)
         local = n / tp
         weights = local * wb / (dp if p.zero_stage == 3 else 1)
         grads = local * wb / (dp if p.zero_stage >= 2 else 1)
         optim = local * opt_b / (dp if p.zero_stage >= 1 else 1)
-        acts = act_layer * (e - a) * min(pp - k, micro)
-        cost = sum(costs[a:e]) + (out_cost if k == pp - 1 else 0)
-        rows.append({"stage": k, "layers": (a, e), "letters": m.pattern[a:e], "cost": cost,
-                     "params": n, "weights": weights, "grads": grads, "optimizer": optim,
-                     "activations": acts})  # fmt: skip
+        acts = act_layer * (e - a) * min(pp - k % pp, micro)
+        cost = sum(costs[a:e]) + (out_cost if k == last else 0)
+        rows.append({"stage": k, "pp_rank": k % pp, "layers": (a, e), "letters": m.pattern[a:e],
+                     "cost": cost, "params": n, "weights": weights, "grads": grads,
+                     "optimizer": optim, "activations": acts})  # fmt: skip
     worst, least = max(r["cost"] for r in rows), min(r["cost"] for r in rows)
     return {"world": world, "tp": tp, "pp": pp, "cp": cp, "dp": dp, "vocab": V,
             "stages": rows, "imbalance": worst / least, "micro_batches": micro,
-            "bubble": bubble_fraction(pp, micro), "precision": precision}  # fmt: skip
+            "bubble": bubble_fraction(pp, micro, vp), "virtual": vp,
+            "precision": precision}  # fmt: skip
 
 
 def rank_coords(rank: int, tp: int, cp: int, dp: int) -> tuple[int, int, int, int]:
@@ -102,26 +117,31 @@ def render(cfg: Config, res: dict) -> str:
     if res["world"] <= 32:
         lines.append("rank -> (tp, pp, cp, dp): " + ", ".join(
             f"{r}->{rank_coords(r, tp, cp, dp)}" for r in range(res["world"])))  # fmt: skip
-    lines.append("stage | layers | letters | GFLOP/token | share | params | per rank GiB: "
-                 "weights + grads + optimizer + activations = total")  # fmt: skip
+    lines.append("stage (pp rank) | layers | letters | GFLOP/token | share | params | "
+                 "GiB per rank: weights + grads + optimizer + activations = total")  # fmt: skip
     total = sum(r["cost"] for r in res["stages"])
     for r in res["stages"]:
         mem = (r["weights"], r["grads"], r["optimizer"], r["activations"])
         extra = (" +embedding" if r["stage"] == 0 else "") + (
-            " +output" if r["stage"] == pp - 1 else ""
+            " +output" if r["stage"] == len(res["stages"]) - 1 else ""
         )
         lines.append(
-            f"{r['stage']} | {r['layers'][0]}-{r['layers'][1] - 1} | {r['letters']}{extra} | "
+            f"{r['stage']} ({r['pp_rank']}) | {r['layers'][0]}-{r['layers'][1] - 1} | "
+            f"{r['letters']}{extra} | "
             f"{r['cost'] / 1e9:.3f} | {r['cost'] / total:.0%} | {r['params'] / 1e6:.1f}M | "
             + " + ".join(f"{x / GIB:.2f}" for x in mem)
             + f" = {sum(mem) / GIB:.2f}"
         )
     lines.append(f"balance: costliest / cheapest stage = {res['imbalance']:.2f}x")
-    lines.append(f"pipeline bubble: (p-1)/(m+p-1) = {res['bubble']:.1%} "
+    v = res["virtual"]
+    if v > 1:
+        for q in range(pp):
+            mine = [r for r in res["stages"] if r["pp_rank"] == q]
+            tot = sum(r[k] for r in mine for k in ("weights", "grads", "optimizer", "activations"))
+            lines.append(f"pp rank {q}: chunks {[r['stage'] for r in mine]}, {tot / GIB:.2f} GiB")
+    formula = "(p-1)/(m+p-1)" if v == 1 else f"(p-1)/(v m+p-1), v={v}"
+    lines.append(f"pipeline bubble: {formula} = {res['bubble']:.1%} "
                  f"({pp} stages, {res['micro_batches']} micro-batches)")  # fmt: skip
-    if pp > 1:
-        lines.append("note: plait does not train with pipeline_parallel > 1 yet (the pipeline "
-                     "issue); this is the layout such a run would use")  # fmt: skip
     return "\n".join(lines)
 
 

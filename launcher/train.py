@@ -34,8 +34,9 @@ from plait.data.corpus import resolve_corpus
 from plait.data.loader import BlendedSequences, PackedSequences, SequenceLoader, ShardedTokens
 from plait.data.prepare import PrepareConfig, prepare_corpus
 from plait.data.tokenizer import Tokenizer
-from plait.models.common import build_model, letter
+from plait.models.common import build_model, letter, param_count
 from plait.parallel import runtime
+from plait.parallel.pipeline import PipelineRunner
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import logical_numel
 
@@ -120,6 +121,70 @@ def sequence_parallel_context(cfg: Config) -> SequenceParallel:
             field = "data.seq_len" if length == d.seq_len else "data.warmup_seq_len"
             raise ConfigError(f"{field}: {e}".replace("data.seq_len: ", "")) from None
     return sp
+
+
+def check_pipeline(cfg: Config) -> None:
+    """What pipeline stages do not run with, refused at start-up with one line: the loss
+    spike test needs the loss before the last backward (inside megatron's schedule here), and
+    the passkey probe generates token by token through every stage."""
+    if cfg.parallel.pipeline_parallel == 1:
+        return
+    t = cfg.training
+    if t.spike_zscore:
+        raise ConfigError("training.spike_zscore: loss-spike skipping does not run with "
+                          "parallel.pipeline_parallel > 1 yet; set it to 0")  # fmt: skip
+    if t.eval_passkey:
+        raise ConfigError("training.eval_passkey: the passkey probe does not run with "
+                          "parallel.pipeline_parallel > 1 yet; set it to 0")  # fmt: skip
+    v, m = cfg.parallel.virtual_pipeline, t.grad_accum
+    if v > 1 and m % cfg.parallel.pipeline_parallel:
+        raise ConfigError(
+            f"training.grad_accum: {m} micro-batches; the interleaved schedule "
+            f"(parallel.virtual_pipeline={v}) needs a multiple of pipeline_parallel="
+            f"{cfg.parallel.pipeline_parallel}"
+        )
+    chunks = cfg.parallel.pipeline_parallel * v
+    marks = cfg.model.pipeline_marks
+    if marks and len(marks) + 1 != chunks:
+        raise ConfigError(
+            f"model.pattern: {len(marks) + 1} stages marked with '|' but pipeline_parallel x "
+            f"virtual_pipeline = {chunks}"
+        )
+    if chunks > cfg.model.num_layers:
+        raise ConfigError(
+            f"parallel.pipeline_parallel: {chunks} stages (x virtual_pipeline) for "
+            f"{cfg.model.num_layers} layers; at most one stage per layer"
+        )
+
+
+def build_stages(cfg: Config, rt, vocab_size: int, sp):
+    """This rank's pipeline chunks: (the module DeepSpeed wraps, the chunks megatron's
+    schedule runs). Each chunk is built from the first stage's RNG state, so every layer has
+    the weights a single process gives it (at the cost of building, then dropping, the other
+    stages' layers once at start-up)."""
+    from plait.parallel.pipeline import (
+        StageChunk,
+        StageContainer,
+        local_stages,
+        shared_init_rng,
+        transformer_config,
+    )
+
+    from .plan import stage_bounds
+
+    bounds = stage_bounds(cfg, vocab_size)
+    models = []
+    for stage in local_stages(bounds, rt.pp, rt.pp_rank):
+        with shared_init_rng():
+            m = build_model(cfg.model, rt.tp, vocab_size=vocab_size, sp=sp, stage=stage)
+        m.recompute = cfg.training.recompute
+        models.append(m)
+    p = cfg.parallel
+    config = transformer_config(cfg.model.hidden_size, cfg.model.num_layers, p.tensor_parallel,
+                                p.pipeline_parallel, p.context_parallel, p.virtual_pipeline,
+                                None)  # fmt: skip
+    chunks = [StageChunk(m, m.stage, config, c) for c, m in enumerate(models)]
+    return StageContainer(models), chunks
 
 
 EXIT_NONFINITE = 3
@@ -208,12 +273,27 @@ def train(cfg: Config) -> tuple[list[StepStats], str]:
     try:
         tok, train_set, val_set = build_data(cfg, rt)
         sp = sequence_parallel_context(cfg)
-        model = build_model(cfg.model, rt.tp, vocab_size=tok.vocab_size, sp=sp)
+        chunks = None
+        if rt.pp > 1:
+            model, chunks = build_stages(cfg, rt, tok.vocab_size, sp)
+        else:
+            model = build_model(cfg.model, rt.tp, vocab_size=tok.vocab_size, sp=sp)
+            model.recompute = cfg.training.recompute
         if cfg.checkpoint.init_from and not _has_checkpoint(cfg):
-            source = checkpoint.init_weights_from(Path(cfg.checkpoint.init_from), model)
+            source = checkpoint.init_weights_from(Path(cfg.checkpoint.init_from), model,
+                                                  partial=rt.pp > 1)  # fmt: skip
             if rt.is_main:
                 print(f"initialised from {source}", flush=True)
         engine, _, scheduler = build_engine(model, cfg, rt)
+        pipe = None
+        if chunks is not None:
+            pipe = PipelineRunner(
+                chunks,
+                engine,
+                cfg.model.hidden_size,
+                cfg.parallel.zero_stage,
+                cfg.optimizer.grad_clip,
+            )
         loader = SequenceLoader(train_set, cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
         identity = checkpoint.run_identity(cfg, tok.sha256)
         meta = _resume(cfg, rt, engine, scheduler, loader, identity)
@@ -223,13 +303,17 @@ def train(cfg: Config) -> tuple[list[StepStats], str]:
 
         if rt.is_main:
             (Path(cfg.out_dir) / "stop.json").unlink(missing_ok=True)
-            n_params = logical_numel(model)
+            # under pipeline stages this rank holds one stage: count the whole model
+            n_params = (param_count(cfg.model, tok.vocab_size) if rt.pp > 1
+                        else logical_numel(model))  # fmt: skip
             print(
                 f"plait: {cfg.model.pattern} ({cfg.model.num_layers} layers, "
                 f"d={cfg.model.hidden_size}), "
                 f"~{n_params / 1e6:.2f}M params, vocab {tok.vocab_size}, "
                 f"{len(train_set)} train sequences of {cfg.data.seq_len} tokens; "
-                f"world {rt.world_size} (tp {rt.tp} cp {rt.cp} dp {rt.dp}), {rt.device}, "
+                f"world {rt.world_size} (tp {rt.tp} cp {rt.cp} dp {rt.dp}"
+                f"{f', pp {rt.pp} x {cfg.parallel.virtual_pipeline} chunks' if rt.pp > 1 else ''}"
+                f"), {rt.device}, "
                 f"optimizer {cfg.optimizer.name}, ZeRO-{cfg.parallel.zero_stage}",
                 flush=True,
             )
@@ -277,7 +361,7 @@ def train(cfg: Config) -> tuple[list[StepStats], str]:
             return why
 
         history = run(engine, scheduler, cfg, rt, loader, val_set, on_step=on_step, sp=sp,
-                      spikes=spikes, tokenizer=tok)  # fmt: skip
+                      spikes=spikes, tokenizer=tok, pipe=pipe)  # fmt: skip
         saver.wait()  # the last checkpoint is complete before the run says it stopped
         if rt.is_main and stopped["why"]:
             # For job scripts: launchers such as torchrun report their own exit code.
@@ -298,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         cfg.parallel.check_trainable()
+        check_pipeline(cfg)
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -15,8 +15,13 @@ class ParallelConfig:
     tensor_parallel: int = 1
     """TP degree: heads, MLP inner dims and vocabulary are split across this many ranks."""
     pipeline_parallel: int = 1
-    """PP degree. ``python -m plait.launcher.plan`` shows the stages a run would use; training
-    refuses > 1 at start-up until the schedules land (the pipeline issue)."""
+    """PP degree: the layers are cut into this many stages (by ``|`` marks in the pattern or
+    by the cost balancer), run by megatron-core's 1F1B schedule over ``training.grad_accum``
+    micro-batches (parallel/pipeline.py). ``python -m plait.launcher.plan`` shows the stages."""
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B, bubble (p-1)/(v m + p-1)): needs
+    pipeline_parallel > 1 and micro-batches (``training.grad_accum``) a multiple of
+    pipeline_parallel (megatron's interleaved schedule)."""
     context_parallel: int = 1
     """Sequence-parallel degree: each sequence is split in contiguous chunks over this many
     ranks; linear layers use LASP-2 and softmax layers LASP-2H (parallel/sequence.py)."""
@@ -27,21 +32,31 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage: 0 (none), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
 
     def validate(self) -> None:
-        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel",
+                     "virtual_pipeline"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ParallelConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.virtual_pipeline > 1 and self.pipeline_parallel == 1:
+            raise ParallelConfigError(
+                f"virtual_pipeline: {self.virtual_pipeline} chunks per rank need "
+                "pipeline_parallel > 1"
+            )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ParallelConfigError(
                 f"zero_stage: {self.zero_stage} is not one of the allowed values 0, 1, 2, 3"
             )
 
     def check_trainable(self) -> None:
-        """What training (and evaluation) cannot run yet, refused before any process starts
-        work: the config itself is valid, so the planner reads it."""
-        if self.pipeline_parallel != 1:
+        """What training (and evaluation) cannot run, refused before any process starts
+        work: the config itself is valid, so the planner reads it.
+
+        Pipeline stages compose with ZeRO 0, 1 and 2 (the engine reduces and steps once after
+        megatron's schedule). ZeRO-3 is refused: its checkpoints are DeepSpeed's own files,
+        named by TP rank only, which two pipeline stages would overwrite."""
+        if self.pipeline_parallel > 1 and self.zero_stage == 3:
             raise ParallelConfigError(
-                "pipeline_parallel: training with pipeline stages is not built yet (the "
-                "process groups are); `python -m plait.launcher.plan` shows the stages"
+                "zero_stage: 3 does not compose with pipeline_parallel > 1 here (ZeRO-3 "
+                "checkpoints would collide between stages); use zero_stage 0, 1 or 2"
             )
 
     def data_parallel(self, world_size: int) -> int:

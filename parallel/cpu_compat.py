@@ -19,8 +19,16 @@ B. CUDA-only buffers. The tensor-parallel gathers (``mappings``), the layers' se
    ``cuda.current_device()`` answers ``"cpu"``; nothing outside them is touched (a global
    patch of torch.cuda would change code that probes for CUDA by catching the error).
 
-Later adaptations (pipeline schedules' hard-coded ``device="cuda"``, the checkpoint
-writer's synchronize) join this module with the issues that need them.
+C. Pipeline schedules. ``pipeline_parallel.schedules`` counts tokens in a tensor created
+   with a hard-coded ``device="cuda"`` (``total_num_tokens``), and ``p2p_communication``
+   allocates its receive buffers and shape messages on ``torch.cuda.current_device()`` and
+   calls ``torch.cuda.synchronize()`` after batched sends and receives. Those two modules get
+   a ``torch`` whose ``cuda.current_device()`` is ``"cpu"``, whose ``cuda.synchronize()`` does
+   nothing (gloo's p2p is synchronous once waited on) and whose factories map
+   ``device="cuda"`` to the CPU.
+
+Later adaptations (the checkpoint writer's synchronize) join this module with the issues
+that need them.
 """
 
 from __future__ import annotations
@@ -55,6 +63,35 @@ class _TorchWithCpuDevice(types.ModuleType):
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+
+class _CpuCudaScheduleNamespace(_CpuCudaNamespace):
+    @staticmethod
+    def synchronize(device=None):
+        return None
+
+
+def _cpu_device(kwargs: dict) -> dict:
+    d = kwargs.get("device")
+    if d is not None and torch.device(d).type == "cuda":
+        kwargs = {**kwargs, "device": "cpu"}
+    return kwargs
+
+
+class _TorchForSchedules(_TorchWithCpuDevice):
+    """The ``torch`` of megatron's schedule and p2p modules on CPU (adaptation C)."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor")
+
+    def __init__(self):
+        super().__init__()
+        self.cuda = _CpuCudaScheduleNamespace()
+
+    def __getattr__(self, name):
+        fn = getattr(torch, name)
+        if name in self._FACTORIES:
+            return lambda *args, **kwargs: fn(*args, **_cpu_device(kwargs))
+        return fn
 
 
 def _set(obj: object, name: str, value: object) -> None:
@@ -123,6 +160,7 @@ def apply(force: bool = False) -> bool:
         return True
     import megatron.core
     from megatron.core import utils as mcore_utils
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
     from megatron.core.tensor_parallel import layers, mappings
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -141,6 +179,10 @@ def apply(force: bool = False) -> bool:
     proxy = _TorchWithCpuDevice()
     for mod in (mappings, layers, mcore_utils):
         _set(mod, "torch", proxy)
+    # C: the pipeline schedules' CUDA tensors and synchronize.
+    schedules_torch = _TorchForSchedules()
+    for mod in (schedules, p2p_communication):
+        _set(mod, "torch", schedules_torch)
     return True
 
 

@@ -2,9 +2,12 @@
 
 megatron-core's parallel_state lacks the ``get_model_parallel_*`` names DeepSpeed calls, so
 it cannot be passed as-is. Choices made here:
-  * DeepSpeed's "model parallel" group is the tensor-parallel group: DeepSpeed uses it to
-    reduce gradient norms of TP-sharded tensors and to count replicated tensors once.
-    (Pipeline stages, when they land, add their own norm reduction in parallel/pipeline.py.)
+  * DeepSpeed's "model parallel" group is the tensor-parallel group, and with pipeline stages
+    the TP x PP group: DeepSpeed reduces the gradient norm over it (each stage holds other
+    tensors; with the TP group alone every stage would clip by its own norm: measured 2.6e-2
+    off in the weights), and counts replicated tensors on its rank 0 only: the rank stays
+    the TP rank, so each stage counts its own replicated tensors (the last stage's copy of a
+    tied embedding is marked ``ds_pipe_replicated`` and skipped).
   * DeepSpeed's "data parallel" group is megatron's data-parallel group *with* the context-
     parallel ranks: ranks that hold different parts of one sequence must average their
     gradients exactly as data-parallel replicas do, and ZeRO partitions over all of them.
@@ -30,8 +33,12 @@ class MegatronMpu:
     def get_tensor_model_parallel_src_rank(self) -> int:
         return ps.get_tensor_model_parallel_src_rank()
 
-    # "model parallel" in DeepSpeed's sense = TP (see module docstring)
-    get_model_parallel_group = get_tensor_model_parallel_group
+    # "model parallel" in DeepSpeed's sense (see module docstring)
+    def get_model_parallel_group(self):
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            return ps.get_model_parallel_group()  # TP x PP
+        return ps.get_tensor_model_parallel_group()
+
     get_model_parallel_rank = get_tensor_model_parallel_rank
     get_model_parallel_world_size = get_tensor_model_parallel_world_size
     get_slice_parallel_group = get_tensor_model_parallel_group

@@ -208,6 +208,9 @@ def initialize(parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None
             tensor_model_parallel_size=parallel.tensor_parallel,
             pipeline_model_parallel_size=parallel.pipeline_parallel,
             context_parallel_size=parallel.context_parallel,
+            virtual_pipeline_model_parallel_size=(
+                parallel.virtual_pipeline if parallel.virtual_pipeline > 1 else None
+            ),
         )
     rt = Runtime(
         env=env,
@@ -292,3 +295,25 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         else:
             dist.all_reduce(values)
     return values
+
+
+def stage_lead() -> tuple[bool, int]:
+    """(whether this rank is its pipeline stage's first rank: TP, CP and DP rank 0; its
+    pipeline rank). In a run without stages the lead is rank 0."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return global_rank() == 0, 0
+    lead = (ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+            and ps.get_data_parallel_rank() == 0)  # fmt: skip
+    return lead, ps.get_pipeline_model_parallel_rank()
+
+
+def gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0 (None elsewhere); ``[obj]``
+    in a single process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -4,6 +4,8 @@ Queries are cut into blocks of C = window tokens; a query block can only see key
 block and of the previous one, so each block attends to a [C, 2C] slab. Memory and time are
 O(T * w), linear in the sequence length. Masked scores use the dtype's lowest finite value,
 not -inf, so that rows of padding (beyond T) stay finite and cannot poison the gradients.
+The [T, 2C] scores are built once and masked in place: at long sequences those temporaries,
+not the model's inputs, set a layer's peak memory.
 """
 
 from __future__ import annotations
@@ -27,26 +29,36 @@ def swa_chunk(
     C = max(1, min(window, T))
     n = -(-T // C)
     pad = n * C - T
-    q, k, v = (F.pad(x.to(acc), (0, 0, 0, pad)) for x in (q_BHTD, k_BHTD, v_BHTE))
-    # keys/values of the previous block next to this block's: [B, H, n, 2C, D]
-    k_prev = F.pad(k, (0, 0, C, 0))[:, :, : n * C]
-    v_prev = F.pad(v, (0, 0, C, 0))[:, :, : n * C]
-    Kx = torch.cat([k_prev.view(B, H, n, C, D), k.view(B, H, n, C, D)], dim=3)
-    Vx = torch.cat([v_prev.view(B, H, n, C, E), v.view(B, H, n, C, E)], dim=3)
-    Qb = q.view(B, H, n, C, D)
 
-    dev = q.device
-    qpos = torch.arange(n * C, device=dev).view(n, C)
-    kpos = qpos[:, :1] - C + torch.arange(2 * C, device=dev)  # [n, 2C]
-    dist = qpos[:, :, None] - kpos[:, None, :]  # [n, C, 2C]
-    mask = ((dist >= 0) & (dist < window) & (kpos >= 0)[:, None, :])[None, None]
+    def blocks(x):  # [B, H, T, *] -> [B, H, n, C, *]; a copy only to pad or cast
+        x = x.to(acc)
+        return (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(B, H, n, C, x.shape[-1])
+
+    # The scale goes on q (T x D) rather than on the scores (T x 2C); every temporary of
+    # T x 2C floats is ~4 times the size of the layer's input at Based's shapes, and the
+    # peak of a long sequence is made of them.
+    Qb, Kb, Vb = blocks(q_BHTD * scale), blocks(k_BHTD), blocks(v_BHTE)
+    # keys/values of the previous block next to this block's: [B, H, n, 2C, D]
+    Kx = torch.cat([F.pad(Kb, (0, 0, 0, 0, 1, 0))[:, :, :n], Kb], dim=3)
+    Vx = torch.cat([F.pad(Vb, (0, 0, 0, 0, 1, 0))[:, :, :n], Vb], dim=3)
+
+    dev = q_BHTD.device
+    # query i of a block and key j of its [previous, own] pair are i - j + C apart in every
+    # block: one [C, 2C] band, and only the first block's previous keys (before 0) are absent
+    gap = torch.arange(C, device=dev)[:, None] - torch.arange(2 * C, device=dev) + C
+    band = (gap >= 0) & (gap < window)  # [C, 2C]
+    absent = torch.zeros(n, 1, 2 * C, dtype=torch.bool, device=dev)
+    absent[0, 0, :C] = True
+    hidden = (~band | absent)[None, None]  # [1, 1, n, C, 2C]
     if doc_ids_BT is not None:
         d = F.pad(doc_ids_BT, (0, pad), value=-1)
         d_prev = F.pad(d, (C, 0), value=-2)[:, : n * C]
         dq = d.view(B, n, C)
         dk = torch.cat([d_prev.view(B, n, C), d.view(B, n, C)], dim=2)
-        mask = mask & (dq[:, :, :, None] == dk[:, :, None, :])[:, None]
-    s = torch.einsum("bhncd,bhnjd->bhncj", Qb, Kx) * scale
-    s = s.masked_fill(~mask, torch.finfo(acc).min)
-    o = torch.einsum("bhncj,bhnje->bhnce", s.softmax(-1), Vx)
-    return o.reshape(B, H, n * C, E)[:, :, :T].to(q_BHTD.dtype)
+        hidden = hidden | (dq[:, :, :, None] != dk[:, :, None, :])[:, None]
+    s = torch.einsum("bhncd,bhnjd->bhncj", Qb, Kx)  # [B, H, n, C, 2C]
+    s = s.masked_fill_(hidden, torch.finfo(acc).min)  # in place: matmul's backward needs no s
+    p = s.softmax(-1)
+    del s  # freed before the next product (softmax keeps only its output for the backward)
+    o = torch.einsum("bhncj,bhnje->bhnce", p, Vx)
+    return o.view(B, H, n * C, E)[:, :, :T].to(q_BHTD.dtype)

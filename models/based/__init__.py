@@ -67,6 +67,7 @@ W = Letter(
         "send/receive per layer, bytes independent of the sequence length)",
         (halo.window,),
     ),
+    selective_recompute=True,
     decode_state="keys and values of the last window - 1 tokens",
     release=(
         "HazyResearch/based's sliding-window attention: based.window counts the keys a query sees"

@@ -34,6 +34,10 @@ class ModelConfig:
     linear attention, W sliding window, C gated short conv, H H3, S SeqBoat, M MoH."""
     num_layers: int = 4
     """Number of blocks; must equal len(pattern)."""
+    pipeline_marks: list[int] = field(default_factory=list)
+    """Where ``|`` marks in the pattern cut it into pipeline stages (``LLLA|LLLA``): the layer
+    indices that start a new stage. Filled from the pattern (the marks are then removed from
+    it); empty: the balancer cuts (parallel/pipeline.py)."""
     hidden_size: int = 128
     """Model width."""
     num_heads: int = 4
@@ -99,6 +103,15 @@ class ModelConfig:
         return out
 
     def validate(self) -> None:
+        if "|" in self.pattern:
+            parts = self.pattern.split("|")
+            if not all(parts):
+                raise ModelConfigError(f"pattern: {self.pattern!r} has an empty pipeline stage")
+            cuts, n = [], 0
+            for part in parts[:-1]:
+                n += len(part)
+                cuts.append(n)
+            self.pattern, self.pipeline_marks = "".join(parts), cuts
         LETTERS = family.letters()
         bad = sorted({c for c in self.pattern if c not in LETTERS})
         if not self.pattern or bad:

@@ -80,6 +80,13 @@ class Letter:
     differs_from_release: str = ""
     """Every deliberate difference from that code (docs/models.md's column of that name);
     "none" when it computes the same function."""
+    selective_recompute: bool = False
+    """``training.recompute: selective`` re-runs this letter's whole block in the backward
+    instead of keeping its activations: True for the softmax-like mixers (scores and
+    probabilities saved per query, recomputed in one batched pass); False for linear-state
+    and convolution letters, which keep their mixer's activations (recomputing a chunk-state
+    scan repeats its serial loop and, under LASP-2, its all-gather) and re-run only the MLP
+    (models/common/lm.py, ``Block.recomputed``)."""
 
     def cost(self, cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
         """Forward FLOPs per token of the mixer: 2 x parameters + token mixing."""

@@ -8,6 +8,7 @@ logits never exist on one rank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from megatron.core import ModelParallelConfig
@@ -17,13 +18,25 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from plait.parallel.pipeline import Stage, attach_aux_loss, mark_shared_embedding
 from plait.parallel.sequence import SequenceParallel
 
 from . import family
 from .config import ModelConfig
 from .family import Auxiliary
 from .layers import make_mlp, make_norm, norm_params, normal_init
+
+Recompute = Literal["none", "full", "selective"]
+"""Activation checkpointing modes (``training.recompute``; ``Block.recomputed`` says what
+each one re-runs)."""
+
+LOSS_CHUNK = 8192
+"""Tokens per row whose logits exist at once when recomputing (any ``recompute`` but none):
+the output layer and cross entropy run on chunks of the sequence, each re-run in the
+backward, so the [T, vocab / tp] logits, their softmax and their gradient (three times
+T x vocab floats: 6 GiB at 256K tokens and vocab 2048) never exist whole."""
 
 
 class Block(nn.Module):
@@ -43,10 +56,49 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, positions_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), positions_BT, doc_ids_BT)
-        if self.mlp is None:
-            return x
-        return x + self.mlp(self.mlp_norm(x))
+        return self.channel(self.mix(x, positions_BT, doc_ids_BT))
+
+    def mix(
+        self, x: torch.Tensor, positions_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The token-mixing half, x + mixer(norm(x))."""
+        return x + self.mixer(self.mixer_norm(x), positions_BT, doc_ids_BT)
+
+    def channel(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel-mixing half, x + mlp(norm(x)) (x itself with ``mlp: none``)."""
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+
+    def recomputed(
+        self, x: torch.Tensor, positions_BT: torch.Tensor, doc_ids_BT, mode: Recompute
+    ) -> torch.Tensor:
+        """``forward`` under activation checkpointing ``mode`` (``training.recompute``).
+
+        Each half of a block (mixer with its norm, MLP with its norm) is checkpointed on its
+        own: one more [T, hidden] input kept per block than checkpointing the block whole,
+        and a re-run in the backward then holds one half's activations, not the block's.
+        full: both halves of every block are re-run; only their inputs are kept.
+        selective: every MLP half is re-run (its [T, ffn] intermediates are the bulk of a
+        block), and the mixer half of letters that declare ``selective_recompute`` (the
+        softmax-like mixers: their saved scores and probabilities are their largest
+        activations, and their forward is one batched pass); the other letters keep their
+        mixer's activations (a linear-state scan's chunk states: recomputing them would
+        repeat a serial loop over chunks and, under LASP-2, its all-gather).
+
+        Non-reentrant torch.utils.checkpoint: it restores the CPU (and CUDA) RNG state for
+        the re-run, so random ops would draw the same numbers (plait's mixers have no
+        dropout; megatron's tracker, which only forks per-TP-rank streams inside dropout
+        regions, is not used in them), and collectives inside a half (TP's all-reduce,
+        LASP-2's all-gather, halos) run again in the same order on every rank.
+        """
+        if mode == "full" or (
+            mode == "selective" and family.letter(self.letter).selective_recompute
+        ):
+            x = checkpoint(self.mix, x, positions_BT, doc_ids_BT, use_reentrant=False)
+        else:
+            x = self.mix(x, positions_BT, doc_ids_BT)
+        if mode == "none" or self.mlp is None:
+            return self.channel(x)
+        return checkpoint(self.channel, x, use_reentrant=False)
 
     def decode(
         self, x: torch.Tensor, positions_BT: torch.Tensor, state: dict | None
@@ -85,11 +137,16 @@ class HybridLM(nn.Module):
         mp: ModelParallelConfig,
         vocab_size: int | None = None,
         sp: SequenceParallel | None = None,
+        stage: Stage | None = None,
     ):
         super().__init__()
         sp = sp or SequenceParallel()
         cfg.validate()
         self.cfg = cfg
+        self.stage = stage
+        """The pipeline chunk this model holds (plait.parallel.pipeline.Stage), None: all of it.
+        Every layer is still built, in order, and the others dropped: each one then draws the
+        weights it gets in a single process from the same RNG stream."""
         self.vocab_size = cfg.padded_vocab_size(vocab_size)
         tp = mp.tensor_model_parallel_size
         if self.vocab_size % tp:
@@ -100,10 +157,20 @@ class HybridLM(nn.Module):
         self.embedding = VocabParallelEmbedding(
             self.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mp
         )
-        self.blocks = nn.ModuleList(Block(cfg, mp, i, sp) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList()
+        for i in range(cfg.num_layers):
+            block = Block(cfg, mp, i, sp)
+            if stage is None or stage.owns(i):  # keyed by the global index: logical names
+                self.blocks._modules[str(i)] = block
         self.final_norm = make_norm(cfg)
         self.embed_scale = cfg.hidden_size**0.5 if cfg.embed_scale else 1.0
         self.metrics: dict[str, torch.Tensor] = {}
+        self.stage_loss: torch.Tensor | None = None
+        """On a pipeline chunk before the last: the part of the training loss it adds (its
+        weighted auxiliary losses) in its last forward, detached, for the logged loss."""
+        self.recompute: Recompute = "none"
+        """Activation checkpointing of the blocks in training forwards (the launcher sets it
+        from ``training.recompute``); the loss and gradients are those of "none"."""
         self.output = ColumnParallelLinear(
             cfg.hidden_size,
             self.vocab_size,
@@ -113,6 +180,23 @@ class HybridLM(nn.Module):
             init_method=normal_init(cfg.init_std),
             skip_weight_param_allocation=cfg.tie_embeddings,
         )
+        if stage is not None:
+            self._keep_stage_parts(stage)
+
+    def _keep_stage_parts(self, stage: Stage) -> None:
+        """Drop what this chunk does not run: the embedding but on the first chunk (the last
+        keeps it too when tied: its weight is the output layer's, kept equal by
+        plait.parallel.pipeline), the final norm and output layer but on the last."""
+        tied = self.cfg.tie_embeddings and stage.last
+        if not stage.first and not tied:
+            self.embedding = None
+        if tied and not stage.first:
+            mark_shared_embedding(self.embedding.weight, replica=True)
+        elif tied or (stage.first and self.cfg.tie_embeddings and not stage.last):
+            mark_shared_embedding(self.embedding.weight, replica=False)
+        if not stage.last:
+            self.final_norm = None
+            self.output = None
 
     def forward(
         self,
@@ -121,29 +205,54 @@ class HybridLM(nn.Module):
         loss_mask_BT: torch.Tensor | None = None,
         positions_BT: torch.Tensor | None = None,
         doc_ids_BT: torch.Tensor | None = None,
+        hidden_BTC: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``doc_ids_BT`` marks packed documents (linear layers reset, attention is masked);
-        ``positions_BT`` (rotary positions) should then restart at every document."""
+        ``positions_BT`` (rotary positions) should then restart at every document.
+        ``hidden_BTC``: a pipeline chunk after the first starts from the previous chunk's
+        output; a chunk before the last returns its own output."""
         if positions_BT is None:
             T = tokens_BT.shape[1]
             positions_BT = torch.arange(T, device=tokens_BT.device).expand_as(tokens_BT)
-        x = self.embedding(tokens_BT)
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
+        if hidden_BTC is not None:
+            x = hidden_BTC
+        else:
+            x = self.embedding(tokens_BT)
+            if self.embed_scale != 1.0:
+                x = x * self.embed_scale
+        if self.recompute not in get_args(Recompute):
+            raise ValueError(f"recompute: {self.recompute!r} not in {get_args(Recompute)}")
+        recompute = self.recompute if torch.is_grad_enabled() else "none"
         for block in self.blocks:
-            x = block(x, positions_BT, doc_ids_BT)
+            x = block.recomputed(x, positions_BT, doc_ids_BT, recompute)
+        if self.stage is not None and not self.stage.last:
+            return self._stage_output(x)
         x = self.final_norm(x)
-        weight = self.embedding.weight if self.cfg.tie_embeddings else None
-        logits, _ = self.output(x, weight=weight)
         if labels_BT is None:
-            return logits
-        loss_BT = vocab_parallel_cross_entropy(logits.float(), labels_BT)
+            return self._logits(x)
+        if recompute == "none":
+            loss_BT = self._token_loss(x, labels_BT)
+        else:  # the [T, vocab] logits never whole: a chunk at a time, re-run in the backward
+            n = LOSS_CHUNK
+            loss_BT = torch.cat([
+                checkpoint(self._token_loss, x_c, y_c, use_reentrant=False)
+                for x_c, y_c in zip(x.split(n, 1), labels_BT.split(n, 1))
+            ], 1)  # fmt: skip
         if loss_mask_BT is None:
             loss = loss_BT.mean()
         else:
             mask = loss_mask_BT.to(loss_BT.dtype)
             loss = (loss_BT * mask).sum() / mask.sum().clamp_min(1.0)
         return self._add_aux(loss)
+
+    def _logits(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        weight = self.embedding.weight if self.cfg.tie_embeddings else None
+        logits, _ = self.output(x_BTC, weight=weight)
+        return logits
+
+    def _token_loss(self, x_BTC: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Cross entropy per token [B, T] of the final hidden states (vocab-parallel)."""
+        return vocab_parallel_cross_entropy(self._logits(x_BTC).float(), labels_BT)
 
     def decode(
         self, tokens_BT: torch.Tensor, cache: DecodeCache | None = None
@@ -180,19 +289,50 @@ class HybridLM(nn.Module):
             logits, cache = self.decode(nxt, cache)
         return torch.cat(out, 1)
 
-    def _add_aux(self, lm_loss: torch.Tensor) -> torch.Tensor:
-        self.metrics = {"lm_loss": lm_loss.detach()}
-        parts: dict[str, list[Auxiliary]] = {}
+    def _aux_parts(self) -> dict[str, tuple[list[Auxiliary], set[str]]]:
+        parts: dict[str, tuple[list[Auxiliary], set[str]]] = {}
         for block in self.blocks:
             for aux in getattr(block.mixer, "auxiliary", list)():
-                parts.setdefault(aux.name, []).append(aux)
+                auxs, letters = parts.setdefault(aux.name, ([], set()))
+                auxs.append(aux)
+                letters.add(block.letter)
+        return parts
+
+    def _aux_mean(self, auxs: list[Auxiliary], letters: set[str]) -> torch.Tensor:
+        """The layer mean of an auxiliary; on a pipeline chunk, this chunk's share of the
+        mean over every layer of the model with the letters that report it (the chunks'
+        shares add up to the single-process mean)."""
+        values = torch.stack([a.value for a in auxs])
+        if self.stage is None:
+            return values.mean()
+        return values.sum() / sum(self.cfg.pattern.count(c) for c in letters)
+
+    def _add_aux(self, lm_loss: torch.Tensor) -> torch.Tensor:
+        self.metrics = {"lm_loss": lm_loss.detach()}
         loss = lm_loss
-        for name, auxs in parts.items():
-            mean = torch.stack([a.value for a in auxs]).mean()
+        for name, (auxs, letters) in self._aux_parts().items():
+            mean = self._aux_mean(auxs, letters)
             self.metrics[name] = mean.detach()
             if auxs[0].loss_weight and self.training:  # validation reports the LM loss only
                 loss = loss + auxs[0].loss_weight * mean
         return loss
+
+    def _stage_output(self, x: torch.Tensor) -> torch.Tensor:
+        """A chunk before the last: its auxiliary losses ride on its output into the backward
+        pass (``attach_aux_loss``), as if added to the loss on the last stage."""
+        self.metrics = {}
+        self.stage_loss = None
+        extra = None
+        for name, (auxs, letters) in self._aux_parts().items():
+            mean = self._aux_mean(auxs, letters)
+            self.metrics[name] = mean.detach()
+            if auxs[0].loss_weight and self.training:
+                term = auxs[0].loss_weight * mean
+                extra = term if extra is None else extra + term
+        if extra is None:
+            return x
+        self.stage_loss = extra.detach()
+        return attach_aux_loss(x, extra)
 
 
 def param_count(cfg: ModelConfig, vocab_size: int | None = None) -> int:
@@ -214,8 +354,10 @@ def build_model(
     tensor_parallel: int,
     vocab_size: int | None = None,
     sp: SequenceParallel | None = None,
+    stage: Stage | None = None,
 ) -> HybridLM:
-    """Build the model for this rank's TP shard (and, with ``sp``, its sequence chunk).
+    """Build the model for this rank's TP shard (and, with ``sp``, its sequence chunk; with
+    ``stage``, its pipeline chunk).
 
     Weights are initialised from the full (unsplit) master tensor on CPU and then split
     (megatron's use_cpu_initialization), so the same seed gives the same logical weights at
@@ -227,4 +369,4 @@ def build_model(
         perform_initialization=True,
         params_dtype=torch.float32,
     )
-    return HybridLM(cfg, mp, vocab_size, sp)
+    return HybridLM(cfg, mp, vocab_size, sp, stage)

@@ -117,6 +117,7 @@ A = Letter(
         (softmax.attention,),
         zigzag=True,
     ),
+    selective_recompute=True,
     decode_state="keys and values of every previous token (KV cache)",
     release=(
         "LLaMA's attention (HF transformers' LlamaAttention); with softmax.bias, rotary: false or"

@@ -39,6 +39,16 @@ def _25m() -> ModelConfig:
     )
 
 
+def _window_tiny() -> ModelConfig:
+    """hybrid-tiny with sliding-window attention (W, Based's letter: ``based.window`` 64 keys)
+    in place of the global softmax layers: no layer attends over the whole sequence, so a
+    step's time and memory grow linearly in its length (the longest-sequence runs of
+    benchmarks/long_sequence.py; one global softmax layer at 1M tokens is hours of CPU)."""
+    cfg = _tiny()
+    cfg.pattern = "LWLW"
+    return cfg
+
+
 FAMILY = Family(
     name="hybrid",
     description="plait's mixed hybrids (letters of the other families)",
@@ -46,5 +56,8 @@ FAMILY = Family(
     presets={
         "hybrid-tiny": Preset(_tiny, None, "the embedded CPU default (configs/tiny.yaml)"),
         "hybrid-25m": Preset(_25m, None, "hybrid-tiny's layout at ~25M (benchmarks/train_step.py)"),
+        "hybrid-window-tiny": Preset(
+            _window_tiny, None, "linear + window, no global softmax (benchmarks/long_sequence.py)"
+        ),
     },
 )

@@ -30,6 +30,7 @@ LETTER = Letter(
         "(SequenceParallel.mean)",
         (softmax.gather_keys,),
     ),
+    selective_recompute=True,
     decode_state="keys and values of every previous token for every head (a routed head skips "
     "queries, not keys)",
     release=(

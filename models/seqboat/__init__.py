@@ -49,6 +49,7 @@ LETTER = Letter(
         "interleaved pairs); the final norm keeps its affine; embeddings start N(0, init_std) "
         "(the release: N(0, hidden^-1/2), before its sqrt(hidden) scale)"
     ),
+    selective_recompute=True,
     decode_state="the EMA's last ema_truncation - 1 inputs (its state [hidden, ema_dim] when "
     "untruncated) and the keys and values of the last window - 1 active tokens",
 )

@@ -96,3 +96,47 @@ def test_version_pin_is_enforced(monkeypatch):
     with pytest.raises(RuntimeError, match="written for megatron-core 0.16.1"):
         cpu_compat.apply()
     assert not cpu_compat.is_applied()
+
+
+class _Stage(torch.nn.Module):
+    def __init__(self, last: bool):
+        super().__init__()
+        self.lin, self.last = torch.nn.Linear(4, 4), last
+
+    def forward(self, x=None, hidden_BTC=None):
+        h = self.lin(hidden_BTC if hidden_BTC is not None else x)
+        return h.sum() if self.last else h
+
+
+def _pipeline_canary(rt, patched: bool):
+    """One micro-batch through megatron's 1F1B schedule on two stages of a linear layer."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from plait.parallel.pipeline import Stage, StageChunk, transformer_config
+
+    if not patched:
+        cpu_compat.revert()
+    last = rt.pp_rank == 1
+    stage = Stage(rt.pp_rank, rt.pp_rank + 1, not last, last)
+    chunk = StageChunk(_Stage(last), stage, transformer_config(4, 2, 1, 2, 1, 1, None), 0)
+
+    def step(it, model):
+        return model(x=next(it)), (lambda o: (o, torch.tensor(1, dtype=torch.int), {}))
+
+    fb = get_forward_backward_func()
+    try:
+        fb(forward_step_func=step, data_iterator=iter([torch.ones(1, 3, 4)]), model=chunk,
+           num_microbatches=1, seq_length=3, micro_batch_size=1)  # fmt: skip
+        return "no error"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def test_pipeline_schedule_call_sites():
+    """Adaptation C: unpatched, the schedule fails on its CUDA tensors; patched, it runs."""
+    from plait.parallel.config import ParallelConfig
+
+    pp2 = ParallelConfig(pipeline_parallel=2)
+    for r in run_distributed(_pipeline_canary, 2, False, parallel=pp2):
+        assert "CUDA" in r or "cuda" in r, f"schedule on CPU unpatched: {r}: revisit adaptation C"
+    assert run_distributed(_pipeline_canary, 2, True, parallel=pp2) == ["no error"] * 2
