@@ -582,7 +582,7 @@ def memory_slope(rows: list[dict], model: str, lo: int, hi: int) -> float | None
     """Log-log slope of peak RSS growth between lengths lo and hi."""
     a = [r for r in rows if r["model"] == model and r["T"] == lo and "peak_mib" in r]
     b = [r for r in rows if r["model"] == model and r["T"] == hi and "peak_mib" in r]
-    if not a or not b or a[0]["peak_mib"] <= 0:
+    if hi <= lo or not a or not b or a[0]["peak_mib"] <= 0:
         return None
     return math.log(b[0]["peak_mib"] / a[0]["peak_mib"]) / math.log(hi / lo)
 
