@@ -54,8 +54,16 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg) if self.mlp is not None else None
 
     def forward(
-        self, x: torch.Tensor, positions_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        positions_BT: torch.Tensor,
+        doc_ids_BT: torch.Tensor | None = None,
+        recompute: Recompute = "none",
     ) -> torch.Tensor:
+        """The block, under activation checkpointing ``recompute`` (``recomputed``). Always
+        entered through the module call, so hooks on a block see every forward."""
+        if recompute != "none":
+            return self.recomputed(x, positions_BT, doc_ids_BT, recompute)
         return self.channel(self.mix(x, positions_BT, doc_ids_BT))
 
     def mix(
@@ -224,7 +232,7 @@ class HybridLM(nn.Module):
             raise ValueError(f"recompute: {self.recompute!r} not in {get_args(Recompute)}")
         recompute = self.recompute if torch.is_grad_enabled() else "none"
         for block in self.blocks:
-            x = block.recomputed(x, positions_BT, doc_ids_BT, recompute)
+            x = block(x, positions_BT, doc_ids_BT, recompute=recompute)
         if self.stage is not None and not self.stage.last:
             return self._stage_output(x)
         x = self.final_norm(x)
