@@ -495,19 +495,12 @@ def section_train(args, budget: Budget, device: str) -> dict:
 
 # ------------------------------------------------------------------------------ 4. families
 def model_flops_per_token(cfg, vocab: int, lengths: list[int]) -> float:
-    """Training FLOPs per token, 3 x forward: 2 x parameters (the tied head's matmul counted
-    once more) plus each letter's mixing FLOPs (``Letter.mixing_flops``, documented beside
-    each letter) averaged over the documents at their own lengths; the formula
-    benchmarks/train_step.py uses."""
-    from plait.models.common import family, param_count
+    """Training FLOPs per token: benchmarks/train_step.py's formula (``plait_flops``: 3 x
+    forward, 2 x parameters plus each letter's mixing FLOPs over the documents)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_step import plait_flops
 
-    V, h = cfg.padded_vocab_size(vocab), cfg.hidden_size
-    fwd = 2.0 * param_count(cfg, vocab) + (0.0 if cfg.tie_embeddings else -2.0 * V * h)
-    T = sum(lengths)
-    for i, symbol in enumerate(cfg.pattern):
-        mix = family.letter(symbol).mixing_flops
-        fwd += sum(L * mix(cfg, i, L) for L in lengths) / T
-    return 3.0 * fwd
+    return plait_flops(cfg, vocab, lengths)
 
 
 class _Rows:

@@ -5,8 +5,8 @@ compared unscaled: an implementation that inflated them by the group size would 
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from plait.kernels.attention import causal_attention_naive
 from plait.kernels.lightning import lightning_attention
 from tests.distributed import run_distributed
 from tests.helpers import assert_rel_close
@@ -77,10 +77,7 @@ def _reference(op, seed, T, use_docs, W, slopes):
         s = leaves[0] @ (leaves[1].transpose(-1, -2) @ leaves[2])
         out = s
     else:
-        mask = torch.ones(T, T, dtype=torch.bool).tril()[None]
-        if docs is not None:
-            mask = mask & (docs[:, :, None] == docs[:, None, :])
-        out = F.scaled_dot_product_attention(*leaves, attn_mask=mask[:, None])
+        out = causal_attention_naive(*leaves, docs)
     (out * do.double()).sum().backward()
     return out.detach(), [x.grad for x in leaves]
 
