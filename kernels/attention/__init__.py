@@ -19,6 +19,10 @@ The names differ from the other kernels' naive / chunk / triton: nothing is chun
 (the cut is at document boundaries), and the GPU path is torch's flash kernel, not Triton.
 FlexAttention with a block mask was measured as the alternative: torch 2.13 has no CPU
 backward for it.
+
+``prefix_causal_attention`` (prefix.py) is the other shape context parallelism needs: queries
+that see a whole prefix of earlier keys plus their own keys causally (LASP-2H's piece for a
+document begun on an earlier rank), without a mask on CPU or CUDA.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from plait.kernels.docs import resolve_doc_ids
 
 from .naive import causal_attention_naive
+from .prefix import prefix_causal_attention
 from .segments import causal_attention_segments
 from .varlen import causal_attention_varlen
 
@@ -37,6 +42,7 @@ __all__ = [
     "causal_attention_naive",
     "causal_attention_segments",
     "causal_attention_varlen",
+    "prefix_causal_attention",
 ]
 
 BACKENDS = ("auto", "naive", "segments", "varlen")

@@ -2,7 +2,9 @@
 reference in the layouts that exercise each piece: no documents, one document across every
 rank (the earlier-keys merge on every rank), documents starting exactly at a rank border
 and inside chunks, rows of a batch with different boundaries; per-rank lengths that are
-not multiples of anything. fp32 against float64, outputs and the gradients of q, k, v."""
+not multiples of anything. fp32 against float64, outputs and the gradients of q, k, v. The
+CUDA form of the earlier-keys piece (SDPA with a bottom-right causal bias) runs here through
+its CPU fallback, in the layouts where it is used."""
 
 import pytest
 import torch
@@ -29,7 +31,7 @@ def _layout(kind: str, B: int, T: int, W: int) -> torch.Tensor | None:
     return starts.long().cumsum(1)
 
 
-def _run(rt, seed, T, kind, W):
+def _run(rt, seed, T, kind, W, backend="auto"):
     from plait.parallel import lasp2h
 
     masked = []
@@ -37,7 +39,12 @@ def _run(rt, seed, T, kind, W):
 
     def spy(*args, attn_mask=None, **kw):
         masked.append(attn_mask is not None)
-        return real_sdpa(*args, attn_mask=attn_mask, **kw)
+        # the real function while it runs: a CausalBias mask dispatches back to it by identity
+        lasp2h.F.scaled_dot_product_attention = real_sdpa
+        try:
+            return real_sdpa(*args, attn_mask=attn_mask, **kw)
+        finally:
+            lasp2h.F.scaled_dot_product_attention = spy
 
     lasp2h.F.scaled_dot_product_attention = spy
     try:
@@ -50,6 +57,7 @@ def _run(rt, seed, T, kind, W):
             *leaves,
             torch.distributed.group.WORLD,
             doc_ids=docs[:, sl] if docs is not None else None,
+            prefix_backend=backend,
         )
         (out * do[:, :, sl]).sum().backward()
     finally:
@@ -74,6 +82,20 @@ def test_lasp2h_per_document_equals_reference(W, kind, seed):
     ref_out, ref_grads = _reference(seed, T, kind, W)
     outs = run_distributed(_run, W, seed, T, kind, W)
     assert not any(m for _, _, m in outs), "a masked SDPA call on the CPU path"
+    assert_rel_close(torch.cat([o for o, _, _ in outs], 2), ref_out, TOL, "output")
+    for i, name in enumerate("qkv"):
+        g = torch.cat([grads[i] for _, grads, _ in outs], 2)
+        assert_rel_close(g, ref_grads[i], TOL, f"d{name}")
+
+
+@pytest.mark.parametrize("kind", ["none", "many"])
+def test_lasp2h_cuda_prefix_form_equals_reference(kind):
+    """``prefix_backend="lower_right"``: what the CUDA path runs for the document begun on an
+    earlier rank."""
+    W, T = 4, 29 * 4
+    ref_out, ref_grads = _reference(0, T, kind, W)
+    outs = run_distributed(_run, W, 0, T, kind, W, "lower_right")
+    assert any(m for _, _, m in outs[1:]), "the bottom-right causal bias was not used"
     assert_rel_close(torch.cat([o for o, _, _ in outs], 2), ref_out, TOL, "output")
     for i, name in enumerate("qkv"):
         g = torch.cat([grads[i] for _, grads, _ in outs], 2)
