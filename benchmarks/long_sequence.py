@@ -43,6 +43,15 @@ SECTION = "long-sequence"
 RESULTS = REPO / "runs" / "long_sequence.jsonl"
 
 
+def _modes() -> tuple[str, ...]:
+    """``training.recompute``'s choices, from the type that owns them."""
+    from typing import get_args
+
+    from plait.models.common.lm import Recompute
+
+    return get_args(Recompute)
+
+
 def _status_kib(name: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(name + ":"):
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, nargs="+", default=[])
     ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks (processes)")
-    ap.add_argument("--recompute", default="selective", choices=["none", "full", "selective"])
+    ap.add_argument("--recompute", default="selective", choices=_modes())
     ap.add_argument(
         "--compare",
         type=int,
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs = [(T, args.cp, args.recompute) for T in args.length]
     if args.compare:
-        runs += [(args.compare, args.cp, m) for m in ("none", "selective", "full")]
+        runs += [(args.compare, args.cp, m) for m in _modes()]
     results = Path(args.results)
     for T, cp, mode in runs:
         rec = run(T, cp, mode, args.steps, args.limit, args.timeout, args.preset)
