@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml setup.py requirements/torch-cpu.txt
 demo: setup
 	$(BIN)/python -m plait.launcher.train --config configs/tiny.yaml
 
+# Two pytest workers, each test file on one worker (its module fixtures built once): most of
+# the suite's time is subprocesses (torchrun jobs, exports, a Slurm cluster) that wait on
+# imports and rendezvous with a core idle; 20 min serially, 14 with two workers (2 cores).
 test: setup lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .
