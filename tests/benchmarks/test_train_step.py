@@ -30,3 +30,17 @@ def test_smoke_mode_runs_and_writes_its_table(tmp_path):
         assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["flops_per_token"] > 0
         assert r["loss"] == r["loss"]  # finite enough to train: not NaN
     assert results["gemm_gflops"]["peak"] > 0
+
+
+def test_interleaved_smoke_mode_prints_its_ratio_table():
+    """benchmarks/interleaved_step.py: both models built in one process, steps in turn, the
+    table with each model's ratio to the first. No timing is asserted."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "interleaved_step.py"), "--smoke"],
+        check=True, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    ).stdout  # fmt: skip
+    assert "round 2/2:" in out
+    assert "| Llama (transformers) | " in out and "| 1.00x |" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| plait LALA |")]
+    assert row.count("x (") == 1  # the median ratio of the rounds and its range
