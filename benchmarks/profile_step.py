@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                      # docs/benchmarks.md "profile-step"
     python benchmarks/profile_step.py --preset transnormer-25m --seq-len 8192  # one, printed
     python benchmarks/profile_step.py --preset hybrid-tiny --trace /tmp/step.json  # + trace
+    python benchmarks/profile_step.py --blocks --preset based-25m --seq-len 8192   # per letter
 
 The step is benchmarks/train_step.py's (configs/tiny.yaml's run config, the preset, micro-batch
 1, fp32, one process, packed documents of mean 1024 tokens, launcher.loop.train_step), so the
@@ -23,6 +24,7 @@ products take, whose ratio is the rate the GEMMs themselves reach.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -177,6 +179,43 @@ def _run_one(preset: str, T: int, steps: int) -> dict:
     return json.loads(next(x for x in out.splitlines() if x.startswith("PROFILE "))[8:])
 
 
+def blocks(preset: str, T: int, reps: int) -> str:
+    """Forward + backward of each letter's first block at ``T`` tokens of packed documents,
+    its two halves apart (``Block.mix``, the mixer with its norm; ``Block.channel``, the MLP
+    with its norm), median of ``reps`` after one warm-up: which layer of a preset the step's
+    time goes to."""
+    import torch
+    import train_step as ts
+
+    from plait.launcher.config import load_config
+    from plait.models.common import build_model
+    from plait.parallel import runtime
+
+    cfg = load_config(ts.REPO / "configs" / "tiny.yaml", [f"model.preset={preset}"])
+    runtime.initialize(cfg.parallel, cfg.training.seed)
+    model = build_model(cfg.model, 1, vocab_size=ts.VOCAB)
+    lengths = ts.document_lengths(T, 1024, seed=0)
+    docs = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    x = torch.randn(1, T, cfg.model.hidden_size)
+    lines = [f"{preset}, {T} tokens ({len(lengths)} documents), forward + backward, ms:", "",
+             "| letter | layers | mixer half | MLP half |", "|---|---|---|---|"]  # fmt: skip
+    for letter in dict.fromkeys(cfg.model.pattern):
+        blk = next(b for b in model.blocks if b.letter == letter)
+        times = []
+        for half in (functools.partial(blk.mix, positions_BT=pos, doc_ids_BT=docs), blk.channel):
+            t = []
+            for _ in range(reps + 1):
+                a = x.clone().requires_grad_()
+                t0 = time.perf_counter()
+                half(a).sum().backward()
+                t.append(time.perf_counter() - t0)
+            times.append(statistics.median(t[1:]) * 1e3)
+        n = cfg.model.pattern.count(letter)
+        lines.append(f"| {letter} | {n} | {times[0]:,.0f} | {times[1]:,.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -186,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--trace", default="", help="write the Chrome trace here (with --preset)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--blocks", action="store_true",
+                    help="time each letter's block halves instead (with --preset)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.blocks:
+        print(blocks(args.preset or "based-25m", args.seq_len, args.steps))
+        return 0
     if args.preset:
         from plait.parallel.runtime import tune_cpu_allocator
 
