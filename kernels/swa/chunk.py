@@ -3,11 +3,12 @@
 Queries are cut into blocks of C = window - 1 tokens (a query sees itself and the window - 1
 keys before it, so never further back than the previous block); each block attends to a
 [C, 2C] slab. Based's released window of 129 keys makes C = 128: no padding at power-of-two
-lengths (window attention of based-25m at 8K, fwd + bwd: 680 -> 657 ms against C = window). Memory and time are
-O(T * w), linear in the sequence length. Masked scores use the dtype's lowest finite value,
-not -inf, so that rows of padding (beyond T) stay finite and cannot poison the gradients.
-The [T, 2C] scores are built once and masked in place: at long sequences those temporaries,
-not the model's inputs, set a layer's peak memory.
+lengths (window attention of based-25m at 8K, fwd + bwd: 680 -> 657 ms against C = window).
+Memory and time are O(T * w), linear in the sequence length (``swa`` takes flash_cpu.py
+instead where it applies: values as wide as keys, window >= 2). Masked scores use the
+dtype's lowest finite value, not -inf, so that rows of padding (beyond T) stay finite and
+cannot poison the gradients. The [T, 2C] scores are built once and masked in place: at long
+sequences those temporaries, not the model's inputs, set a layer's peak memory.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Sliding-window attention: blocked PyTorch and Triton paths equal the masked T x T softmax
-reference (outputs and gradients, fp32 vs float64, rel 1e-5)."""
+"""Sliding-window attention: blocked PyTorch, CPU-flash and Triton paths equal the masked T x T
+softmax reference (outputs and gradients, fp32 vs float64, rel 1e-5)."""
 
 import pytest
 import torch
@@ -30,6 +30,29 @@ def _compare(backend, seed, T, window, D, E, docs, device="cpu", B=2, H=2, block
 @pytest.mark.parametrize("docs", [False, True])
 def test_chunk_matches_reference(seed, T, window, docs):
     _compare("chunk", seed, T, window, 16, 8, docs)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("T", [1, 63, 64, 257, 1000])
+@pytest.mark.parametrize("window", [2, 3, 16, 65, 100])
+@pytest.mark.parametrize("docs", [False, True])
+def test_flash_cpu_matches_reference(seed, T, window, docs):
+    """Blocks of window - 1 (1, 2, 15, 64, 99 tokens): lengths that are and are not multiples
+    of them, documents shorter than a block and spanning several."""
+    _compare("flash_cpu", seed, T, window, 16, 16, docs)
+
+
+def test_auto_takes_the_flash_path_on_cpu_where_it_applies(monkeypatch):
+    from plait.kernels import swa as swa_mod
+
+    used = []
+    monkeypatch.setattr(swa_mod, "swa_flash_cpu", lambda *a: used.append("flash") or a[0])
+    monkeypatch.setattr(swa_mod, "swa_chunk", lambda *a: used.append("chunk") or a[0])
+    q = torch.randn(1, 2, 10, 8)
+    swa(q, q, q, 4)
+    swa(q, q, q, 1)  # window 1: a query sees only itself
+    swa(q, q, q[..., :4], 4)  # values narrower than keys
+    assert used == ["flash", "chunk", "chunk"]
 
 
 @requires_triton
