@@ -93,7 +93,8 @@ def table(r: dict) -> str:
 
     base = r["models"][0]["name"]
     lines = [
-        f"`python benchmarks/interleaved_step.py --length {r['T']}`; {machine()}; fp32, "
+        f"`python benchmarks/interleaved_step.py --length {r['T']} --rounds {r['rounds']}`; "
+        f"{machine()}; fp32, "
         f"micro-batch 1, one process holding every model, {r['T']:,} tokens of packed "
         f"documents (mean {r['doc_mean']}), one warm-up step each, then {r['rounds']} rounds "
         f"of one step per model in turn. fp32 GEMM (n = {r['gemm_n']}, best of 5): "
