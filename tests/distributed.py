@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import random
 import socket
 import traceback
 
@@ -18,7 +19,21 @@ import torch
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range (32768 up by default), in a block of
+    its own per pytest-xdist worker. A port-0 pick is released before rank 0 binds it, and
+    with two workers another process (or any outgoing connection, which takes ephemeral
+    ports) could take it in between: seen once as EADDRINUSE in CI."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    k = int(worker[2:]) if worker[2:].isdigit() else 0
+    lo = 20000 + 1000 * (k % 12)
+    for port in random.sample(range(lo, lo + 1000), 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every port of the block busy: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
