@@ -16,16 +16,25 @@ import torch.nn.functional as F
 from plait.kernels.docs import document_lengths
 
 
-def _cut(q, k, v, lengths: list[int], scale):
-    """One causal call per document of the T axis (dim 2) of [B, H, T, *] tensors that share
-    the document ``lengths``."""
-    if len(lengths) == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    pieces = zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
+def per_document(fn, q_BHTD, k_BHTD, v_BHTE, doc_ids_BT: torch.Tensor) -> torch.Tensor:
+    """``fn(q, k, v)`` on each document's piece of the T axis (dim 2) of [B, H, T, *]
+    tensors, joined back: rows that share their boundaries are cut together, other rows one
+    by one. Also the CPU sliding-window path's cut (kernels/swa/flash_cpu.py)."""
+    rows = document_lengths(doc_ids_BT)
+
+    def cut(q, k, v, lengths):
+        if len(lengths) == 1:
+            return fn(q, k, v)
+        pieces = zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
+        return torch.cat([fn(a, b, c) for a, b, c in pieces], 2)
+
+    if all(r == rows[0] for r in rows):
+        return cut(q_BHTD, k_BHTD, v_BHTE, rows[0])
     outs = [
-        F.scaled_dot_product_attention(a, b, c, is_causal=True, scale=scale) for a, b, c in pieces
+        cut(q[None], k[None], v[None], lengths)[0]
+        for q, k, v, lengths in zip(q_BHTD.unbind(0), k_BHTD.unbind(0), v_BHTE.unbind(0), rows)
     ]
-    return torch.cat(outs, 2)
+    return torch.stack(outs)
 
 
 def causal_attention_segments(
@@ -35,11 +44,7 @@ def causal_attention_segments(
     doc_ids_BT: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
-    rows = document_lengths(doc_ids_BT)
-    if all(r == rows[0] for r in rows):
-        return _cut(q_BHTD, k_BHTD, v_BHTE, rows[0], scale)
-    outs = [
-        _cut(q[None], k[None], v[None], lengths, scale)[0]
-        for q, k, v, lengths in zip(q_BHTD.unbind(0), k_BHTD.unbind(0), v_BHTE.unbind(0), rows)
-    ]
-    return torch.stack(outs)
+    def causal(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+    return per_document(causal, q_BHTD, k_BHTD, v_BHTE, doc_ids_BT)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from plait.kernels.attention.prefix import _flash, _flash_backward
-from plait.kernels.docs import document_lengths
+from plait.kernels.attention.segments import per_document
 
 
 def _blocks(x: torch.Tensor, C: int) -> torch.Tensor:
@@ -123,16 +123,8 @@ def swa_flash_cpu(
     scale = q_BHTD.shape[-1] ** -0.5 if scale is None else scale
     if doc_ids_BT is None:
         return _WindowFlash.apply(q_BHTD, k_BHTD, v_BHTD, window, scale)
-    rows = document_lengths(doc_ids_BT)
 
-    def cut(q, k, v, lengths):
-        pieces = zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
-        outs = [_WindowFlash.apply(a, b, c, window, scale) for a, b, c in pieces]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+    def window_attention(q, k, v):
+        return _WindowFlash.apply(q, k, v, window, scale)
 
-    if all(r == rows[0] for r in rows):
-        return cut(q_BHTD, k_BHTD, v_BHTD, rows[0])
-    return torch.stack([
-        cut(q[None], k[None], v[None], lengths)[0]
-        for q, k, v, lengths in zip(q_BHTD.unbind(0), k_BHTD.unbind(0), v_BHTD.unbind(0), rows)
-    ])  # fmt: skip
+    return per_document(window_attention, q_BHTD, k_BHTD, v_BHTD, doc_ids_BT)
