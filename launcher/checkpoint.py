@@ -693,9 +693,12 @@ def load(path: Path, engine, scheduler, loader, cfg, rt, identity: RunIdentity) 
     engine.global_samples = meta["global_samples"]
     engine.skipped_steps = meta["skipped_steps"]
     sched = dict(meta["scheduler"])
-    if rt.pp > 1 or meta["layout"].get("pp", 1) > 1:
+    regrouped = len(sched.get("base_lrs", [])) != len(scheduler.base_lrs)
+    if rt.pp > 1 or meta["layout"].get("pp", 1) > 1 or regrouped:
         # Rank 0 saved its stage's per-group learning rates; every stage keeps its own groups'
         # base rates and recomputes them at the saved step (the schedule is one function).
+        # The same when the parameter groups differ (ZeRO-3 has one per tensor, ZeRO 0-2 one
+        # per set of hyperparameters; checkpoints before 2026-12-03 had one per tensor).
         for key in ("base_lrs", "_last_lr"):
             sched.pop(key, None)
         scheduler.load_state_dict(sched)

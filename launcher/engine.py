@@ -2,7 +2,8 @@
 
 DeepSpeed owns gradient averaging over data-parallel ranks, ZeRO partitioning, gradient
 accumulation, clipping and bf16 master weights. plait hands it a client optimizer (LAMB or
-AdamW, one parameter group per tensor) and a warmup + cosine LambdaLR, and an ``mpu`` over
+AdamW; one parameter group per set of hyperparameters, one per tensor at ZeRO-3: see
+parallel/lamb.py) and a warmup + cosine LambdaLR, and an ``mpu`` over
 megatron-core's groups so that it reduces over the right ranks.
 
 On CPU: DeepSpeed JIT-compiles C++ ops on first use (a shared-memory comm op at
@@ -19,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from plait.parallel.engine_state import client_optimizer, zero_partition_segments
 from plait.parallel.finite import GuardedAdamW, GuardedLamb
 from plait.parallel.lamb import Lamb, param_groups
 from plait.parallel.mpu import MegatronMpu
@@ -52,14 +54,15 @@ def use_bf16(cfg: Config, rt: Runtime) -> bool:
 
 def build_optimizer(model: nn.Module, cfg: Config, mpu: MegatronMpu) -> torch.optim.Optimizer:
     o = cfg.optimizer
-    groups = param_groups(model, o.weight_decay)
+    zero = cfg.parallel.zero_stage
+    groups = param_groups(model, o.weight_decay, per_tensor=zero == 3)
     for g in groups:
         # The schedule (LambdaLR) multiplies this peak, so a capped tensor warms up and decays
         # with the rest, below its cap.
         g["lr"] = o.lr * g["lr_scale"]
         if g["lr_cap"] is not None:
             g["lr"] = min(g["lr"], g["lr_cap"])
-    zero0 = cfg.parallel.zero_stage == 0  # DeepSpeed skips non-finite steps only under ZeRO
+    zero0 = zero == 0  # DeepSpeed skips non-finite steps only under ZeRO
     if o.name == "lamb":
         return (GuardedLamb if zero0 else Lamb)(
             groups,
@@ -69,8 +72,9 @@ def build_optimizer(model: nn.Module, cfg: Config, mpu: MegatronMpu) -> torch.op
             weight_decay=o.weight_decay,
             min_trust=o.min_trust,
             max_trust=o.max_trust,
-            partition_group=mpu.get_data_parallel_group() if cfg.parallel.zero_stage else None,
+            partition_group=mpu.get_data_parallel_group() if zero else None,
             tensor_parallel_group=mpu.get_tensor_model_parallel_group(),
+            flat_partitions=zero in (1, 2),
         )
     # foreach=False: the flat ZeRO partitions are single tensors; nothing to batch.
     return (GuardedAdamW if zero0 else torch.optim.AdamW)(
@@ -137,4 +141,7 @@ def build_engine(model: nn.Module, cfg: Config, rt: Runtime):
         mpu=mpu,
         config=deepspeed_config(cfg, rt),
     )
+    client = client_optimizer(engine)
+    if isinstance(client, Lamb) and client.flat_partitions:
+        client.link_partitions(zero_partition_segments(engine))
     return engine, optimizer, scheduler

@@ -174,7 +174,8 @@ def evaluate(engine, cfg: Config, rt: Runtime, val, sp=None, tokenizer=None,
         for depth in (0.0, 0.5, 1.0):
             try:
                 out[f"passkey@{depth}"] = passkey_accuracy(
-                    engine, tokenizer, cfg.data.seq_len, depth, t.eval_passkey, rt, sp)
+                    engine, tokenizer, cfg.data.seq_len, depth, t.eval_passkey, rt, sp
+                )
             except ValueError:  # the training length is too short for the prompt
                 break
     engine.train()

@@ -44,6 +44,24 @@ def client_optimizer(engine):
     return z.optimizer if z is not None else engine.optimizer
 
 
+def zero_partition_segments(engine) -> list[tuple[torch.Tensor, list[tuple[int, int, int]], int]]:
+    """Per parameter group at ZeRO 1-2: (this rank's flat fp32 partition, [(start, numel,
+    index of the tensor in the group)] of each tensor fragment the partition holds, number of
+    tensors in the group); what ``Lamb.link_partitions`` takes. [] below ZeRO-1."""
+    z = zero_optimizer(engine)
+    if z is None:
+        return []
+    out = []
+    for i, lps in enumerate(z.bit16_groups):
+        fragments = []
+        for j, lp in enumerate(lps):
+            m = lp._hp_mapping
+            if m is not None and m.hp_fragment_address.numel:
+                fragments.append((m.hp_fragment_address.start, m.hp_fragment_address.numel, j))
+        out.append((z.single_partition_of_fp32_groups[i], fragments, len(lps)))
+    return out
+
+
 def _group_of(z) -> dict[int, int]:
     return {id(lp): i for i, lps in enumerate(z.bit16_groups) for lp in lps}
 

@@ -303,8 +303,8 @@ def stage_grad_norms(engine) -> None:
     """Make a ZeRO-1/2 engine's global gradient norm (clipping, logs) span the pipeline stages.
 
     DeepSpeed 0.19's ZeRO optimizer reduces each parameter group's norm over its "model
-    parallel" group, one all-reduce per group; LAMB has a group per tensor and stages hold
-    different tensors, so over the TP x PP group those collectives would not pair up (a hang,
+    parallel" group, one all-reduce per group; stages hold different tensors, hence different
+    parameter groups, so over the TP x PP group those collectives would not pair up (a hang,
     measured). Here each group's norm is reduced over TP only (as without stages) and the
     stage's combined norm once over the pipeline group (a non-finite norm stays non-finite).
     Reads ``scaled_global_norm`` and ``model_parallel_group`` (DeepSpeed internals; the

@@ -322,6 +322,35 @@ def test_resharding_carries_weights_and_optimizer_state(tmp_path):
         assert _max_diff(out["weights"], straight["weights"]) < 1e-5, (tp, dp, zero)
 
 
+def _job_per_tensor_groups(rt, cfg: Config, mode: str, n: int):
+    """``_job`` with one parameter group per tensor, as every checkpoint before 2026-12-03
+    was written (and as ZeRO-3 still runs)."""
+    import plait.launcher.engine as eng
+
+    real = eng.param_groups
+    eng.param_groups = lambda *a, **k: real(*a, **{**k, "per_tensor": True})
+    try:
+        return _job(rt, cfg, mode, n)
+    finally:
+        eng.param_groups = real
+
+
+def test_resume_across_parameter_grouping(tmp_path):
+    """Saved with one parameter group per tensor (DP=2, ZeRO-1), resumed with one per set of
+    hyperparameters: the schedule's per-group rates are rebuilt (the saved ones do not line
+    up with the groups), and the next steps equal the uninterrupted run's."""
+    cfg = _cfg(dp=2, zero=1, ckpt=str(tmp_path))
+    straight = _run(cfg, "train", 5, 2)
+    run_distributed(_job_per_tensor_groups, 2, cfg, "save", 3, parallel=cfg.parallel, seed=7)
+    saved, _ = checkpoint.find_resumable(tmp_path)
+    assert len(json.loads((saved / "meta.json").read_text())["scheduler"]["base_lrs"]) > 2
+    out = _run(cfg, "resume", 2, 2)
+    assert out["step"] == 3 and out["lr"] == pytest.approx(LR_AT_3, rel=1e-12)
+    for a, b in zip(out["losses"], straight["losses"][3:], strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert _max_diff(out["weights"], straight["weights"]) < 1e-5
+
+
 def test_resharding_without_optimizer_state_would_differ(tmp_path):
     """Negative control for the test above: zero the saved moments and the next steps move
     elsewhere, so equal losses there mean the state really was carried."""

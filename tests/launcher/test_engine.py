@@ -181,11 +181,12 @@ def _train_per_partition_lamb(rt, cfg):
 
     real = eng.Lamb
 
-    def partition_local(*a, **k):
-        k["partition_group"] = None
-        return real(*a, **k)
+    class PartitionLocal(real):
+        def __init__(self, *a, **k):
+            k["partition_group"] = None
+            super().__init__(*a, **k)
 
-    eng.Lamb = partition_local
+    eng.Lamb = PartitionLocal
     try:
         return _train_deepspeed(rt, cfg)
     finally:

@@ -80,7 +80,7 @@ def _groups(rt, lr):
     cfg.optimizer.lr = lr
     model = build_model(cfg.model, 1, vocab_size=64)
     opt = build_optimizer(model, cfg, MegatronMpu())
-    return [(g["name"], g["lr"], g["weight_decay"]) for g in opt.param_groups]
+    return [(n, g["lr"], g["weight_decay"]) for g in opt.param_groups for n in g["names"]]
 
 
 @pytest.mark.parametrize("lr", [1e-2, 1e-4])
