@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.write and not args.smoke:
         from common import write_section
 
-        write_section(SECTION, "## Training-step ratios, models side by side (CPU)\n\n" + text)
+        if args.length == 8192:
+            write_section(SECTION, "## Training-step ratios, models side by side (CPU)\n\n" + text)
+        else:  # a section of its own per length
+            title = f"## Training-step ratios at {args.length // 1024}K, models side by side (CPU)"
+            write_section(f"{SECTION}-{args.length // 1024}k", f"{title}\n\n{text}")
     return 0
 
 
