@@ -124,6 +124,7 @@ def profile(preset: str, T: int, masking: bool, steps: int, trace: str = "") -> 
     return {
         "preset": preset, "T": T, "masking": masking, "docs": len(lengths),
         "params": n_params, "threads": torch.get_num_threads(),
+        "wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP's default, as in a run)"),
         "step_s": med, "cpu_s": statistics.median(cpu), "profiled_step_s": profiled_wall,
         "tokens_per_s": T / med, "flops_per_token": f, "gemm_gflops": gemm,
         "mfu": T / med * f / (gemm * 1e9),
@@ -142,7 +143,7 @@ def summary(r: dict) -> str:
     lines = [
         f"{r['preset']} ({r['params'] / 1e6:.1f}M parameters), {r['T']} tokens, documents "
         f"{'masked' if r['masking'] else 'not masked'} ({r['docs']} in the row); "
-        f"{r['threads']} threads.",
+        f"{r['threads']} threads, OMP_WAIT_POLICY {r.get('wait_policy', 'PASSIVE')}.",
         "",
         f"- step {r['step_s'] * 1e3:.0f} ms (median; profiled {p * 1e3:.0f} ms), "
         f"{r['tokens_per_s']:,.0f} tokens/s, {r['flops_per_token'] / 1e6:.1f} MFLOP/token, "
