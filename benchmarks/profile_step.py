@@ -4,6 +4,7 @@
     python benchmarks/profile_step.py --preset transnormer-25m --seq-len 8192  # one, printed
     python benchmarks/profile_step.py --preset hybrid-tiny --trace /tmp/step.json  # + trace
     python benchmarks/profile_step.py --blocks --preset based-25m --seq-len 8192   # per letter
+    python benchmarks/profile_step.py --phases --preset hybrid-tiny --steps 20     # fwd/bwd/opt
 
 The step is benchmarks/train_step.py's (configs/tiny.yaml's run config, the preset, micro-batch
 1, fp32, one process, packed documents of mean 1024 tokens, launcher.loop.train_step), so the
@@ -180,6 +181,40 @@ def _run_one(preset: str, T: int, steps: int) -> dict:
     return json.loads(next(x for x in out.splitlines() if x.startswith("PROFILE "))[8:])
 
 
+def phases(preset: str, T: int, steps: int) -> str:
+    """The step's three phases apart: the DeepSpeed engine's forward, backward and optimizer
+    step (ZeRO's bookkeeping and the client optimizer), each timed inside
+    ``launcher.loop.train_step``; medians over ``steps`` steps after three warm-up steps."""
+    import train_step as ts
+
+    job = ts.Job(name=preset, kind="plait", preset=preset, lengths=[T], masking=True)
+    step, _, _ = ts._plait_model(job)
+    engine = step.engine
+    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer step": []}
+    for name, attr in (("forward", "forward"), ("backward", "backward"),
+                       ("optimizer step", "step")):  # fmt: skip
+        fn = getattr(engine, attr)
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            t0 = time.perf_counter()
+            out = _fn(*a, **k)
+            times[_name].append(time.perf_counter() - t0)
+            return out
+
+        setattr(engine, attr, timed)
+    rows = ts._Rows(ts.batch(T, ts.VOCAB, ts.document_lengths(T, 1024, seed=0), seed=T))
+    total = []
+    for _ in range(steps + 3):
+        t0 = time.perf_counter()
+        step(T, rows)
+        total.append(time.perf_counter() - t0)
+    med = {k: statistics.median(v[3:]) * 1e3 for k, v in times.items()}
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    return (f"{preset}, {T} tokens, OMP_WAIT_POLICY {policy}, medians of {steps} steps (ms): "
+            f"step {statistics.median(total[3:]) * 1e3:.1f}, "
+            + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))  # fmt: skip
+
+
 def blocks(preset: str, T: int, reps: int) -> str:
     """Forward + backward of each letter's first block at ``T`` tokens of packed documents,
     its two halves apart (``Block.mix``, the mixer with its norm; ``Block.channel``, the MLP
@@ -226,11 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--trace", default="", help="write the Chrome trace here (with --preset)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--phases",
+        action="store_true",
+        help="time forward, backward and optimizer step apart (with --preset)",
+    )
     ap.add_argument("--blocks", action="store_true",
                     help="time each letter's block halves instead (with --preset)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.blocks:
         print(blocks(args.preset or "based-25m", args.seq_len, args.steps))
+        return 0
+    if args.phases:
+        print(phases(args.preset or "hybrid-tiny", args.seq_len, args.steps))
         return 0
     if args.preset:
         from plait.parallel.runtime import tune_cpu_allocator

@@ -236,6 +236,8 @@ def _plait_model(job: Job):
         s = train_step(engine, scheduler, cfg, rt, rows)
         return s.loss
 
+    step.engine = engine  # profile_step.py --phases times its forward, backward and step
+
     def flops(T, lengths):
         return plait_flops(cfg.model, job.vocab, lengths if job.masking else [T])
 

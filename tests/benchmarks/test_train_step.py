@@ -44,3 +44,17 @@ def test_interleaved_smoke_mode_prints_its_ratio_table():
     assert "| Llama (transformers) | " in out and "| 1.00x |" in out
     (row,) = [line for line in out.splitlines() if line.startswith("| plait LALA |")]
     assert row.count("x (") == 1  # the median ratio of the rounds and its range
+
+
+def test_profile_phases_prints_forward_backward_and_optimizer_step():
+    """benchmarks/profile_step.py --phases at a tiny length: the engine's three phases timed
+    inside the real step. No timing is asserted."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--phases",
+         "--preset", "hybrid-tiny", "--seq-len", "64", "--steps", "2"],
+        check=True, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    ).stdout  # fmt: skip
+    (line,) = [x for x in out.splitlines() if x.startswith("hybrid-tiny, 64 tokens")]
+    for part in ("step ", "forward ", "backward ", "optimizer step "):
+        assert part in line, line
