@@ -42,9 +42,8 @@ def _global_batch(step: int):
     return tok[:, :-1], tok[:, 1:]
 
 
-def _train_deepspeed(rt, cfg: Config):
-    model = build_model(cfg.model, rt.tp, vocab_size=VOCAB)
-    engine, _, _ = build_engine(model, cfg, rt)
+def _steps(engine, rt, cfg: Config) -> list[float]:
+    """STEPS training steps, each rank on its slice of the global batch; its losses."""
     micro = cfg.training.micro_batch_size
     assert micro * rt.dp == GLOBAL_BATCH
     losses = []
@@ -55,6 +54,13 @@ def _train_deepspeed(rt, cfg: Config):
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+    return losses
+
+
+def _train_deepspeed(rt, cfg: Config):
+    model = build_model(cfg.model, rt.tp, vocab_size=VOCAB)
+    engine, _, _ = build_engine(model, cfg, rt)
+    losses = _steps(engine, rt, cfg)
     if cfg.parallel.zero_stage == 3:
         import deepspeed
 
@@ -226,14 +232,7 @@ def _train_bf16(rt, cfg):
         frags = [(int(j), part.lengths[i]) for i, j in zip(part.real, part.tensor, strict=True)]
         groups.append((frags, [p.numel() for p in z_group]))
     assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
-    micro, losses = cfg.training.micro_batch_size, []
-    for step in range(STEPS):
-        x, y = _global_batch(step)
-        sl = slice(rt.dp_rank * micro, (rt.dp_rank + 1) * micro)
-        loss = engine(x[sl], y[sl])
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses = _steps(engine, rt, cfg)
     weights = {k: v.float() for k, v in gather_full(engine.module).items()}
     return {"weights": weights, "losses": losses, "groups": groups}
 
