@@ -120,21 +120,39 @@ class Runtime:
         return self.env.rank == 0
 
 
-def tune_cpu_allocator() -> bool:
-    """Keep freed large blocks in the process instead of returning them to the OS (glibc).
+GLIBC_MALLOC_ENV = (
+    "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX", "GLIBC_TUNABLES",
+)  # fmt: skip
+"""glibc's own malloc settings: where any is set, the user has chosen, and plait leaves it."""
 
-    glibc serves allocations above its mmap threshold (128 KB, adapting upwards) with fresh
-    mmaps and trims the heap eagerly, so every new activation-sized CPU tensor pays page
-    faults. Chunked kernels allocate many such tensors per step: measured on the project's
-    2-core machine, lightning attention's forward+backward at 16K tokens went from 17.7 to
-    14.2 us/token with these settings (benchmarks/kernels.py), SDPA unchanged. The cost is a
-    resident set that stays at its peak, which a training process reaches anyway. This is
-    the effect PyTorch's CPU tuning guides get from jemalloc or tcmalloc, without a new
-    dependency. Returns whether the settings were applied (False off glibc).
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed blocks in the process instead of returning them to the OS (glibc).
+
+    glibc serves allocations above its mmap threshold (128 KB, adapting upwards to at most
+    32 MB) with fresh mmaps and trims the heap eagerly, so every new activation-sized CPU
+    tensor pays page faults and the kernel's zeroing of the pages. Chunked kernels allocate
+    many such tensors per step, and at 16K tokens a 25M model's activations ([16384, 512]
+    fp32: 32 MB) pass even the highest threshold glibc accepts. So mmap is off altogether
+    (M_MMAP_MAX 0: every block comes from the heap, which keeps what is freed). Measured on
+    the project's 2-core machine: lightning attention's forward+backward at 16K tokens 17.7
+    -> 14.2 us/token with the threshold alone (benchmarks/kernels.py); transnormer-25m's
+    training step at 16K tokens 37.4 -> 24.2 s with mmap off too (system time 42 -> 4 s over
+    three steps), at 8K 12.7 -> 12.3 s (docs/benchmarks.md, "The allocator at 16K"). The cost
+    is a resident set that stays at its high-water mark and, from the heap's fragmentation, a
+    higher one: 7.3 -> 8.6 GB at 16K, 4.6 -> 4.8 GB at 8K. PyTorch's CPU tuning guides get this
+    effect from jemalloc or tcmalloc; this needs no new dependency.
+
+    Left alone where the user set glibc's own variables (``GLIBC_MALLOC_ENV``: e.g.
+    ``MALLOC_MMAP_MAX_=65536`` restores glibc's default, for a run short of memory). Returns
+    whether the settings were applied (False off glibc or when left alone).
     """
     import ctypes
     import ctypes.util
 
+    if any(k in os.environ for k in GLIBC_MALLOC_ENV):
+        return False
     name = ctypes.util.find_library("c")
     if not name or os.name != "posix":
         return False
@@ -143,8 +161,9 @@ def tune_cpu_allocator() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
     ok = mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
+    ok &= mallopt(M_MMAP_MAX, 0)  # and none above it: no block gets its own mmap
     ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30)
     ok &= mallopt(M_TOP_PAD, 64 << 20)
     return bool(ok)

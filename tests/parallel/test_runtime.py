@@ -1,6 +1,7 @@
 """Launcher environments: torchrun / deepspeed launcher, Slurm srun, a plain process."""
 
 import pytest
+import torch
 
 from plait.parallel.config import ParallelConfig, ParallelConfigError
 from plait.parallel.runtime import _first_slurm_host, read_launch_env
@@ -72,12 +73,53 @@ def test_world_size_must_fit_layout():
     assert ParallelConfig(tensor_parallel=2).data_parallel(8) == 4
 
 
-def test_cpu_allocator_tuning_applies_on_glibc():
+def _glibc() -> bool:
     import platform
 
-    from plait.parallel.runtime import tune_cpu_allocator
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
+
+def test_cpu_allocator_tuning_applies_on_glibc(monkeypatch):
+    from plait.parallel.runtime import GLIBC_MALLOC_ENV, tune_cpu_allocator
+
+    for k in GLIBC_MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
     applied = tune_cpu_allocator()
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if _glibc():
         assert applied
     assert tune_cpu_allocator() == applied  # idempotent
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's allocator")
+def test_cpu_allocator_tuning_serves_large_tensors_from_the_heap(monkeypatch):
+    """Above glibc's highest mmap threshold (32 MB) a tensor still comes from the heap, so a
+    step's activations reuse freed memory instead of faulting in fresh pages."""
+    import ctypes
+
+    from plait.parallel.runtime import GLIBC_MALLOC_ENV, tune_cpu_allocator
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33: no mallinfo2")
+    libc.mallinfo2.restype = Mallinfo2
+    for k in GLIBC_MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert tune_cpu_allocator()
+    mmapped = libc.mallinfo2().hblkhd
+    x = torch.empty(80 << 20, dtype=torch.uint8)  # 80 MB
+    x.fill_(1)
+    assert libc.mallinfo2().hblkhd == mmapped  # not an mmap of its own
+    assert libc.mallinfo2().uordblks >= 80 << 20  # but a heap block
+    del x
+
+
+def test_cpu_allocator_tuning_leaves_the_users_glibc_settings(monkeypatch):
+    from plait.parallel.runtime import tune_cpu_allocator
+
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    assert not tune_cpu_allocator()
