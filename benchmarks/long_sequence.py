@@ -98,7 +98,9 @@ def worker(job: dict) -> None:
         f"training.recompute={job['recompute']}", f"parallel.context_parallel={job['cp']}",
     ])  # fmt: skip
     cfg.out_dir = job["out_dir"]
-    rt = runtime.initialize(cfg.parallel, cfg.training.seed)
+    rt = runtime.initialize(
+        cfg.parallel, cfg.training.seed, keep_cpu_heap=cfg.training.keeps_cpu_heap
+    )
     sp = sequence_parallel_context(cfg)
     model = build_model(cfg.model, rt.tp, vocab_size=VOCAB, sp=sp)
     model.recompute = cfg.training.recompute

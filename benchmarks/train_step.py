@@ -227,7 +227,9 @@ def _plait_model(job: Job):
     ] + job.overrides
     cfg = load_config(REPO / "configs" / "tiny.yaml", sets)
     cfg.out_dir = os.environ.get("PLAIT_BENCH_OUT", "/tmp/plait-train-step")
-    rt = runtime.initialize(cfg.parallel, cfg.training.seed)
+    rt = runtime.initialize(
+        cfg.parallel, cfg.training.seed, keep_cpu_heap=cfg.training.keeps_cpu_heap
+    )
     model = build_model(cfg.model, rt.tp, vocab_size=job.vocab)
     engine, _, scheduler = build_engine(model, cfg, rt)
 
@@ -656,6 +658,10 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated model names to run, optionally as group:name (mixers, tiny, 25m)",
     )  # fmt: skip
     ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a run-config override for every plait model (e.g. training.cpu_heap=release)",
+    )  # fmt: skip
+    ap.add_argument(
         "--merge", action="store_true",
         help="keep the other models' rows of the last full run (docs/train_step_results.json)",
     )  # fmt: skip
@@ -696,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
             if only and job.name not in only and f"{gname}:{job.name}" not in only:
                 continue
             job.deadline = 0.0 if args.smoke else deadline
+            if job.kind == "plait":
+                job.overrides = job.overrides + args.set
             if job.deadline and time.time() > job.deadline:
                 raw[gname].append((job, [], "not run: the run's time budget was spent"))
                 continue
@@ -857,6 +865,7 @@ def _header(args, gemm, g0, g1, t_start, n_workers: int = 0) -> str:
     from common import machine
 
     cmd = "python benchmarks/train_step.py" + (" --smoke" if args.smoke else "")
+    cmd += "".join(f" --set {kv}" for kv in args.set)
     return (
         "## Training step, CPU: plait's families against transformers' Llama\n\n"
         f"`{cmd}` (benchmarks/train_step.py says what is measured and how); {machine()}; "

@@ -245,7 +245,9 @@ def evaluate_run(args) -> tuple[Results, bool]:
 
     cfg, path, meta = _load_run(args)
     cfg.parallel.check_trainable()
-    rt = runtime.initialize(cfg.parallel, cfg.training.seed)
+    rt = runtime.initialize(
+        cfg.parallel, cfg.training.seed, keep_cpu_heap=cfg.training.keeps_cpu_heap
+    )
     try:
         tok, val = _val_source(cfg)
         sp = sequence_parallel_context(cfg)

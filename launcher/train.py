@@ -267,7 +267,9 @@ def train(cfg: Config) -> tuple[list[StepStats], str]:
     """Train; returns the step history and why it stopped ("" when it reached the end,
     "preempted", "time limit", "non-finite" or "loss spikes")."""
     start = time.time()
-    rt = runtime.initialize(cfg.parallel, cfg.training.seed)
+    rt = runtime.initialize(
+        cfg.parallel, cfg.training.seed, keep_cpu_heap=cfg.training.keeps_cpu_heap
+    )
     preemption = _Preemption()
     saver = None
     try:

@@ -127,25 +127,27 @@ GLIBC_MALLOC_ENV = (
 """glibc's own malloc settings: where any is set, the user has chosen, and plait leaves it."""
 
 
-def tune_cpu_allocator() -> bool:
+def tune_cpu_allocator(keep_large: bool = True) -> bool:
     """Keep freed blocks in the process instead of returning them to the OS (glibc).
 
     glibc serves allocations above its mmap threshold (128 KB, adapting upwards to at most
     32 MB) with fresh mmaps and trims the heap eagerly, so every new activation-sized CPU
-    tensor pays page faults and the kernel's zeroing of the pages. Chunked kernels allocate
-    many such tensors per step, and at 16K tokens a 25M model's activations ([16384, 512]
-    fp32: 32 MB) pass even the highest threshold glibc accepts. So mmap is off altogether
-    (M_MMAP_MAX 0: every block comes from the heap, which keeps what is freed). Measured on
-    the project's 2-core machine: lightning attention's forward+backward at 16K tokens 17.7
-    -> 14.2 us/token with the threshold alone (benchmarks/kernels.py); transnormer-25m's
-    training step at 16K tokens 37.4 -> 24.2 s with mmap off too (system time 42 -> 4 s over
-    three steps), at 8K 12.7 -> 12.3 s (docs/benchmarks.md, "The allocator at 16K"). The cost
-    is a resident set that stays at its high-water mark and, from the heap's fragmentation, a
-    higher one: 7.3 -> 8.6 GB at 16K, 4.6 -> 4.8 GB at 8K. PyTorch's CPU tuning guides get this
-    effect from jemalloc or tcmalloc; this needs no new dependency.
+    tensor pays page faults and the kernel's zeroing of the pages. The threshold goes to its
+    maximum and the heap is trimmed only past 1 GB: measured on the project's 2-core machine,
+    lightning attention's forward+backward at 16K tokens 17.7 -> 14.2 us/token
+    (benchmarks/kernels.py). Chunked kernels allocate many activation-sized tensors per step,
+    and at 16K tokens a 25M model's activations ([16384, 512] fp32: 32 MB) pass even that
+    threshold; with ``keep_large`` mmap is off altogether (M_MMAP_MAX 0: every block comes
+    from the heap, which keeps what is freed). transnormer-25m's training step at 16K tokens,
+    31.7 -> 24.6 s (an earlier pair: 37.4 -> 24.2 s, system time over three steps 42 -> 4 s),
+    at 8K within noise; the cost is a resident set that stays at its high-water mark and,
+    from the heap's fragmentation, a higher one: peak +14% at 16K, +3.5% at 8K
+    (docs/benchmarks.md, "The CPU heap at 16K"). Without ``keep_large`` (a run short of
+    memory: ``training.cpu_heap``) blocks over 32 MB are mapped and returned, as glibc does.
+    PyTorch's CPU tuning guides get this effect from jemalloc or tcmalloc; this needs no new
+    dependency.
 
-    Left alone where the user set glibc's own variables (``GLIBC_MALLOC_ENV``: e.g.
-    ``MALLOC_MMAP_MAX_=65536`` restores glibc's default, for a run short of memory). Returns
+    Left alone where the user set glibc's own variables (``GLIBC_MALLOC_ENV``). Returns
     whether the settings were applied (False off glibc or when left alone).
     """
     import ctypes
@@ -163,7 +165,8 @@ def tune_cpu_allocator() -> bool:
         return False
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
     ok = mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
-    ok &= mallopt(M_MMAP_MAX, 0)  # and none above it: no block gets its own mmap
+    # keep_large: none above it either, no block gets its own mmap (65536: glibc's default)
+    ok &= mallopt(M_MMAP_MAX, 0 if keep_large else 65536)
     ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30)
     ok &= mallopt(M_TOP_PAD, 64 << 20)
     return bool(ok)
@@ -186,7 +189,11 @@ def seed_everything(seed: int, pp_rank: int = 0) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(s, force_reset_rng=True)
 
 
-def initialize(parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None) -> Runtime:
+def initialize(
+    parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None, keep_cpu_heap: bool = True
+) -> Runtime:
+    """Process groups, device, seeds; on CPU megatron's adaptations and the allocator
+    (``keep_cpu_heap``: TrainingConfig.keeps_cpu_heap, see ``tune_cpu_allocator``)."""
     from megatron.core import parallel_state as ps
 
     parallel.validate()
@@ -210,7 +217,7 @@ def initialize(parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None
         device = torch.device("cpu")
         backend = "gloo"
         cpu_compat.apply()
-        tune_cpu_allocator()
+        tune_cpu_allocator(keep_large=keep_cpu_heap)
     if not dist.is_initialized() and env.world_size == 1:
         # One process rendezvous with itself: an in-memory store, no port to race for with
         # the other processes of the machine (tests and benchmarks start many at once).

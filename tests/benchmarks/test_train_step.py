@@ -15,10 +15,11 @@ def test_smoke_mode_runs_and_writes_its_table(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--smoke",
-         "--out", str(tmp_path)],
+         "--out", str(tmp_path), "--set", "training.cpu_heap=release"],
         check=True, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
     )  # fmt: skip
     table = (tmp_path / "table.md").read_text()
+    assert "train_step.py --smoke --set training.cpu_heap=release`" in table  # the command
     for model in ("Llama (transformers)", "plait LALA"):
         assert f"| {model} |" in table
     results = json.loads((tmp_path / "results.json").read_text())

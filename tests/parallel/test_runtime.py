@@ -1,5 +1,7 @@
 """Launcher environments: torchrun / deepspeed launcher, Slurm srun, a plain process."""
 
+import ctypes
+
 import pytest
 import torch
 
@@ -90,32 +92,54 @@ def test_cpu_allocator_tuning_applies_on_glibc(monkeypatch):
     assert tune_cpu_allocator() == applied  # idempotent
 
 
-@pytest.mark.skipif(not _glibc(), reason="glibc's allocator")
-def test_cpu_allocator_tuning_serves_large_tensors_from_the_heap(monkeypatch):
-    """Above glibc's highest mmap threshold (32 MB) a tensor still comes from the heap, so a
-    step's activations reuse freed memory instead of faulting in fresh pages."""
-    import ctypes
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]  # fmt: skip
 
-    from plait.parallel.runtime import GLIBC_MALLOC_ENV, tune_cpu_allocator
 
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [(f, ctypes.c_size_t) for f in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-            "fordblks", "keepcost")]  # fmt: skip
-
+def _mapped_bytes_for(nbytes: int) -> int:
+    """Bytes glibc holds in blocks of their own mmap while a tensor of ``nbytes`` lives,
+    beyond those held before it."""
     libc = ctypes.CDLL("libc.so.6")
     if not hasattr(libc, "mallinfo2"):
         pytest.skip("glibc < 2.33: no mallinfo2")
-    libc.mallinfo2.restype = Mallinfo2
+    libc.mallinfo2.restype = _Mallinfo2
+    before = libc.mallinfo2().hblkhd
+    x = torch.empty(nbytes, dtype=torch.uint8)
+    x.fill_(1)
+    during = libc.mallinfo2().hblkhd
+    del x
+    return during - before
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's allocator")
+def test_cpu_allocator_keep_and_release(monkeypatch):
+    """keep: above glibc's highest mmap threshold (32 MB) a tensor still comes from the heap,
+    so a step's activations reuse freed memory instead of faulting in fresh pages; release:
+    it gets its own mapping, returned when freed."""
+    from plait.parallel.runtime import GLIBC_MALLOC_ENV, tune_cpu_allocator
+
     for k in GLIBC_MALLOC_ENV:
         monkeypatch.delenv(k, raising=False)
-    assert tune_cpu_allocator()
-    mmapped = libc.mallinfo2().hblkhd
-    x = torch.empty(80 << 20, dtype=torch.uint8)  # 80 MB
-    x.fill_(1)
-    assert libc.mallinfo2().hblkhd == mmapped  # not an mmap of its own
-    assert libc.mallinfo2().uordblks >= 80 << 20  # but a heap block
-    del x
+    try:
+        assert tune_cpu_allocator(keep_large=False)
+        assert _mapped_bytes_for(80 << 20) >= 80 << 20
+        assert _mapped_bytes_for(1 << 20) == 0  # under the threshold: the heap either way
+        assert tune_cpu_allocator(keep_large=True)
+        assert _mapped_bytes_for(80 << 20) == 0
+    finally:
+        tune_cpu_allocator()  # the process's setting as the trainer leaves it
+
+
+def test_cpu_heap_setting_resolves_auto_by_recompute():
+    from plait.launcher.config import TrainingConfig
+
+    assert TrainingConfig().keeps_cpu_heap
+    assert not TrainingConfig(recompute="selective").keeps_cpu_heap
+    assert not TrainingConfig(recompute="full").keeps_cpu_heap
+    assert TrainingConfig(recompute="full", cpu_heap="keep").keeps_cpu_heap
+    assert not TrainingConfig(cpu_heap="release").keeps_cpu_heap
 
 
 def test_cpu_allocator_tuning_leaves_the_users_glibc_settings(monkeypatch):
