@@ -45,11 +45,14 @@ def _jobs(names: list[str], T: int, smoke: bool):
     return jobs
 
 
-def run(names: list[str], T: int, rounds: int, smoke: bool = False) -> dict:
+def run(names: list[str], T: int, rounds: int, smoke: bool = False, sets=()) -> dict:
     import torch
     import train_step as ts
 
     jobs = _jobs(names, T, smoke)
+    for j in jobs:
+        if j.kind == "plait":
+            j.overrides = j.overrides + list(sets)
     if smoke:
         torch.set_num_threads(1)
     vocab, doc_mean = jobs[0].vocab, jobs[0].doc_mean
@@ -74,8 +77,8 @@ def run(names: list[str], T: int, rounds: int, smoke: bool = False) -> dict:
             f"{n} {wall[n][-1]:.1f} s" for n, *_ in models), flush=True)  # fmt: skip
     gemm.append(ts.gemm_rate(jobs[0].gemm_n, reps=5)[0])
     base = models[0][0]
-    out = {"T": T, "rounds": rounds, "gemm": gemm, "gemm_n": jobs[0].gemm_n, "doc_mean": doc_mean,
-           "models": []}  # fmt: skip
+    out = {"T": T, "rounds": rounds, "sets": list(sets), "gemm": gemm, "gemm_n": jobs[0].gemm_n,
+           "doc_mean": doc_mean, "models": []}  # fmt: skip
     for name, _, f, n_params in models:
         ratios = [b / w for b, w in zip(wall[base], wall[name], strict=True)]
         med = statistics.median(wall[name])
@@ -93,7 +96,9 @@ def table(r: dict) -> str:
 
     base = r["models"][0]["name"]
     lines = [
-        f"`python benchmarks/interleaved_step.py --length {r['T']} --rounds {r['rounds']}`; "
+        f"`python benchmarks/interleaved_step.py --length {r['T']} --rounds {r['rounds']}"
+        + "".join(f" --set {kv}" for kv in r.get("sets", []))
+        + "`; "
         f"{machine()}; fp32, "
         f"micro-batch 1, one process holding every model, {r['T']:,} tokens of packed "
         f"documents (mean {r['doc_mean']}), one warm-up step each, then {r['rounds']} rounds "
@@ -127,12 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; prints, no docs edit")
     ap.add_argument("--write", action="store_true", help="write the docs/benchmarks.md section")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a run-config override for every plait model")  # fmt: skip
     args = ap.parse_args(argv)
     if args.smoke:
         names = ["Llama (transformers)", "plait LALA"]
-        r = run(names, 64, 2, smoke=True)
+        r = run(names, 64, 2, smoke=True, sets=args.set)
     else:
-        r = run([n.strip() for n in args.models.split(",")], args.length, args.rounds)
+        r = run([n.strip() for n in args.models.split(",")], args.length, args.rounds,
+                sets=args.set)  # fmt: skip
     text = table(r)
     print(text)
     if args.write and not args.smoke:

@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="a run-config override for every plait model (e.g. training.cpu_heap=release)",
+        help="a run-config override for every plait model (e.g. training.cpu_heap=keep)",
     )  # fmt: skip
     ap.add_argument(
         "--merge", action="store_true",

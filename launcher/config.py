@@ -97,14 +97,15 @@ class TrainingConfig:
     of softmax-like letters re-run whole, the others keep their mixer's activations and
     re-run the MLP: models/common/lm.py ``Block.recomputed``). Losses and gradients equal
     none's."""
-    cpu_heap: Literal["auto", "keep", "release"] = "auto"
+    cpu_heap: Literal["keep", "release"] = "release"
     """How a CPU run's processes keep freed memory (glibc; parallel/runtime.py
-    ``tune_cpu_allocator`` has the measurements): keep (every block from the heap, kept when
-    freed: a step's large activations reuse pages instead of faulting in fresh ones; a 25M
-    model at 16K tokens: step -22%, peak RSS +14%); release (blocks over 32 MB mapped and
-    returned when freed: the lower peak); auto: release when ``recompute`` is set (a run that
-    recomputes is one short of memory), keep otherwise. No effect on CUDA, nor where glibc's
-    own variables (MALLOC_*, GLIBC_TUNABLES) are set."""
+    ``tune_cpu_allocator`` has the measurements): release (blocks over 32 MB mapped and
+    returned when freed); keep (every block from the heap, kept when freed: a step's large
+    activations reuse pages instead of faulting in fresh ones; a 25M model at 16K tokens:
+    step -22%, peak RSS +14%, but the heap's fragmentation is unbounded: h3-25m's step grew
+    past this 24 GB machine, and the 1M-token CP=4 run no longer fits). Opt-in for that
+    reason. No effect on CUDA, nor where glibc's own variables (MALLOC_*, GLIBC_TUNABLES)
+    are set."""
     time_limit: float = 0.0
     """Wall-clock seconds this process may train; the run saves and exits (with the requeue
     code) ``exit_margin`` seconds before. 0: no limit of its own. Under Slurm the job's end
@@ -125,9 +126,7 @@ class TrainingConfig:
 
     @property
     def keeps_cpu_heap(self) -> bool:
-        """``cpu_heap`` resolved: whether the CPU allocator keeps every freed block."""
-        if self.cpu_heap == "auto":
-            return self.recompute == "none"
+        """Whether the CPU allocator keeps every freed block (``cpu_heap``)."""
         return self.cpu_heap == "keep"
 
     def validate(self) -> None:

@@ -127,7 +127,7 @@ GLIBC_MALLOC_ENV = (
 """glibc's own malloc settings: where any is set, the user has chosen, and plait leaves it."""
 
 
-def tune_cpu_allocator(keep_large: bool = True) -> bool:
+def tune_cpu_allocator(keep_large: bool = False) -> bool:
     """Keep freed blocks in the process instead of returning them to the OS (glibc).
 
     glibc serves allocations above its mmap threshold (128 KB, adapting upwards to at most
@@ -142,8 +142,10 @@ def tune_cpu_allocator(keep_large: bool = True) -> bool:
     31.7 -> 24.6 s (an earlier pair: 37.4 -> 24.2 s, system time over three steps 42 -> 4 s),
     at 8K within noise; the cost is a resident set that stays at its high-water mark and,
     from the heap's fragmentation, a higher one: peak +14% at 16K, +3.5% at 8K
-    (docs/benchmarks.md, "The CPU heap at 16K"). Without ``keep_large`` (a run short of
-    memory: ``training.cpu_heap``) blocks over 32 MB are mapped and returned, as glibc does.
+    (docs/benchmarks.md, "The CPU heap at 16K"). But the fragmentation has no bound: under it
+    h3-25m's step outgrew a 24 GB machine and the 1M-token CP=4 run no longer fit, so it is
+    opt-in (``training.cpu_heap: keep``); by default blocks over 32 MB are mapped and
+    returned, as glibc does.
     PyTorch's CPU tuning guides get this effect from jemalloc or tcmalloc; this needs no new
     dependency.
 
@@ -190,7 +192,7 @@ def seed_everything(seed: int, pp_rank: int = 0) -> None:
 
 
 def initialize(
-    parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None, keep_cpu_heap: bool = True
+    parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None, keep_cpu_heap: bool = False
 ) -> Runtime:
     """Process groups, device, seeds; on CPU megatron's adaptations and the allocator
     (``keep_cpu_heap``: TrainingConfig.keeps_cpu_heap, see ``tune_cpu_allocator``)."""

@@ -15,11 +15,11 @@ def test_smoke_mode_runs_and_writes_its_table(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--smoke",
-         "--out", str(tmp_path), "--set", "training.cpu_heap=release"],
+         "--out", str(tmp_path), "--set", "training.cpu_heap=keep"],
         check=True, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
     )  # fmt: skip
     table = (tmp_path / "table.md").read_text()
-    assert "train_step.py --smoke --set training.cpu_heap=release`" in table  # the command
+    assert "train_step.py --smoke --set training.cpu_heap=keep`" in table  # the command
     for model in ("Llama (transformers)", "plait LALA"):
         assert f"| {model} |" in table
     results = json.loads((tmp_path / "results.json").read_text())
@@ -38,10 +38,12 @@ def test_interleaved_smoke_mode_prints_its_ratio_table():
     table with each model's ratio to the first. No timing is asserted."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "interleaved_step.py"), "--smoke"],
+        [sys.executable, str(REPO / "benchmarks" / "interleaved_step.py"), "--smoke",
+         "--set", "training.cpu_heap=keep"],
         check=True, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
     ).stdout  # fmt: skip
     assert "round 2/2:" in out
+    assert "--rounds 2 --set training.cpu_heap=keep`" in out  # the command, as run
     assert "| Llama (transformers) | " in out and "| 1.00x |" in out
     (row,) = [line for line in out.splitlines() if line.startswith("| plait LALA |")]
     assert row.count("x (") == 1  # the median ratio of the rounds and its range

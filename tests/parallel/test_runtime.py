@@ -129,16 +129,14 @@ def test_cpu_allocator_keep_and_release(monkeypatch):
         assert tune_cpu_allocator(keep_large=True)
         assert _mapped_bytes_for(80 << 20) == 0
     finally:
-        tune_cpu_allocator()  # the process's setting as the trainer leaves it
+        tune_cpu_allocator()  # the default, as the trainer leaves it
 
 
-def test_cpu_heap_setting_resolves_auto_by_recompute():
+def test_cpu_heap_setting_keeps_only_when_asked():
     from plait.launcher.config import TrainingConfig
 
-    assert TrainingConfig().keeps_cpu_heap
-    assert not TrainingConfig(recompute="selective").keeps_cpu_heap
-    assert not TrainingConfig(recompute="full").keeps_cpu_heap
-    assert TrainingConfig(recompute="full", cpu_heap="keep").keeps_cpu_heap
+    assert not TrainingConfig().keeps_cpu_heap  # opt-in: the heap's growth has no bound
+    assert TrainingConfig(cpu_heap="keep").keeps_cpu_heap
     assert not TrainingConfig(cpu_heap="release").keeps_cpu_heap
 
 
