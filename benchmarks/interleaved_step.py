@@ -49,10 +49,7 @@ def run(names: list[str], T: int, rounds: int, smoke: bool = False, sets=()) -> 
     import torch
     import train_step as ts
 
-    jobs = _jobs(names, T, smoke)
-    for j in jobs:
-        if j.kind == "plait":
-            j.overrides = j.overrides + list(sets)
+    jobs = [ts.with_sets(j, sets) for j in _jobs(names, T, smoke)]
     if smoke:
         torch.set_num_threads(1)
     vocab, doc_mean = jobs[0].vocab, jobs[0].doc_mean
@@ -92,12 +89,13 @@ def run(names: list[str], T: int, rounds: int, smoke: bool = False, sets=()) -> 
 
 
 def table(r: dict) -> str:
+    import train_step as ts
     from common import machine
 
     base = r["models"][0]["name"]
     lines = [
         f"`python benchmarks/interleaved_step.py --length {r['T']} --rounds {r['rounds']}"
-        + "".join(f" --set {kv}" for kv in r.get("sets", []))
+        + ts.set_flags(r.get("sets", []))
         + "`; "
         f"{machine()}; fp32, "
         f"micro-batch 1, one process holding every model, {r['T']:,} tokens of packed "

@@ -275,10 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phases:
         print(phases(args.preset or "hybrid-tiny", args.seq_len, args.steps))
         return 0
-    if args.preset:
-        from plait.parallel.runtime import tune_cpu_allocator
-
-        tune_cpu_allocator()
+    if args.preset:  # the allocator as the run config sets it (runtime.initialize in profile)
         r = profile(args.preset, args.seq_len, True, args.steps, args.trace)
         if args.json:
             import json

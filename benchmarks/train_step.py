@@ -442,6 +442,18 @@ LONG = ("transnormer-25m", "based-25m")
 the others stop one length earlier to keep the run within the machine's time."""
 
 
+def with_sets(job: Job, sets: list[str]) -> Job:
+    """``job`` with ``--set`` run-config overrides added when it is a plait model."""
+    if job.kind == "plait":
+        job.overrides = job.overrides + list(sets)
+    return job
+
+
+def set_flags(sets: list[str]) -> str:
+    """The ``--set`` part of a benchmark's command line, as the doc quotes it."""
+    return "".join(f" --set {kv}" for kv in sets)
+
+
 def jobs_25m(lengths, steps, limit, doc_mean) -> list[Job]:
     """In priority order (a run out of time drops the last ones)."""
     common = dict(steps=steps, limit=limit, doc_mean=doc_mean)
@@ -702,8 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             if only and job.name not in only and f"{gname}:{job.name}" not in only:
                 continue
             job.deadline = 0.0 if args.smoke else deadline
-            if job.kind == "plait":
-                job.overrides = job.overrides + args.set
+            with_sets(job, args.set)
             if job.deadline and time.time() > job.deadline:
                 raw[gname].append((job, [], "not run: the run's time budget was spent"))
                 continue
@@ -865,7 +876,7 @@ def _header(args, gemm, g0, g1, t_start, n_workers: int = 0) -> str:
     from common import machine
 
     cmd = "python benchmarks/train_step.py" + (" --smoke" if args.smoke else "")
-    cmd += "".join(f" --set {kv}" for kv in args.set)
+    cmd += set_flags(args.set)
     return (
         "## Training step, CPU: plait's families against transformers' Llama\n\n"
         f"`{cmd}` (benchmarks/train_step.py says what is measured and how); {machine()}; "
