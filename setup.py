@@ -5,6 +5,6 @@ models/ needs no edit here or in pyproject. Everything else is in pyproject.toml
 
 from setuptools import find_packages, setup
 
-TOP = ("launcher", "models", "kernels", "parallel", "data")
+TOP = ("launcher", "models", "kernels", "parallel", "data", "errors")
 
 setup(packages=[f"plait.{p}" for p in find_packages(include=[*TOP, *(f"{t}.*" for t in TOP)])])

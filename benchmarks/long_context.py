@@ -60,7 +60,7 @@ def train_passkey(pattern: str, tok_path: str, steps: tuple[int, int], batch: in
     """Curriculum on passkey sequences; returns (pattern, grid, final loss, seconds)."""
     torch.set_num_threads(1)
     rt = _RT
-    from plait.launcher.evaluate import passkey_accuracy
+    from plait.launcher.evaluation import passkey_accuracy
 
     tok = Tokenizer(tok_path)
     t0 = time.perf_counter()

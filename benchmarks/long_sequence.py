@@ -85,8 +85,8 @@ def worker(job: dict) -> None:
     torch.set_num_threads(job["threads"])
     from plait.launcher.config import load_config
     from plait.launcher.engine import build_engine
+    from plait.launcher.layout import sequence_parallel_context
     from plait.launcher.loop import train_step
-    from plait.launcher.train import sequence_parallel_context
     from plait.models.common import build_model
     from plait.parallel import runtime
 

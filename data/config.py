@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from plait.errors import UserError
 
-class DataConfigError(ValueError):
+
+class DataConfigError(UserError, ValueError):
     """A data field is invalid; the message names the field."""
 
 

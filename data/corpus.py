@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from plait.errors import UserError
+
 BUNDLED_CORPUS = Path(__file__).parent / "corpus" / "devils_dictionary.jsonl"
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """Bad corpus input; the message names the file (and line where there is one)."""
 
 

@@ -32,10 +32,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from plait.errors import UserError, run_command
+
 from .config import DataConfigError, PrepareOptions
+from .corpus import CorpusError
 from .ingest import IngestStats, fingerprint, iter_documents
 from .shards import Shard, ShardError, token_dtype, write_shard
-from .tokenizer import Tokenizer, train_tokenizer
+from .tokenizer import Tokenizer, TokenizerError, train_tokenizer, training_pieces
 
 MANIFEST = "manifest.json"
 
@@ -71,19 +74,31 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _given_tokenizer(cfg: PrepareConfig) -> Tokenizer:
+    """The existing model ``cfg.tokenizer`` names, checked (no copy made)."""
+    try:
+        return Tokenizer(cfg.tokenizer)
+    except TokenizerError as e:
+        raise TokenizerError(f"tokenizer: {e}") from None
+
+
+def _tokenizer_spec(cfg: PrepareConfig) -> dict:
+    return {
+        "source": fingerprint(cfg.source), "type": cfg.tokenizer_type, "vocab": cfg.vocab_size,
+        "special": cfg.special_tokens, "sample": cfg.tokenizer_sample_docs,
+        "field": cfg.text_field,
+    }  # fmt: skip
+
+
 def _tokenizer(cfg: PrepareConfig, out: Path) -> Tokenizer:
     if cfg.tokenizer:
-        src = Path(cfg.tokenizer)
+        src = _given_tokenizer(cfg).path
         dst = out / "tokenizer.model"
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
             shutil.copyfile(src, dst)
         return Tokenizer(dst)
     path = out / "tokenizer.model"
-    spec = {
-        "source": fingerprint(cfg.source), "type": cfg.tokenizer_type, "vocab": cfg.vocab_size,
-        "special": cfg.special_tokens, "sample": cfg.tokenizer_sample_docs,
-        "field": cfg.text_field,
-    }  # fmt: skip
+    spec = _tokenizer_spec(cfg)
     spec_path = out / "tokenizer.spec.json"
     if path.exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec:
         return Tokenizer(path)
@@ -92,7 +107,7 @@ def _tokenizer(cfg: PrepareConfig, out: Path) -> Tokenizer:
         n = 0
         for _, text in iter_documents(cfg.source, cfg.text_field, cfg.on_decode_error):
             if text.strip():
-                yield text
+                yield from training_pieces(text)
                 n += 1
                 if n >= cfg.tokenizer_sample_docs:
                     return
@@ -100,11 +115,37 @@ def _tokenizer(cfg: PrepareConfig, out: Path) -> Tokenizer:
     # Materialised first (sentencepiece holds its sample in memory anyway), so that an input
     # error surfaces as itself rather than wrapped by sentencepiece's trainer.
     texts = list(sample())
+    if not texts:
+        raise CorpusError(f"data source {cfg.source}: no non-empty document to train a "
+                          "tokenizer on (field data.prepare.text_field)")  # fmt: skip
     tok = train_tokenizer(
         texts, path, cfg.vocab_size, cfg.tokenizer_type, tuple(cfg.special_tokens)
     )
     _write_json_atomic(spec_path, spec)
     return tok
+
+
+def reusable(cfg: PrepareConfig) -> dict | None:
+    """The manifest of ``cfg.out`` when that directory already holds this exact preparation,
+    complete (what ``prepare_corpus`` would return without writing anything); else None.
+    Reads only: a run checks with it, before writing, whether its data would be rebuilt."""
+    out = Path(cfg.out)
+    manifest_path, path = out / MANIFEST, out / "tokenizer.model"
+    if not manifest_path.is_file() or not path.is_file():
+        return None
+    if cfg.tokenizer:
+        if path.read_bytes() != _given_tokenizer(cfg).path.read_bytes():
+            return None
+    else:
+        spec_path = out / "tokenizer.spec.json"
+        if not spec_path.is_file() or json.loads(spec_path.read_text()) != _tokenizer_spec(cfg):
+            return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        sha = Tokenizer(path).sha256
+    except (ValueError, TokenizerError):
+        return None
+    return manifest if manifest.get("complete") and manifest.get("key") == cfg.key(sha) else None
 
 
 _WORKER_SP = None
@@ -145,12 +186,30 @@ def _chunks(cfg: PrepareConfig, skip_records: int, stats: IngestStats):
 
 
 def prepare_corpus(cfg: PrepareConfig) -> dict:
-    """Run (or resume, or reuse) a preparation; returns the manifest."""
-    if cfg.workers < 1 or cfg.docs_per_shard < 1 or not 0 <= cfg.val_fraction < 1:
-        raise ValueError("prepare: need workers >= 1, docs_per_shard >= 1, 0 <= val_fraction < 1")
+    """Run (or resume, or reuse) a preparation; returns the manifest. A refusal (bad input:
+    a ``UserError``) of a preparation that created ``cfg.out`` removes it again: its shards
+    are keyed by the corpus's fingerprint, which fixing the corpus changes anyway."""
     out = Path(cfg.out)
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    (out / "val").mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        return _prepare(cfg)
+    except UserError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare(cfg: PrepareConfig) -> dict:
+    cfg.validate()
+    fingerprint(cfg.source)  # a missing source is named before anything is written
+    if cfg.tokenizer:
+        _given_tokenizer(cfg)
+    out = Path(cfg.out)
+    try:
+        (out / "train").mkdir(parents=True, exist_ok=True)
+        (out / "val").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataConfigError(f"out: cannot create {out}: {e.strerror}") from None
     tok = _tokenizer(cfg, out)
     key = cfg.key(tok.sha256)
     manifest_path = out / MANIFEST
@@ -266,14 +325,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument(flag, type=type(f.default), default=f.default)
     args = p.parse_args(argv)
-    cfg = PrepareConfig(**vars(args))
-    try:
-        cfg.validate()
-    except DataConfigError as e:
-        p.error(str(e))
-    manifest = prepare_corpus(cfg)
-    print(json.dumps(manifest["counters"], indent=1))
-    return 0
+
+    def body() -> int:
+        cfg = PrepareConfig(**vars(args))
+        try:
+            manifest = prepare_corpus(cfg)
+        except OSError as e:  # a full disk or a lost mount while writing the shards
+            raise UserError(f"--out {cfg.out}: cannot write: {e}") from None
+        print(json.dumps(manifest["counters"], indent=1))
+        return 0
+
+    return run_command(body, "prepare")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plait.errors import UserError
+
 MAGIC = b"PLAITSHD"
 VERSION = 1
 HEADER_SIZE = 128
@@ -29,7 +31,7 @@ _DTYPES = {1: np.uint16, 2: np.uint32}
 _CODES = {np.dtype(np.uint16): 1, np.dtype(np.uint32): 2}
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard file is unusable; the message names the file and what is wrong."""
 
 

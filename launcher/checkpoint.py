@@ -64,6 +64,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from plait.errors import UserError
 from plait.parallel.engine_state import client_optimizer, load_logical_state, logical_state
 from plait.parallel.runtime import (
     all_reduce_max,
@@ -79,10 +80,9 @@ LATEST = "latest"
 COMPLETE = "COMPLETE"
 META = "meta.json"
 SHARD_BYTES = 1 << 30
-DEEPSPEED_TAG = "deepspeed"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used as asked (mismatched run, nothing loadable): one
     line for the user, the run exits non-zero."""
 
@@ -205,18 +205,81 @@ class RunIdentity:
     data: dict
     tokenizer_sha256: str
 
-    def differences(self, other: RunIdentity) -> dict[str, list[str]]:
+    def differences(self, saved: RunIdentity) -> dict[str, list[str]]:
+        """Every field where this run differs from the ``saved`` one, by part (model, data,
+        optimizer), each as ``field: saved -> this run`` with the full dotted name
+        (``data.prepare.vocab_size: 2048 -> 1024``). An empty ``tokenizer_sha256`` on this
+        side (not known yet: the data is not prepared) is not compared."""
         out: dict[str, list[str]] = {}
         for part in ("model", "data"):
-            a, b = getattr(self, part), getattr(other, part)
+            a, b = _flat(getattr(self, part)), _flat(getattr(saved, part))
             keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             if keys:
-                out[part] = [f"{part}.{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in keys]
-        if self.optimizer != other.optimizer:
-            out["optimizer"] = [f"optimizer.name: {other.optimizer} -> {self.optimizer}"]
-        if self.tokenizer_sha256 != other.tokenizer_sha256:
-            out.setdefault("data", []).append("tokenizer (sha256 differs)")
+                out[part] = [f"{part}.{k}: {_show(b.get(k))} -> {_show(a.get(k))}" for k in keys]
+        if self.optimizer != saved.optimizer:
+            out["optimizer"] = [f"optimizer.name: {saved.optimizer} -> {self.optimizer}"]
+        if self.tokenizer_sha256 and self.tokenizer_sha256 != saved.tokenizer_sha256:
+            out.setdefault("data", []).append(
+                f"the tokenizer: sha256 {saved.tokenizer_sha256[:12]}... -> "
+                f"{self.tokenizer_sha256[:12]}..."
+            )
         return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _show(value: Any) -> str:
+    return "(none)" if value is None else json.dumps(value)
+
+
+TOKENIZER_FIELDS = (
+    "data.corpus",
+    "data.prepare.text_field",
+    "data.prepare.tokenizer",
+    "data.prepare.tokenizer_type",
+    "data.prepare.vocab_size",
+    "data.prepare.special_tokens",
+    "data.prepare.tokenizer_sample_docs",
+)
+"""Data fields that make the automatic preparation train another tokenizer (unless
+``data.prepare.tokenizer`` names one): another vocabulary, which a checkpoint's embedding
+cannot continue with."""
+
+
+def check_fits(path: Path, meta: dict, identity: RunIdentity, allow: list[str]) -> None:
+    """Refuse to resume ``path`` (its ``meta``) in a run whose identity differs, naming every
+    differing field; ``allow`` (``checkpoint.allow_changes``) lifts the data check. The hint
+    offered never leads to another refusal: continuing on other data is suggested only
+    where the tokenizer stays."""
+    saved = RunIdentity(**meta["identity"])
+    diff = identity.differences(saved)
+    for part in allow:
+        diff.pop(part, None)
+    if not diff:
+        return
+    lines = "; ".join(x for v in diff.values() for x in v)
+    if set(diff) != {"data"}:
+        hint = (
+            "the model and the optimizer cannot change on resume: start a new run "
+            "(another out_dir), or checkpoint.init_from for the weights alone"
+        )
+    elif any(x.startswith(TOKENIZER_FIELDS + ("the tokenizer",)) for x in diff["data"]):
+        hint = (
+            "another tokenizer would change the model's vocabulary: to continue on other "
+            "data keep this run's (data.prepare.tokenizer=<its tokenizer.model>) and set "
+            "checkpoint.allow_changes=[data]"
+        )
+    else:
+        hint = "checkpoint.allow_changes=[data] continues deliberately on new data"
+    raise CheckpointError(f"{path}: this run differs from the checkpoint ({lines}); {hint}")
 
 
 def run_identity(cfg, tokenizer_sha256: str) -> RunIdentity:
@@ -282,6 +345,27 @@ class _Finish:
         prune(self.ckpt_dir, self.keep_last, self.keep_every, keep=self.tag)
 
 
+def _write_error(tmp: Path, step: int, e: OSError) -> str:
+    return (
+        f"cannot write checkpoint {tmp.parent / f'step{step}'}: {e.strerror or e} "
+        f"({e.filename or tmp}); the checkpoints before it are intact: free the space "
+        "and run the same command to resume"
+    )
+
+
+def _agree_on_failure(error: str, tmp: Path) -> None:
+    """Collective: every rank learns whether any rank failed to write its part of a save,
+    and all raise the same CheckpointError (the partial ``.tmp-step*`` removed, freeing what
+    it held), instead of one rank raising while the others wait in the next collective."""
+    if not all_reduce_max(torch.tensor([float(bool(error))])).item():
+        return
+    errors = gather_to_main(error)
+    message = broadcast_object(next((e for e in errors if e), "") if errors else "")
+    if global_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(message)
+
+
 def _capture(
     tmp: Path, step: int, engine, scheduler, loader, cfg, rt, identity: RunIdentity,
     loop_state: dict | None, hold: bool,
@@ -302,26 +386,26 @@ def _capture(
     buffer: dict[str, torch.Tensor] = {}
     size, n_files = 0, 0
     steps: set[int] = set()  # the optimizer's step count, one value for every tensor
-    zero3 = cfg.parallel.zero_stage == 3
-    live = _live_memory(engine) if hold and main and not zero3 else set()
+    live = _live_memory(engine) if hold and main else set()
+
+    failed = ""  # this rank's first write error: it goes on with the collectives, then all agree
 
     def flush() -> None:
-        nonlocal buffer, size, n_files
+        nonlocal buffer, size, n_files, failed
         if not buffer:
             return
         name = f"shard-{prefix}{n_files:05d}.safetensors"
         if hold:
             held.append((name, buffer))
-        else:
-            _write_shard(tmp / name, buffer)
+        elif not failed:
+            try:
+                _write_shard(tmp / name, buffer)
+            except OSError as e:
+                failed = _write_error(tmp, step, e)
         n_files += 1
         buffer, size = {}, 0
 
-    if zero3:
-        # ZeRO-3 partitions every parameter; its state goes through DeepSpeed's own writer
-        # into this temporary directory (same layout to resume), under the rules above.
-        engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
-    for name, tensors, opt_step in [] if zero3 else logical_state(engine):
+    for name, tensors, opt_step in logical_state(engine):
         steps.add(opt_step)
         _kill_point("shards", step)
         if not writer:
@@ -341,10 +425,14 @@ def _capture(
         flush()
 
     rng_name = f"rng-{global_rank():05d}.safetensors"
-    save_file(_rng_state(), str(tmp / rng_name))
-    _fsync_file(tmp / rng_name)
+    try:
+        save_file(_rng_state(), str(tmp / rng_name))
+        _fsync_file(tmp / rng_name)
+    except OSError as e:
+        failed = failed or _write_error(tmp, step, e)
     _kill_point("rng", step)
     barrier()
+    _agree_on_failure(failed, tmp)
     stages = gather_to_main((index, shapes, sorted(steps)) if writer else None)
     if not main:
         return None
@@ -357,12 +445,12 @@ def _capture(
         raise CheckpointError(f"optimizer steps differ between parameters: {sorted(steps)}")
     meta = {
         "format": FORMAT,
-        "kind": "deepspeed-zero3" if zero3 else "logical",
+        "kind": "logical",
         "step": step,
         "global_steps": engine.global_steps,
         "global_samples": engine.global_samples,
         "skipped_steps": engine.skipped_steps,
-        "optimizer_step": steps.pop() if steps else 0,  # ZeRO-3: DeepSpeed keeps it
+        "optimizer_step": steps.pop() if steps else 0,
         "scheduler": scheduler.state_dict(),
         "loader": loader.state_dict(),
         "layout": _layout(rt, cfg),
@@ -407,17 +495,25 @@ class Saver:
         self.wait()
         tag = f"step{step}"
         tmp = self.ckpt_dir / f".tmp-{tag}"
+        failed = ""
         if global_rank() == 0:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        barrier()
+            try:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as e:
+                failed = _write_error(tmp, step, e)
+        _agree_on_failure(failed, tmp)
         finish = _capture(tmp, step, engine, scheduler, loader, self.cfg,
                           self.rt, self.identity, loop_state, self.asynchronous)  # fmt: skip
         if not self.asynchronous:
+            failed = ""
             if finish is not None:
-                finish.run()
-            barrier()
+                try:
+                    finish.run()
+                except OSError as e:
+                    failed = _write_error(tmp, step, e)
+            _agree_on_failure(failed, tmp)
             return self.ckpt_dir / tag
         self._pending = tag
         if finish is not None:
@@ -483,30 +579,44 @@ def save(
     return saver.save(step, engine, scheduler, loader, loop_state)
 
 
-def write_weights_only(ckpt_dir: Path, state: dict[str, torch.Tensor], model_cfg, source: str):
+def write_weights_only(ckpt_dir: Path, state: dict[str, torch.Tensor], model_cfg, source: str,
+                       files: dict[str, Path] | None = None, seq_len: int | None = None):
     """A checkpoint ``<ckpt_dir>/step0`` that holds weights only (``kind: weights``: no
     moments, counters or RNG), written with the same atomic rules; what
-    ``checkpoint.init_from`` starts a run from. Returns its path."""
+    ``checkpoint.init_from`` starts a run from. ``files``: other files to keep in it, by name
+    (an import's tokenizer.model), hashed like the rest; ``seq_len``: the training length the
+    weights come with, if known. Returns its path."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp, path = ckpt_dir / ".tmp-step0", ckpt_dir / "step0"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    name = "shard-00000.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name),
-              metadata={"format": str(FORMAT)})  # fmt: skip
-    _fsync_file(tmp / name)
-    meta = {
-        "format": FORMAT,
-        "kind": "weights",
-        "step": 0,
-        "source": source,
-        "model": model_cfg.to_dict(),
-        "index": dict.fromkeys(state, name),
-        "shapes": {k: list(v.shape) for k, v in state.items()},
-        "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}},
-        "saved_at": time.time(),
-    }
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        name = "shard-00000.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name),
+                  metadata={"format": str(FORMAT)})  # fmt: skip
+        _fsync_file(tmp / name)
+        for other, src in (files or {}).items():
+            shutil.copyfile(src, tmp / other)
+            _fsync_file(tmp / other)
+        listed = [name, *(files or {})]
+        meta = {
+            "format": FORMAT,
+            "kind": "weights",
+            "step": 0,
+            "source": source,
+            "model": model_cfg.to_dict(),
+            "index": dict.fromkeys(state, name),
+            "shapes": {k: list(v.shape) for k, v in state.items()},
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                      for f in listed},  # fmt: skip
+            "saved_at": time.time(),
+        }
+        if seq_len:
+            meta["seq_len"] = int(seq_len)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"--out {ckpt_dir}: cannot write: {e.strerror or e}") from None
     _write_atomic(tmp / META, json.dumps(meta, indent=1))
     _write_atomic(tmp / COMPLETE, _sha256(tmp / META) + "\n")
     if path.exists():
@@ -517,47 +627,60 @@ def write_weights_only(ckpt_dir: Path, state: dict[str, torch.Tensor], model_cfg
     return path
 
 
-@torch.no_grad()
-def init_weights_from(path: Path, model: torch.nn.Module, partial: bool = False) -> str:
-    """Copy a checkpoint's full weights into this rank's TP shard of ``model`` (before the
-    engine is built, so ZeRO's fp32 masters start from them). Every rank reads its own
-    slice; names and full shapes must match. Returns the checkpoint's description."""
-    from plait.parallel.tensor_parallel import tp_local
-
+def resolve_init(path: Path) -> Path:
+    """The checkpoint ``checkpoint.init_from`` names: ``path`` itself, or the newest complete
+    one under it; verified (see ``verify``)."""
     path = Path(path)
     if path.is_dir() and not (path / META).is_file():
         found, problems = find_resumable(path)
         if found is None:
-            raise CheckpointError(
-                f"checkpoint.init_from: {path}: no complete checkpoint ({'; '.join(problems)})"
-            )
+            why = "; ".join(problems) or "no checkpoint"
+            raise CheckpointError(f"checkpoint.init_from: {path}: no complete checkpoint ({why})")
         path = found
     why = verify(path) if path.is_dir() else "not a directory"
     if why:
         raise CheckpointError(f"checkpoint.init_from: {path}: {why}")
-    meta = json.loads((path / META).read_text())
-    if meta.get("kind") == "deepspeed-zero3":
-        raise CheckpointError(
-            f"checkpoint.init_from: {path}: a ZeRO-3 checkpoint cannot seed a run"
-        )
-    reader = _Reader(path, meta)
+    return path
+
+
+def check_shapes(path: Path, meta: dict, model: torch.nn.Module, partial: bool = False,
+                 what: str = "") -> None:
+    """The checkpoint holds every parameter of ``model`` with its full (logical) shape, and
+    (unless ``partial``: a pipeline stage holds some layers) nothing else; one line naming
+    the first tensor that differs."""
+    from plait.parallel.tensor_parallel import full_shape
+
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(meta["shapes"]))
-    extra = [] if partial else sorted(set(meta["shapes"]) - set(params))  # partial: a stage
+    extra = [] if partial else sorted(set(meta["shapes"]) - set(params))
     if missing or extra:
         raise CheckpointError(
-            f"checkpoint.init_from: {path}: parameters missing {missing[:5]}, unexpected "
-            f"{extra[:5]} (is model.* the model that was exported?)"
+            f"{what}{path}: parameters missing {missing[:5]}, unexpected {extra[:5]} (was it "
+            "written for another model.*?)"
         )
     for name, p in params.items():
-        full = reader.get(name)
-        local = tp_local(p, full)
-        if local.shape != p.shape:
+        want, got = full_shape(p), meta["shapes"][name]
+        if want != got:
+            vocab = " (another vocabulary: the tokenizer differs)" if "embedding" in name or (
+                name.startswith("output")) else ""
             raise CheckpointError(
-                f"checkpoint.init_from: {path}: {name} has shape {list(full.shape)}, this "
-                f"model's is different (local {list(p.shape)})"
+                f"{what}{path}: tensor {name} has shape {got}, this model's is {want}{vocab}"
             )
-        p.copy_(local)
+
+
+@torch.no_grad()
+def init_weights_from(path: Path, model: torch.nn.Module, partial: bool = False) -> str:
+    """Copy a checkpoint's full weights into this rank's TP shard of ``model`` (before the
+    engine is built, so ZeRO's fp32 masters start from them). Every rank reads its own
+    slice; names and full shapes are checked first. Returns the checkpoint's description."""
+    from plait.parallel.tensor_parallel import tp_local
+
+    path = resolve_init(path)
+    meta = read_meta(path)
+    check_shapes(path, meta, model, partial, "checkpoint.init_from: ")
+    reader = _Reader(path, meta)
+    for name, p in model.named_parameters():
+        p.copy_(tp_local(p, reader.get(name)))
     return f"{path} ({meta.get('source') or meta.get('kind')})"
 
 
@@ -591,26 +714,137 @@ def prune(ckpt_dir: Path, keep_last: int, keep_every: int, keep: str = "") -> li
 # ----------------------------------------------------------------------------- finding
 
 
+KINDS = {
+    "logical": ("step", "global_steps", "global_samples", "skipped_steps", "optimizer_step",
+                "scheduler", "loader", "layout", "identity", "config", "index", "shapes",
+                "files"),
+    "weights": ("step", "model", "index", "shapes", "files"),
+}
+"""What plait reads, by ``kind``, and the meta.json fields each must have. Both are
+safetensors and JSON only: no kind selects a loader that unpickles."""
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+REFUSED = ("kind ", "format ")
+"""How ``verify`` begins when a checkpoint is complete but not one this plait reads (another
+format version, a pickled kind): the run refuses it rather than skipping to an older one."""
+
+
+def saved_config(meta: dict) -> dict:
+    """The run config a checkpoint carries, shaped as a config file: a training checkpoint's
+    whole config; a weights-only one's model, and the training length it came with."""
+    if meta["kind"] == "logical":
+        return meta["config"]
+    return {"model": meta["model"], "data": {"seq_len": int(meta.get("seq_len", 128))}}
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json of a verified checkpoint."""
+    return json.loads((Path(path) / META).read_text())
+
+
 def verify(path: Path) -> str:
-    """'' when ``path`` is a complete, intact checkpoint; else what is wrong with it."""
+    """'' when ``path`` is a complete, intact checkpoint that plait can read; else what is
+    wrong with it, naming the file or tensor. Checks the completion marker against
+    meta.json, meta.json's kind and fields, every file's size and sha256 against meta.json,
+    and every tensor's name, shape and dtype in the safetensors headers against meta.json
+    (before any tensor is read). The hashes catch torn, truncated and corrupted files; they
+    are written by the checkpoint itself, so they prove nothing against a deliberate forgery
+    (docs/checkpoints.md): what protects a run from a crafted checkpoint is that nothing here
+    executes code from it (no pickle) and that every tensor is checked before use."""
+    path = Path(path)
     if not (path / COMPLETE).is_file():
         return "no completion marker (a save that did not finish)"
     if not (path / META).is_file():
         return "meta.json is missing"
     if (path / COMPLETE).read_text().strip() != _sha256(path / META):
         return "meta.json does not match its completion marker"
-    meta = json.loads((path / META).read_text())
+    try:
+        meta = read_meta(path)
+    except ValueError as e:
+        return f"meta.json is not valid JSON ({e})"
+    if not isinstance(meta, dict):
+        return "meta.json is not a mapping"
     if meta.get("format") != FORMAT:
         return f"format {meta.get('format')} (this plait reads {FORMAT})"
-    for name, info in meta["files"].items():
+    kind = meta.get("kind")
+    if kind == "deepspeed-zero3":
+        return ("kind 'deepspeed-zero3': DeepSpeed's pickled ZeRO-3 files (plait before "
+                "2026-12), which plait no longer loads: a pickle can run code")
+    if kind not in KINDS:
+        return f"kind {kind!r} is unknown (plait reads {', '.join(KINDS)})"
+    missing = [k for k in KINDS[kind] if k not in meta]
+    if missing:
+        return f"meta.json: no {', '.join(missing)} (kind {kind})"
+    files, index, shapes = meta["files"], meta["index"], meta["shapes"]
+    if not all(isinstance(x, dict) for x in (files, index, shapes)):
+        return "meta.json: files, index and shapes must be mappings"
+    for name, info in files.items():
+        if not _SAFE_NAME.fullmatch(name) or not isinstance(info, dict):
+            return f"meta.json: file entry {name!r} is not a file of this directory"
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != info["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, expected {info['bytes']}"
-        if _sha256(f) != info["sha256"]:
+        if f.stat().st_size != info.get("bytes"):
+            return f"{name} has {f.stat().st_size} bytes, expected {info.get('bytes')}"
+        if _sha256(f) != info.get("sha256"):
             return f"{name}: sha256 mismatch"
+    return _check_tensors(path, meta)
+
+
+def _check_tensors(path: Path, meta: dict) -> str:
+    """Every tensor meta.json indexes: in a listed safetensors file, with the shape
+    meta.json gives for its parameter and a floating dtype (float32 for optimizer state)."""
+    headers: dict[str, Any] = {}
+    for key, name in meta["index"].items():
+        param, _, moment = key.partition("::")
+        if name not in meta["files"] or not name.endswith(".safetensors"):
+            return f"meta.json: tensor {key} is indexed in {name!r}, not a listed shard"
+        if param not in meta["shapes"]:
+            return f"meta.json: tensor {key} has no shape"
+        if name not in headers:
+            try:
+                f = safe_open(str(path / name), framework="pt")
+            except Exception as e:  # safetensors' own error type for a malformed header
+                return f"{name}: not a safetensors file ({e})"
+            headers[name] = (f, set(f.keys()))
+        f, keys = headers[name]
+        if key not in keys:
+            return f"{name}: has no tensor {key}"
+        piece = f.get_slice(key)
+        shape, dtype = list(piece.get_shape()), piece.get_dtype()
+        if shape != meta["shapes"][param]:
+            return f"{name}: tensor {key} has shape {shape}, meta.json says {meta['shapes'][param]}"
+        if dtype not in _DTYPES or (moment and dtype != "F32"):
+            return f"{name}: tensor {key} has dtype {dtype}, expected F32"
     return ""
+
+
+def resolve(path: Path, tag: str = "", field: str = "--checkpoint") -> Path:
+    """A checkpoint directory named on a command line: ``path`` itself if it is one, else
+    ``path/tag``, else the newest complete one under ``path``; verified (see ``verify``).
+    Anything unusable is a CheckpointError naming ``field``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{field} {path}: no such directory")
+    if (path / META).is_file() or (path / COMPLETE).is_file():
+        chosen = path
+    elif tag:
+        chosen = path / tag
+        if not chosen.is_dir():
+            have = sorted(p.name for p in path.glob("step*") if p.is_dir())
+            raise CheckpointError(f"--tag {tag}: no {chosen}; checkpoints there: {have or 'none'}")
+    else:
+        found, problems = find_resumable(path)
+        if found is None:
+            why = "; ".join(problems) or "no checkpoint"
+            raise CheckpointError(f"{field} {path}: no complete checkpoint ({why})")
+        chosen = found
+    why = verify(chosen)
+    if why:
+        raise CheckpointError(f"{field} {chosen}: not a usable checkpoint: {why}")
+    return chosen
 
 
 def find_resumable(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
@@ -629,6 +863,11 @@ def find_resumable(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
         why = verify(ckpt_dir / t)
         if not why:
             return ckpt_dir / t, problems
+        if why.startswith(REFUSED):
+            # complete, but of a kind plait will not read: skipping it would start the run
+            # over and, checkpoint by checkpoint, prune it
+            raise CheckpointError(f"{ckpt_dir / t}: {why}; move it out of {ckpt_dir} to "
+                                  "start over, or resume it with the plait that wrote it")
         problems.append(f"{ckpt_dir / t}: {why}; skipped")
     return None, problems
 
@@ -653,37 +892,14 @@ def load(path: Path, engine, scheduler, loader, cfg, rt, identity: RunIdentity) 
     """Load checkpoint ``path`` into this rank's engine, whatever layout wrote it. Checks the
     run identity first (``checkpoint.allow_changes`` lifts the data check). Returns meta."""
     path = Path(path)
-    meta = json.loads((path / META).read_text())
-    saved = RunIdentity(**meta["identity"])
-    diff = identity.differences(saved)
-    for part in cfg.checkpoint.allow_changes:
-        diff.pop(part, None)
-    if diff:
-        lines = "; ".join(x for v in diff.values() for x in v)
-        raise CheckpointError(
-            f"{path}: this run differs from the checkpoint ({lines}); "
-            "checkpoint.allow_changes=[data] continues deliberately on new data"
-        )
+    meta = read_meta(path)
+    if meta["kind"] != "logical":
+        raise CheckpointError(f"{path}: a {meta['kind']} checkpoint holds no training state; "
+                              "start from it with checkpoint.init_from")  # fmt: skip
+    check_fits(path, meta, identity, cfg.checkpoint.allow_changes)
     same_layout = meta["layout"] == _layout(rt, cfg)
-    if meta["kind"] == "deepspeed-zero3" or cfg.parallel.zero_stage == 3:
-        if not same_layout:
-            raise CheckpointError(
-                f"{path}: ZeRO-3 checkpoints (DeepSpeed's format) load only under the layout "
-                f"that wrote them, {meta['layout']}; this run is {_layout(rt, cfg)}"
-            )
-        got, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG)
-        if got is None:
-            raise CheckpointError(f"{path}: DeepSpeed could not load its ZeRO-3 state")
-        loader.load_state_dict(meta["loader"])
-        _restore_rng(path, True, cfg, rt, meta)
-        meta["resharded"] = False
-        return meta
-    names = [n for n, _ in engine.module.named_parameters()]
-    missing = sorted(set(names) - set(meta["shapes"]))
     # a pipeline stage holds only its own layers (checked whole by ``missing``)
-    extra = [] if rt.pp > 1 else sorted(set(meta["shapes"]) - set(names))
-    if missing or extra:
-        raise CheckpointError(f"{path}: parameters missing {missing[:5]}, unexpected {extra[:5]}")
+    check_shapes(path, meta, engine.module, partial=rt.pp > 1)
     reader = _Reader(path, meta)
     client = load_logical_state(
         engine, lambda name, k: reader.get(name if not k else f"{name}::{k}"),
@@ -719,8 +935,13 @@ def _restore_rng(path: Path, same_layout: bool, cfg, rt, meta: dict) -> None:
     every generator is reseeded deterministically from (seed, step) instead."""
     rng = path / f"rng-{global_rank():05d}.safetensors"
     if same_layout and rng.is_file():
-        with safe_open(str(rng), framework="pt") as f:
-            _set_rng_state({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        try:
+            with safe_open(str(rng), framework="pt") as f:
+                _set_rng_state({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{rng}: not an RNG state this plait wrote ({type(e).__name__}: {e})"
+            ) from None
     else:
         from plait.parallel.runtime import seed_everything
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from plait.data.config import DataConfig
+from plait.errors import UserError
 from plait.models.common.config import ModelConfig
 from plait.models.common.family import families
 from plait.models.common.lm import Recompute
@@ -28,7 +29,7 @@ from plait.models.presets import apply_preset
 from plait.parallel.config import ParallelConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Invalid configuration; the message names the source and the field."""
 
 
@@ -328,7 +329,7 @@ def _model_first(cfg: Config, layers: list[tuple[dict[str, Any], str]]) -> None:
                 for module in cfg.model.families:
                     importlib.import_module(module)
                 cfg.model.__post_init__()  # sections of the families just registered
-            else:
+            elif value != "":  # "" is no preset (what a config without one saves)
                 apply_preset(cfg.model, _coerce(value, str, "model.preset"))
         except ImportError as e:
             raise ConfigError(f"{source}: model.families: cannot import {e.name}: {e}") from None

@@ -20,7 +20,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from plait.parallel.engine_state import client_optimizer, zero_partition_segments
+from plait.parallel.engine_state import (
+    clear_zero3_padding,
+    client_optimizer,
+    zero_partition_segments,
+)
 from plait.parallel.finite import GuardedAdamW, GuardedLamb
 from plait.parallel.lamb import Lamb, param_groups
 from plait.parallel.mpu import MegatronMpu
@@ -141,6 +145,10 @@ def build_engine(model: nn.Module, cfg: Config, rt: Runtime):
         mpu=mpu,
         config=deepspeed_config(cfg, rt),
     )
+    # DeepSpeed 0.19.8 leaves the padding at the end of ZeRO-3 partitions uninitialised;
+    # LAMB's per-tensor norms run over whole partitions, so it must be zero
+    # (parallel/engine_state.py).
+    clear_zero3_padding(engine)
     client = client_optimizer(engine)
     if isinstance(client, Lamb) and client.flat_partitions:
         client.link_partitions(zero_partition_segments(engine))

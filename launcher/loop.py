@@ -159,7 +159,7 @@ def evaluate(engine, cfg: Config, rt: Runtime, val, sp=None, tokenizer=None,
     (``loss_pos_<p>``: positions from p to the next power of two, as plait.launcher.evaluate
     reports; their count-weighted mean is ``loss``) and, with ``training.eval_passkey`` and a
     tokenizer, passkey accuracy at the training length (``passkey@<depth>``)."""
-    from .evaluate import passkey_accuracy, position_loss
+    from .evaluation import passkey_accuracy, position_loss
 
     engine.eval()
     t = cfg.training

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from plait.errors import UserError
 
-class ParallelConfigError(ValueError):
+
+class ParallelConfigError(UserError, ValueError):
     """A parallel field is invalid; the message names the field."""
 
 
@@ -62,8 +64,10 @@ class ParallelConfig:
     def data_parallel(self, world_size: int) -> int:
         model_ranks = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
         if world_size % model_ranks:
+            how = (f"; start a multiple of {model_ranks} processes (torchrun --nproc_per_node "
+                   f"{model_ranks}, or srun with {model_ranks} tasks)" if world_size == 1 else "")
             raise ParallelConfigError(
                 f"tensor_parallel x pipeline_parallel x context_parallel = {model_ranks} does not "
-                f"divide the world size {world_size}"
+                f"divide the world size {world_size}{how}"
             )
         return world_size // model_ranks

@@ -345,3 +345,32 @@ def gather_to_main(obj) -> list | None:
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def on_main(fn):
+    """Run ``fn()`` on rank 0 only and hand every rank its result (picklable). A
+    ``UserError`` there is raised on every rank with the same message (rank 0's command
+    prints it, the others stay silent), so no rank waits in a collective for a rank that
+    refused; any other exception is rank 0's traceback, and the others stop with a line
+    pointing at it."""
+    from plait.errors import UserError
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    if dist.get_rank() == 0:
+        try:
+            value = fn()
+        except UserError as e:
+            broadcast_object(("user", type(e).__name__, str(e)))
+            raise
+        except BaseException as e:
+            broadcast_object(("bug", type(e).__name__, str(e)))
+            raise
+        broadcast_object(("ok", "", value))
+        return value
+    kind, name, value = broadcast_object(None)
+    if kind == "user":
+        raise UserError(value)
+    if kind == "bug":
+        raise RuntimeError(f"rank 0 failed ({name}: {value}); see its traceback")
+    return value

@@ -25,6 +25,16 @@ def logical_numel(model: nn.Module) -> int:
     return sum(p.numel() * (tp if _is_sharded(p) else 1) for p in model.parameters())
 
 
+def full_shape(p: torch.Tensor) -> list[int]:
+    """The logical (unsharded) shape of parameter ``p``: its TP shard's shape with the
+    partition dim multiplied back (under ZeRO-3 the shard's shape is ``ds_shape``, the
+    tensor itself being a partition)."""
+    shape = list(getattr(p, "ds_shape", p.shape))
+    if _is_sharded(p):
+        shape[p.partition_dim] *= ps.get_tensor_model_parallel_world_size()
+    return shape
+
+
 def tp_full(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """The full logical tensor of ``local``, a tensor shaped like parameter ``p`` on this rank
     (the parameter itself, its gradient, an optimizer moment): all-gathered over the TP group

@@ -1,6 +1,7 @@
 """The house plan, checked: imports run downhill and collectives stay in parallel/.
 
-kernels/ and data/ import nothing of plait; parallel/ may import kernels/ and data/;
+errors/ (the user-error type) imports nothing of plait and everything may import it;
+kernels/ and data/ import nothing else of plait; parallel/ may import kernels/ and data/;
 models/ may import kernels/ and parallel/; nothing imports launcher/. Outside parallel/ (and
 tests), no module touches torch.distributed directly.
 """
@@ -11,13 +12,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ["kernels", "data", "parallel", "models", "launcher"]
+PACKAGES = ["errors", "kernels", "data", "parallel", "models", "launcher"]
 ALLOWED = {
-    "kernels": set(),
-    "data": set(),
-    "parallel": {"kernels", "data"},
-    "models": {"kernels", "parallel"},
-    "launcher": {"kernels", "data", "parallel", "models"},
+    "errors": set(),
+    "kernels": {"errors"},
+    "data": {"errors"},
+    "parallel": {"errors", "kernels", "data"},
+    "models": {"errors", "kernels", "parallel"},
+    "launcher": {"errors", "kernels", "data", "parallel", "models"},
 }
 
 

@@ -56,6 +56,14 @@ class BasedLinearAttention(nn.Module):
     def param_count(cfg: ModelConfig, layer_idx: int) -> int:
         return 2 * cfg.hidden_size * cfg.num_heads * cfg.based.feature_dim + 2 * cfg.hidden_size**2
 
+    @staticmethod
+    def tp_split(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
+        return {"model.num_heads": cfg.num_heads}
+
+    @staticmethod
+    def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]:
+        return "", 0
+
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
         q, k, v = self.proj.split(x_BTC)
         o = lasp2.based(self.sp, q, k, v, doc_ids_BT, eps=self.eps, block=self.block)
@@ -85,6 +93,10 @@ class SlidingWindowAttention(SoftmaxAttention):
     ):
         super().__init__(cfg, mp, layer_idx, sp)
         self.window = cfg.based.window
+
+    @staticmethod
+    def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]:
+        return "model.based.window", cfg.based.window - 1
 
     def attend(self, q, k, v, doc_ids_BT):
         return halo.window(self.sp, q, k, v, self.window, doc_ids_BT)
@@ -155,6 +167,15 @@ class GatedShortConv(nn.Module):
         h = cfg.hidden_size
         inner = cfg.based.conv_expand * h // 2
         return 2 * (h * inner + inner) + inner * h + h + inner * cfg.based.conv_kernel
+
+    @staticmethod
+    def tp_split(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
+        return {"model.based.conv_expand: conv_expand x hidden_size / 2 channels":
+                cfg.based.conv_expand * cfg.hidden_size // 2}  # fmt: skip
+
+    @staticmethod
+    def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]:
+        return "model.based.conv_kernel", cfg.based.conv_kernel - 1
 
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
         a, _ = self.in_conv(x_BTC)

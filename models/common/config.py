@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from plait.errors import UserError
+
 from . import family
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A model field is invalid; the message names the field."""
 
 

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from plait.errors import UserError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -52,8 +54,13 @@ class Letter:
     description: str
     mixer: type[nn.Module]
     """Built as ``mixer(cfg, mp, layer_idx, sp)``; maps x [B, T, hidden] (with positions
-    [B, T] and doc ids [B, T] or None) to [B, T, hidden]. Its static ``param_count(cfg,
-    layer_idx)`` gives the logical parameter count from the config alone. A mixer with
+    [B, T] and doc ids [B, T] or None) to [B, T, hidden]. Three static methods describe it
+    from the config alone, so that a run's layout is checked before any process starts work
+    (launcher/layout.py): ``param_count(cfg, layer_idx)``, the logical parameter count;
+    ``tp_split(cfg, layer_idx)``, {config field: the count tensor parallelism divides among
+    its ranks} (heads, channels); ``halo(cfg, layer_idx)``, (config field, tokens): how many
+    of the previous context-parallel rank's last tokens each rank needs, ("", 0) for none
+    (a rank's chunk must hold them). A mixer with
     auxiliary losses or metrics also has ``auxiliary() -> list[Auxiliary]`` (see lm.py).
 
     Every mixer also has the decode form ``decode(x [B, T, hidden], positions [B, T], state)
@@ -130,9 +137,12 @@ def fft_conv_flops(channels: int, seq_len: int) -> float:
     return channels * (3 * 2.5 * n * math.log2(max(n, 2)) + 6 * n) / seq_len
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """A family or letter clashes with one already registered, or is incomplete."""
 
+
+MIXER_METHODS = ("param_count", "tp_split", "halo")
+"""The static methods every mixer class declares (``Letter.mixer``)."""
 
 _FAMILIES: dict[str, Family] = {}
 _LETTERS: dict[str, tuple[Family, Letter]] = {}
@@ -153,8 +163,12 @@ def register(family: Family) -> Family:
             raise RegistryError(
                 f"family {family.name}: letter {letter.symbol} is already {other}'s"
             )
-        if not hasattr(letter.mixer, "param_count"):
-            raise RegistryError(f"family {family.name}: {letter.mixer} has no param_count")
+        for method in MIXER_METHODS:
+            if not callable(getattr(letter.mixer, method, None)):
+                raise RegistryError(
+                    f"family {family.name}: letter {letter.symbol}'s mixer "
+                    f"{letter.mixer.__name__} has no static {method}(cfg, layer_idx)"
+                )
     clash = sorted(set(family.presets) & set(_PRESETS))
     if clash:
         raise RegistryError(f"family {family.name}: presets {clash} are already registered")

@@ -69,6 +69,14 @@ class SoftmaxAttention(nn.Module):
         h = cfg.hidden_size
         return 4 * h * h + (4 * h if cfg.softmax.bias else 0)
 
+    @staticmethod
+    def tp_split(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
+        return {"model.num_heads": cfg.num_heads}
+
+    @staticmethod
+    def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]:
+        return "", 0
+
     def forward(
         self,
         x_BTC: torch.Tensor,

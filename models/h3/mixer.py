@@ -104,6 +104,15 @@ class H3(nn.Module):
         heads = h // cfg.h3.head_dim
         return 4 * h * h + 4 * h + h * (N + 1) + heads * (2 * N + 2)
 
+    @staticmethod
+    def tp_split(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
+        heads = cfg.hidden_size // cfg.h3.head_dim
+        return {"model.h3.head_dim: hidden_size / head_dim heads": heads}
+
+    @staticmethod
+    def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]:
+        return "", 0  # the shift SSM takes a halo when it fits, else the gathered prefix
+
     def ssm_A_C(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The diagonal SSM's complex A and C, [heads_local, N/2], in float32."""
         A = torch.complex(-self.A_real_log.float().exp(), self.A_imag.float())

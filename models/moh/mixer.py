@@ -180,6 +180,14 @@ class MoHAttention(nn.Module):
             return 4 * h * h
         return 4 * h * h + h * (cfg.num_heads - s) + (2 * h if s else 0) + (h * s if s > 1 else 0)
 
+    @staticmethod
+    def tp_split(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
+        return {"model.num_heads": cfg.num_heads}
+
+    @staticmethod
+    def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]:
+        return "", 0
+
     def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
         q, k, v = self.proj.split(x_BTC)
         gates, mask = self._route(x_BTC, q, balance=True)

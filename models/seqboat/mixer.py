@@ -267,6 +267,15 @@ class SeqBoat(nn.Module):
         v_r = 2 * (h * hdim + hdim * b)
         return ema + router + qk + v_r + (h * h + h * b) + (hdim * h + h * b)
 
+    @staticmethod
+    def tp_split(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
+        return {"model.seqboat.hdim": cfg.seqboat.value_dim(cfg.hidden_size),
+                "model.hidden_size": cfg.hidden_size}  # fmt: skip
+
+    @staticmethod
+    def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]:
+        return "", 0  # the EMA and the local window run on gathered or prefix tokens
+
     def gates(self, mx_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(active mask [B, T], gate [B, T]: p_1 where active, else 0)."""
         if self.router != "learned":

@@ -103,6 +103,14 @@ class LightningAttention(nn.Module):
         lrpe = LightningAttention.has_lrpe(cfg, layer_idx)
         return 5 * cfg.hidden_size**2 + (cfg.hidden_size if lrpe else 0)
 
+    @staticmethod
+    def tp_split(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
+        return {"model.num_heads": cfg.num_heads}
+
+    @staticmethod
+    def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]:
+        return "", 0
+
     def forward(
         self,
         x_BTC: torch.Tensor,

@@ -152,3 +152,26 @@ def test_directory_source_and_unknown_files(tmp_path):
     assert m["counters"]["documents"]["train"] == 2
     with pytest.raises(CorpusError, match="no such file or directory"):
         prepare_corpus(_cfg(tmp_path, tmp_path / "missing"))
+
+
+def test_long_documents_train_the_tokenizer(tmp_path):
+    """sentencepiece skips every training sentence over 4192 bytes: a corpus of one long line
+    had nothing to train on (an INTERNAL error blamed on the vocabulary size), and a corpus
+    of books trained its tokenizer on none of them. Long documents are cut at whitespace
+    for the tokenizer's sample (tokenized whole for the shards)."""
+    from plait.data.tokenizer import MAX_SENTENCE_BYTES, Tokenizer, training_pieces
+
+    words = [f"w{i % 500}ord{i % 7}" for i in range(100_000)]  # ~0.9 MB, one line
+    text = " ".join(words)
+    pieces = training_pieces(text)
+    assert len(pieces) > 100 and " ".join(pieces) == text
+    assert max(len(p.encode()) for p in pieces) <= MAX_SENTENCE_BYTES
+    glued = "x" * 10_000  # no whitespace at all: cut anyway, nothing lost
+    assert "".join(training_pieces(glued)) == glued
+    assert training_pieces("short") == ["short"]
+    src = tmp_path / "one_line.jsonl"
+    src.write_text(json.dumps({"text": text}) + "\n")
+    m = prepare_corpus(_cfg(tmp_path, src, vocab_size=400, val_fraction=0.0))
+    tok = Tokenizer(tmp_path / "prep" / "tokenizer.model")
+    assert tok.sp.piece_to_id("ord") != tok.sp.unk_id()  # a merge learnt from the long line
+    assert m["counters"]["documents"]["train"] == 1

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import plait.launcher.hf_modeling as hf_pkg
-from plait.launcher.export import model_fields
+from plait.launcher.convert import model_fields
 from plait.launcher.hf_modeling import modeling_plait
 from plait.launcher.hf_modeling.configuration_plait import PlaitConfig
 from plait.models.common import build_model

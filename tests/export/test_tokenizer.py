@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from plait.data.tokenizer import train_tokenizer
-from plait.launcher.export import hf_tokenizer
+from plait.launcher.convert import hf_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpus" / "devils_dictionary.jsonl"
 HARD = ["  two  spaces\tand tab\nnewline ", "naïve café 12345 ½ 𝔘nicode 😀", " lead", "",

@@ -104,7 +104,7 @@ def test_cli_reports_config_error(tmp_path, capsys):
 
     rc = main(["--config", str(_write(tmp_path, "model:\n  pattern: LZ\n"))])
     assert rc == 2
-    assert "config error" in capsys.readouterr().err
+    assert "train: error: " in capsys.readouterr().err
 
 
 def test_preset_then_fields_beside_it(tmp_path):
@@ -146,16 +146,16 @@ def test_preparation_options_have_one_owner():
     assert {k: getattr(cli, k) for k in shared} == dataclasses.asdict(PrepareOptions())
     # data.seed (sample order, blend) and data.prepare.seed (the split) are two values
     assert {f.name for f in dataclasses.fields(DataConfig)} & shared == {"seed"}
-    with pytest.raises(SystemExit):  # the CLI validates with the same rules
-        main(["--source", "s", "--out", "o", "--val-fraction", "1.5"])
+    # the CLI validates with the same rules: one line, exit 2
+    assert main(["--source", "s", "--out", "o", "--val-fraction", "1.5"]) == 2
 
 
-def _start_up(rt, sets):
-    from plait.launcher.train import sequence_parallel_context
+def _refusal(sets: list[str], world: int = 2) -> str:
+    from plait.launcher.layout import check_run
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", sets)
     try:
-        sequence_parallel_context(cfg)
+        check_run(cfg, world)
     except ConfigError as e:
         return str(e)
     return ""
@@ -163,17 +163,12 @@ def _start_up(rt, sets):
 
 def test_sequence_lengths_are_checked_at_start_up():
     """With CP=2 and the zigzag layout (4 chunks), seq_len 128 splits but the warmup's first
-    length 34 does not: refused before step 1, naming the field."""
-    from plait.parallel.config import ParallelConfig
-    from tests.distributed import run_distributed
-
-    par = ParallelConfig(context_parallel=2, softmax_sp="ring")
+    length 34 does not: refused before any process group, naming the field."""
     sets = ["model.pattern=AAAA", "parallel.context_parallel=2", "parallel.softmax_sp=ring"]
-    ok = run_distributed(_start_up, 2, sets, parallel=par)
-    assert ok == ["", ""]
+    assert _refusal(sets) == ""
     warm = sets + ["data.seq_len=136", "data.warmup_seq_len=34", "data.warmup_seq_len_steps=4"]
-    errs = run_distributed(_start_up, 2, warm, parallel=par)
-    assert errs[0].startswith("data.warmup_seq_len: 34 tokens cannot be split evenly"), errs
+    err = _refusal(warm)
+    assert err.startswith("data.warmup_seq_len: 34 tokens cannot be split evenly"), err
     lala = ["parallel.context_parallel=2", "parallel.softmax_sp=ring", "data.seq_len=136",
-            "data.warmup_seq_len=34", "data.warmup_seq_len_steps=4"]  # fmt: skip
-    assert run_distributed(_start_up, 2, lala, parallel=par) == ["", ""]  # LASP-2: contiguous
+            "data.warmup_seq_len=34", "data.warmup_seq_len_steps=4"]
+    assert _refusal(lala) == ""  # LASP-2: contiguous chunks, 2 of them

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from plait.data.loader import ArrayTokens, PackedSequences, SequenceLoader
-from plait.launcher.evaluate import _answers_right, bucket_edges, position_loss
+from plait.launcher.evaluation import _answers_right, bucket_edges, position_loss
 from plait.models.common import ModelConfig, build_model
 from plait.parallel.config import ParallelConfig
 from plait.parallel.sequence import SequenceParallel

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from plait.launcher.config import load_config
-from plait.launcher.plan import plan, rank_coords
+from plait.launcher.planning import plan, rank_coords
 from plait.models.common.family import families
 from plait.parallel.pipeline import balance, bubble_fraction, local_stages, stage_layers
 
@@ -105,7 +105,7 @@ def test_cli_prints_the_layout_and_training_refuses_pp():
     assert "zero_stage" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     # the other refusals, checked in-process (the CLI prints them the same way)
     from plait.launcher.config import ConfigError
-    from plait.launcher.train import check_pipeline
+    from plait.launcher.layout import check_run
 
     for bad, field in ((["parallel.virtual_pipeline=2"], "virtual_pipeline"),
                        (["parallel.pipeline_parallel=8"], "pipeline_parallel"),
@@ -113,6 +113,4 @@ def test_cli_prints_the_layout_and_training_refuses_pp():
                        (["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2",
                          "training.grad_accum=3"], "training.grad_accum")):  # fmt: skip
         with pytest.raises(ConfigError, match=field):
-            cfg = load_config("configs/tiny.yaml", bad)
-            cfg.parallel.check_trainable()
-            check_pipeline(cfg)
+            check_run(load_config("configs/tiny.yaml", bad))

@@ -72,6 +72,14 @@ class TokenShift(nn.Module):
     def param_count(cfg, layer_idx: int) -> int:
         return 3 * cfg.hidden_size**2 + cfg.hidden_size * cfg.toy.kernel
 
+    @staticmethod
+    def tp_split(cfg, layer_idx: int) -> dict[str, int]:
+        return {"model.hidden_size": cfg.hidden_size}
+
+    @staticmethod
+    def halo(cfg, layer_idx: int) -> tuple[str, int]:
+        return "model.toy.kernel", cfg.toy.kernel - 1
+
     def auxiliary(self) -> list[Auxiliary]:
         if self.gate_sq is None:
             return []

@@ -73,8 +73,9 @@ def _cfg(pattern: str, opt: str, tied: bool, pp=1, tp=1, cp=1, vp=1, zero=0, mic
 
 def _train(rt, cfg: Config):
     from plait.launcher.engine import build_engine
+    from plait.launcher.layout import sequence_parallel_context
     from plait.launcher.loop import train_step
-    from plait.launcher.train import build_stages, sequence_parallel_context
+    from plait.launcher.trainer import build_stages
     from plait.models.common import build_model
     from plait.parallel.pipeline import PipelineRunner
     from plait.parallel.tensor_parallel import gather_full

@@ -400,9 +400,12 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def _without_slurm(out: Path, steps: int, stop_after: int = 0) -> tuple[int, str]:
+def _without_slurm(
+    out: Path, steps: int, stop_after: int = 0, stop_after_done: bool = False
+) -> tuple[int, str]:
     """`bash slurm/train_1b.sh` from ``out``'s parent with no Slurm variables; with
-    ``stop_after``, SIGUSR1 to the script once that many steps are logged."""
+    ``stop_after``, SIGUSR1 to the script once that many steps are logged; with
+    ``stop_after_done``, as soon as the trainer has printed its ``done:`` line."""
     env = _clean_env(**_plait_env(out, steps))
     log_file = out.parent / "log.txt"
     with open(log_file, "w") as f:  # a session of its own: a failure kills script and trainer
@@ -415,6 +418,12 @@ def _without_slurm(out: Path, steps: int, stop_after: int = 0) -> tuple[int, str
                 assert time.time() < deadline, log_file.read_text()[-3000:]
                 time.sleep(0.1)
             assert proc.poll() is None, log_file.read_text()[-3000:]
+            proc.send_signal(signal.SIGUSR1)
+        if stop_after_done:
+            deadline = time.time() + 300
+            while "done: step" not in log_file.read_text():
+                assert proc.poll() is None and time.time() < deadline, log_file.read_text()
+                time.sleep(0.01)
             proc.send_signal(signal.SIGUSR1)
         proc.wait(timeout=300)
     finally:
@@ -485,6 +494,31 @@ def test_sigusr1_without_slurm_saves_and_exits_75(tmp_path):
     assert int(m[1]) == stop["step"] and m[4] == str(ckpt) and m[5] == "75"
     assert (ckpt / "COMPLETE").is_file()
     assert "run the same command again to resume" in log
+
+
+def test_sigusr1_after_done_without_slurm_exits_0(tmp_path):
+    """The warning that arrives after the last step (near a job's end) finds a finished run:
+    the script exits 0 (it used to kill the tearing-down trainer and report 75)."""
+    out = tmp_path / "run"
+    rc, log = _without_slurm(out, 20, stop_after_done=True)
+    assert rc == 0, log[-3000:]
+    assert "got SIGUSR1" in log and not (out / "stop.json").exists()
+    (m,) = _summary(log)
+    assert int(m[1]) == 20 and m[5] == "0"
+
+
+def test_sigusr1_after_done_completes_without_requeue(cluster, tmp_path):
+    out = tmp_path / "run"
+    job = cluster.sbatch(out, steps=20)
+    deadline = time.time() + 300
+    while "done: step 20" not in cluster.output(job):
+        assert time.time() < deadline, cluster.explain(job)
+        assert cluster.job(job).get("JobState") not in FINAL_STATES, cluster.explain(job)
+        time.sleep(0.05)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job), check=False)
+    info = cluster.wait_done(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", cluster.explain(job)
+    assert info["Restarts"] == "0" and "requeued" not in cluster.output(job)
 
 
 def test_two_task_job_trains_checkpoints_and_logs(cluster, tmp_path):
@@ -604,6 +638,8 @@ def test_pipeline_prepare_train_export_eval(cluster, tmp_path):
     assert json.loads((data / "manifest.json").read_text())["complete"]
     assert "summary: step 20" in cluster.output(jobs[1])
     hf = out / "hf"
+    verified = json.loads((hf / "config.json").read_text())["plait"]["verified"]
+    assert verified and verified["max_abs_diff"] <= verified["tolerance"], verified  # self-check
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(hf))
