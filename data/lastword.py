@@ -19,14 +19,16 @@ import json
 import sys
 from pathlib import Path
 
-from .loader import ShardedTokens
-from .tokenizer import Tokenizer
+from plait.errors import UserError, run_command
 
 TASK = "plait_lastword"
 
 
 def examples(data_dir: str | Path, docs: int, max_words: int = 64) -> list[dict[str, str]]:
     """Up to ``docs`` examples from the validation split of ``data_dir``, in order."""
+    from .loader import ShardedTokens  # torch: imported only when there is work (--help)
+    from .tokenizer import Tokenizer
+
     data_dir = Path(data_dir)
     tok = Tokenizer(data_dir / "tokenizer.model")
     val = ShardedTokens(data_dir, "val", tok.sha256)
@@ -46,10 +48,13 @@ def examples(data_dir: str | Path, docs: int, max_words: int = 64) -> list[dict[
 def write_task(data_dir: str | Path, out: str | Path, docs: int = 200) -> Path:
     """Write the examples and the task YAML into ``out``; returns the YAML's path."""
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     rows = examples(data_dir, docs)
     if not rows:
-        raise ValueError(f"{data_dir}: the validation split has no document of 8 words or more")
+        raise UserError(f"{data_dir}: the validation split has no document of 8 words or more")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror})") from None
     jsonl = out / "lastword.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     yaml = out / f"{TASK}.yaml"
@@ -84,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="where the task files go (--include_path)")
     p.add_argument("--docs", type=int, default=200)
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         path = write_task(args.data, args.out, args.docs)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"lastword: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} ({TASK})")
-    return 0
+        print(f"wrote {path} ({TASK})")
+        return 0
+
+    return run_command(body, "lastword")
 
 
 if __name__ == "__main__":

@@ -198,8 +198,22 @@ def markdown() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md"
-    path.write_text(markdown())
-    print(f"wrote {path}")
+    ap = argparse.ArgumentParser(
+        prog="python -m plait.models.presets",
+        description="Write docs/models.md (every registered family, letter and preset, with "
+        "parameter counts) from the registry; --check only says whether it is current.",
+    )
+    default = pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md"
+    ap.add_argument("--out", type=pathlib.Path, default=default)
+    ap.add_argument("--check", action="store_true", help="exit 1 if --out is not current")
+    args = ap.parse_args()
+    text = markdown()
+    if args.check:
+        current = args.out.is_file() and args.out.read_text() == text
+        print(f"{args.out}: {'current' if current else 'out of date'}")
+        raise SystemExit(0 if current else 1)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")

@@ -53,12 +53,13 @@ class ParallelConfig:
         work: the config itself is valid, so the planner reads it.
 
         Pipeline stages compose with ZeRO 0, 1 and 2 (the engine reduces and steps once after
-        megatron's schedule). ZeRO-3 is refused: its checkpoints are DeepSpeed's own files,
-        named by TP rank only, which two pipeline stages would overwrite."""
+        megatron's schedule). ZeRO-3 under stages is refused: its parameters are gathered only
+        inside their own module's forward, and that has not been run or tested through
+        megatron's schedules here (its checkpoints are the same logical format as the rest)."""
         if self.pipeline_parallel > 1 and self.zero_stage == 3:
             raise ParallelConfigError(
-                "zero_stage: 3 does not compose with pipeline_parallel > 1 here (ZeRO-3 "
-                "checkpoints would collide between stages); use zero_stage 0, 1 or 2"
+                "zero_stage: 3 is not supported with pipeline_parallel > 1 (untested under "
+                "megatron's schedules); use zero_stage 0, 1 or 2"
             )
 
     def data_parallel(self, world_size: int) -> int:

@@ -521,6 +521,27 @@ def test_sigusr1_after_done_completes_without_requeue(cluster, tmp_path):
     assert info["Restarts"] == "0" and "requeued" not in cluster.output(job)
 
 
+def test_a_users_mistake_fails_the_job_with_one_line_and_no_requeue(cluster, tmp_path):
+    """A layout training cannot run (3-way tensor parallelism of 4 heads), two srun tasks:
+    task 0 says it in one line, task 1 says nothing, srun returns 2, the script ends the job
+    FAILED with exit 2 (not requeued), and nothing was written under the run directory."""
+    out = tmp_path / "run"
+    out.parent.mkdir(exist_ok=True)
+    cmd = ["sbatch", "--parsable", *CPU_SIZED, "--ntasks-per-node=2",
+           f"--output={out.parent}/%x-%j.out", f"--error={out.parent}/%x-%j.err",
+           str(SCRIPT)]
+    env = {**cluster.env, **_plait_env(out, 10)}
+    env["PLAIT_SET"] += " parallel.tensor_parallel=3"
+    job = int(cluster.run(*cmd, env=env, cwd=out.parent).stdout.strip().split(";")[0])
+    info = cluster.wait_done(job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", cluster.explain(job)
+    err = cluster.output(job, err=True)
+    mine = [x for x in err.splitlines() if "error" in x and "srun" not in x and "[plait" not in x]
+    assert len(mine) == 1 and mine[0].startswith("train: error: parallel.tensor_parallel"), err
+    assert "Traceback" not in err + cluster.output(job)
+    assert info["Restarts"] == "0" and sorted(p.name for p in out.iterdir()) == []
+
+
 def test_two_task_job_trains_checkpoints_and_logs(cluster, tmp_path):
     out = tmp_path / "run"
     t0 = time.time()
