@@ -3,7 +3,6 @@
 import ctypes
 
 import pytest
-import torch
 
 from plait.parallel.config import ParallelConfig, ParallelConfigError
 from plait.parallel.runtime import _first_slurm_host, read_launch_env
@@ -92,19 +91,19 @@ def test_cpu_allocator_tuning_applies_on_glibc(monkeypatch):
     assert tune_cpu_allocator() == applied  # idempotent
 
 
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(f, ctypes.c_size_t) for f in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]  # fmt: skip
+_ALLOCATOR_PROBE = r"""
+import ctypes, json, sys
+import torch
+from plait.parallel.runtime import tune_cpu_allocator
 
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-def _mapped_bytes_for(nbytes: int) -> int:
-    """Bytes glibc holds in blocks of their own mmap while a tensor of ``nbytes`` lives,
-    beyond those held before it."""
-    libc = ctypes.CDLL("libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("glibc < 2.33: no mallinfo2")
-    libc.mallinfo2.restype = _Mallinfo2
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+
+def mapped(nbytes):
     before = libc.mallinfo2().hblkhd
     x = torch.empty(nbytes, dtype=torch.uint8)
     x.fill_(1)
@@ -112,24 +111,40 @@ def _mapped_bytes_for(nbytes: int) -> int:
     del x
     return during - before
 
+out = {"release": tune_cpu_allocator(keep_large=False)}
+out["release_80mb"], out["release_1mb"] = mapped(80 << 20), mapped(1 << 20)
+out["keep"] = tune_cpu_allocator(keep_large=True)
+out["keep_80mb"] = mapped(80 << 20)
+print(json.dumps(out))
+"""
+
 
 @pytest.mark.skipif(not _glibc(), reason="glibc's allocator")
-def test_cpu_allocator_keep_and_release(monkeypatch):
+def test_cpu_allocator_keep_and_release():
     """keep: above glibc's highest mmap threshold (32 MB) a tensor still comes from the heap,
     so a step's activations reuse freed memory instead of faulting in fresh pages; release:
-    it gets its own mapping, returned when freed."""
-    from plait.parallel.runtime import GLIBC_MALLOC_ENV, tune_cpu_allocator
+    it gets its own mapping, returned when freed. Measured in a fresh interpreter: in a
+    process that ran other tests, a large block freed earlier can serve the tensor from the
+    heap whatever the setting (the test failed that way when it ran after others)."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    for k in GLIBC_MALLOC_ENV:
-        monkeypatch.delenv(k, raising=False)
-    try:
-        assert tune_cpu_allocator(keep_large=False)
-        assert _mapped_bytes_for(80 << 20) >= 80 << 20
-        assert _mapped_bytes_for(1 << 20) == 0  # under the threshold: the heap either way
-        assert tune_cpu_allocator(keep_large=True)
-        assert _mapped_bytes_for(80 << 20) == 0
-    finally:
-        tune_cpu_allocator()  # the default, as the trainer leaves it
+    from plait.parallel.runtime import GLIBC_MALLOC_ENV
+
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33: no mallinfo2")
+    env = {k: v for k, v in os.environ.items() if k not in GLIBC_MALLOC_ENV}
+    proc = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["release"] and got["keep"]
+    assert got["release_80mb"] >= 80 << 20
+    assert got["release_1mb"] == 0  # under the threshold: the heap either way
+    assert got["keep_80mb"] == 0
 
 
 def test_cpu_heap_setting_keeps_only_when_asked():
