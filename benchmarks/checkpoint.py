@@ -1,5 +1,5 @@
 """Checkpoint save and load: time and size for the tiny demo model and a ~125M preset, with
-plait's logical format (launcher/checkpoint.py) beside DeepSpeed's own ``save_checkpoint``
+plait's logical format (launcher/checkpoint/) beside DeepSpeed's own ``save_checkpoint``
 (what plait used before, and what a user of plain DeepSpeed gets), and plait's synchronous
 save beside its asynchronous one (``checkpoint.async_save``).
 
@@ -151,7 +151,7 @@ def main() -> None:
                 "Command: `.venv/bin/python benchmarks/checkpoint.py`  ",
                 f"Machine: {machine()}, load average {load:.1f} at the start  ",
                 "One process, ZeRO-1, fp32 weights and LAMB moments after one step (vocab "
-                f"{VOCAB}), local disk, best of 3. plait: launcher/checkpoint.py (gather, "
+                f"{VOCAB}), local disk, best of 3. plait: launcher/checkpoint/ (gather, "
                 "safetensors, fsync, sha256 of every file, rename); DeepSpeed: its own "
                 "`save_checkpoint` / `load_checkpoint` (pickle, no fsync, no hashes), "
                 "synchronous like plait's (no asynchronous writer runs on this machine).",

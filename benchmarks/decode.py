@@ -1,6 +1,6 @@
-"""Per-token decode time of the exported model (launcher/hf_modeling) against context length:
-flat for the linear and SSM letters (a fixed-size state per layer), growing for softmax
-attention (a KV cache read at every step).
+"""Per-token decode time of the exported model (the modeling code an export ships) against
+context length: flat for the linear and SSM letters (a fixed-size state per layer), growing
+for softmax attention (a KV cache read at every step).
 
     .venv/bin/python benchmarks/decode.py            # writes the "decode" section
     .venv/bin/python benchmarks/decode.py --smoke    # tiny shapes, prints only
@@ -17,14 +17,21 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from common import machine, write_section  # noqa: E402
 
-from plait.launcher.hf_modeling.configuration_plait import PlaitConfig  # noqa: E402
-from plait.launcher.hf_modeling.modeling_plait import PlaitForCausalLM  # noqa: E402
+from plait.models.common import hf_code  # noqa: E402
+
+_CODE = Path(tempfile.mkdtemp(prefix="plait-decode-"))
+hf_code.write_code(_CODE, "LBHA")  # what an export of these letters ships
+_modeling = hf_code.load_code(_CODE)
+PlaitForCausalLM = _modeling.PlaitForCausalLM
+PlaitConfig = sys.modules[_modeling.__package__ + ".configuration_plait"].PlaitConfig
 
 LETTERS = {"L": "lightning (TransNormerLLM)", "B": "Based linear attention", "H": "H3",
            "A": "softmax attention (KV cache)"}  # fmt: skip

@@ -495,12 +495,12 @@ def section_train(args, budget: Budget, device: str) -> dict:
 
 # ------------------------------------------------------------------------------ 4. families
 def model_flops_per_token(cfg, vocab: int, lengths: list[int]) -> float:
-    """Training FLOPs per token: benchmarks/train_step.py's formula (``plait_flops``: 3 x
-    forward, 2 x parameters plus each letter's mixing FLOPs over the documents)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_step import plait_flops
+    """Training FLOPs per token from plait's cost model (plait.models.common.cost: 3 x
+    forward, every matmul plus each letter's mixing FLOPs over the documents), as
+    benchmarks/train_step.py counts them."""
+    from plait.models.common import cost
 
-    return plait_flops(cfg, vocab, lengths)
+    return cost.training_flops(cfg, vocab, lengths)
 
 
 class _Rows:
@@ -519,7 +519,7 @@ def family_worker(spec: dict) -> None:
 
     from plait.launcher.config import load_config
     from plait.launcher.engine import build_engine
-    from plait.launcher.loop import train_step
+    from plait.launcher.loop import Loop
     from plait.models.common import build_model, param_count
     from plait.parallel import runtime
 
@@ -554,7 +554,7 @@ def family_worker(spec: dict) -> None:
     for _ in range(1 + spec["steps"]):  # the first compiles and autotunes
         _sync(device)
         t1 = time.perf_counter()
-        losses.append(train_step(engine, scheduler, cfg, rt, rows).loss)
+        losses.append(Loop(cfg, rt, engine, scheduler, rows).step().loss)
         _sync(device)
         times.append(time.perf_counter() - t1)
     step_s = statistics.median(times[1:])

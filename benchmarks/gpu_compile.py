@@ -1,6 +1,6 @@
 """Ahead-of-time compile table of the Triton kernels (no GPU needed), into docs/benchmarks.md.
 
-Every kernel launch at every preset shape (tests/kernels/aot.py's matrix: lightning at
+Every kernel launch at every preset shape (kernels/aot.py's matrix: lightning at
 TransNormerLLM's and Based's head dims, sliding window at Based's and the generic 128/256,
 the short convolution at K = 3, 4), bf16 and fp32, with and without documents and initial
 state, compiled for sm_90 and sm_80 with Triton's own compiler and ptxas: shared memory,
@@ -8,7 +8,7 @@ registers and spill bytes per thread. tests/kernels/test_gpu_compile.py asserts 
 a quick subset.
 
     .venv/bin/python benchmarks/gpu_compile.py     # about 7 minutes on 2 cores, cold cache
-                                                   # (seconds warm: tests/kernels/aot.py)
+                                                   # (seconds warm: kernels/aot.py)
 """
 
 from __future__ import annotations
@@ -22,17 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from common import write_section  # noqa: E402
 
-from tests.kernels.aot import SMEM_LIMIT, spill_budget  # noqa: E402
+from plait.kernels.aot import SMEM_LIMIT, spill_budget  # noqa: E402
 
 
 def run_matrix() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.aot"], cwd=ROOT, env=env,
+        [sys.executable, "-m", "plait.kernels.aot"], cwd=ROOT, env=env,
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -86,7 +86,7 @@ def worker(job: dict) -> None:
     from plait.launcher.config import load_config
     from plait.launcher.engine import build_engine
     from plait.launcher.layout import sequence_parallel_context
-    from plait.launcher.loop import train_step
+    from plait.launcher.loop import Loop
     from plait.models.common import build_model
     from plait.parallel import runtime
 
@@ -109,7 +109,7 @@ def worker(job: dict) -> None:
     base = _status_kib("VmRSS")
     times, losses = [], []
     for _ in range(job["steps"] + 1):
-        s = train_step(engine, scheduler, cfg, rt, rows, sp)
+        s = Loop(cfg, rt, engine, scheduler, rows, sp=sp).step()
         times.append(s.step_time_s)
         losses.append(s.loss)
         if times[0] > job["limit"]:

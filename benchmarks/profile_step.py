@@ -17,7 +17,7 @@ matrix products, attention kernels, element-wise arithmetic, copies and layout c
 reductions and norms, the optimizer's own operators and communication. What the profiler does
 not see, the step's wall time minus the operators' self time, is Python and dispatch overhead
 between operators (module calls, autograd bookkeeping, DeepSpeed's engine). The summary also
-gives the model FLOPs utilisation: model FLOPs per token (train_step.plait_flops) x tokens/s
+gives the model FLOPs utilisation: model FLOPs per token (plait.models.common.cost) x tokens/s
 over the fp32 GEMM rate measured in the same process, and the share of the step the matrix
 products take, whose ratio is the rate the GEMMs themselves reach.
 """

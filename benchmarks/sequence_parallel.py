@@ -21,11 +21,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from common import machine, write_section  # noqa: E402
 
-from tests.distributed import run_distributed  # noqa: E402  (the fork-N-gloo-ranks helper)
+from plait.parallel.local import run_distributed  # noqa: E402  (the fork-N-gloo-ranks helper)
 
 D = 64
 

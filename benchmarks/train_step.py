@@ -158,17 +158,11 @@ class _Rows:
 
 
 def plait_flops(cfg, vocab: int, lengths: list[int]) -> float:
-    """Training FLOPs per token (3 x forward): 2 x parameters (+ the tied head's matmul), plus
-    each letter's mixing FLOPs averaged over the documents at their own lengths."""
-    from plait.models.common import family, param_count
+    """Training FLOPs per token (3 x forward) from plait's cost model
+    (plait.models.common.cost: every matmul, each letter's mixing at each document's length)."""
+    from plait.models.common import cost
 
-    V, h = cfg.padded_vocab_size(vocab), cfg.hidden_size
-    fwd = 2.0 * param_count(cfg, vocab) + (0.0 if cfg.tie_embeddings else -2.0 * V * h)
-    T = sum(lengths)
-    for i, symbol in enumerate(cfg.pattern):
-        mix = family.letter(symbol).mixing_flops
-        fwd += sum(L * mix(cfg, i, L) for L in lengths) / T
-    return 3.0 * fwd
+    return cost.training_flops(cfg, vocab, lengths)
 
 
 def llama_flops(n_params: int, cfg: dict, T: int) -> float:
@@ -211,7 +205,7 @@ def _plait_model(job: Job):
     """(step(T) -> loss, flops(T, lengths), parameter count) through the run config."""
     from plait.launcher.config import load_config
     from plait.launcher.engine import build_engine
-    from plait.launcher.loop import train_step
+    from plait.launcher.loop import Loop
     from plait.models.common import build_model, param_count
     from plait.parallel import runtime
 
@@ -235,7 +229,7 @@ def _plait_model(job: Job):
 
     def step(T: int, rows: _Rows):
         cfg.data.seq_len = T
-        s = train_step(engine, scheduler, cfg, rt, rows)
+        s = Loop(cfg, rt, engine, scheduler, rows).step()
         return s.loss
 
     step.engine = engine  # profile_step.py --phases times its forward, backward and step

@@ -22,7 +22,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("PLAIT_TRITON_AUTOTUNE", "1") != "0"
 """``PLAIT_TRITON_AUTOTUNE=0``: launch every kernel at the first config its shared-memory
 pruner keeps (the fewest warps that do not spill, the most stages that fit: the config
-tests/kernels/aot.py compiles and checks) instead of compiling and timing each candidate.
+kernels/aot.py compiles and checks) instead of compiling and timing each candidate.
 For runs whose minutes are counted (benchmarks/gpu_check.py's correctness section), where
 autotuning every shape would spend most of them compiling."""
 

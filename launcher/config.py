@@ -147,7 +147,7 @@ class TrainingConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = ""
-    """Where checkpoints go; empty means <out_dir>/checkpoints (launcher/checkpoint.py says
+    """Where checkpoints go; empty means <out_dir>/checkpoints (launcher/checkpoint/ says
     what one holds)."""
     save_every: int = 0
     """Save every this many steps (and at the end of the run, on preemption and at a time

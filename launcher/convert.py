@@ -4,7 +4,7 @@ self-check (launcher/export_check.py), the sentencepiece tokenizer as ``tokenize
 the import of an export into a weights-only checkpoint.
 
 Because a checkpoint holds every parameter's full fp32 weight whatever layout wrote it
-(launcher/checkpoint.py), an export reads no optimizer state and needs no process group.
+(launcher/checkpoint/), an export reads no optimizer state and needs no process group.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from plait.errors import UserError
-from plait.models.common import ModelConfig
+from plait.models.common import ModelConfig, hf_code
 from plait.models.common.hf_export import from_hf, to_hf
 
 from . import checkpoint, export_check
 from .config import ConfigError, config_from_dict
 from .rundir import check_writable_dir
 
-CODE = Path(__file__).parent / "hf_modeling"
-CODE_FILES = ("configuration_plait.py", "modeling_plait.py")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -304,8 +302,7 @@ def export(
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tok.save_pretrained(str(tmp))
         shutil.copy(spm_path, tmp / "tokenizer.model")
-        for name in CODE_FILES:
-            shutil.copy(CODE / name, tmp / name)
+        hf_code.write_code(tmp, cfg.pattern)  # plait's and each family's modeling code
         result = None
         if verify:
             try:

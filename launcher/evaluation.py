@@ -89,11 +89,11 @@ def position_loss(model, source, length: int, micro_batch: int, batches: int, rt
         b = {k: v[:, index] for k, v in loader.next_micro_batch().items()}
         b = {k: v.to(rt.device) for k, v in b.items()}
         if document_masking:
-            logits = model(b["tokens"], None, None, b["positions"], b["doc_ids"])
+            logits = model(b["tokens"], positions_BT=b["positions"], doc_ids_BT=b["doc_ids"])
             pos = b["positions"].cpu()
         else:
             pos = index.to(rt.device).expand_as(b["tokens"])
-            logits = model(b["tokens"], None, None, pos)
+            logits = model(b["tokens"], positions_BT=pos)
             pos = pos.cpu()
         if logits is None:  # a pipeline stage before the last: the logits are elsewhere
             continue
@@ -119,7 +119,7 @@ def _answers_right(model, tokens_BT, mask_BT, rt, sp) -> torch.Tensor:
     index = _global_index(length, sp)
     tokens, labels, mask = tokens_BT[:, index], labels[:, index], mask_BT[:, index]
     pos = index.expand_as(tokens)
-    logits = model(tokens.to(rt.device), None, None, pos.to(rt.device))
+    logits = model(tokens.to(rt.device), positions_BT=pos.to(rt.device))
     cols = mask.any(0).nonzero().flatten()
     wrong = torch.zeros(tokens.shape[0], dtype=torch.float64)
     if len(cols):
@@ -154,7 +154,7 @@ def _query_accuracy(model, b: dict[str, torch.Tensor], rt, sp) -> float:
     index = _global_index(length, sp)
     tokens, labels, mask = (b[k][:, index] for k in ("tokens", "labels", "loss_mask"))
     pos = index.expand_as(tokens)
-    logits = model(tokens.to(rt.device), None, None, pos.to(rt.device))
+    logits = model(tokens.to(rt.device), positions_BT=pos.to(rt.device))
     cols = (mask > 0).any(0).nonzero().flatten()
     stats = torch.zeros(2, dtype=torch.float64)
     if len(cols):

@@ -41,7 +41,7 @@ def zigzag(cfg: Config) -> bool:
     """Whether the context-parallel layout is ring attention's zigzag: only when the scheme
     is ring and every letter runs in that layout (letters that pass states or halos from
     rank to rank need contiguous chunks)."""
-    every = all(letter(c).sequence_parallel.zigzag for c in set(cfg.model.pattern))
+    every = all(letter(c).zigzag for c in set(cfg.model.pattern))
     return cfg.parallel.softmax_sp == "ring" and every
 
 

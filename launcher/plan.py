@@ -8,7 +8,7 @@ sequence length (each letter's own estimate, ``Letter.cost``: a softmax layer at
 cost what a lightning layer does; plus the MLP, and the output layer on the last stage), its
 parameters, and the memory per rank: weights, gradients and optimizer state under the chosen
 ZeRO stage, and activations of the micro-batches in flight under 1F1B. Then the pipeline
-bubble. Stages come from ``plait.parallel.pipeline.balance`` (the cut that minimises the
+bubble. Stages come from ``plait.parallel.stages.balance`` (the cut that minimises the
 costliest stage). The memory figures are estimates, stated with their formulas below.
 
 Memory model (bytes per rank; P = the stage's parameters / TP; ``--precision bf16``, the GPU

@@ -5,9 +5,9 @@ command's help (launcher/plan.py)."""
 
 from __future__ import annotations
 
-from plait.models.common import family
+from plait.models.common import cost as cost_model
 from plait.models.common.layers import norm_params
-from plait.parallel.pipeline import bubble_fraction, stage_layers
+from plait.parallel.stages import bubble_fraction, stage_layers
 
 from .config import Config, ConfigError
 from .layout import check_run
@@ -16,17 +16,12 @@ GIB = 1024**3
 
 
 def layer_costs(cfg: Config) -> tuple[list[float], list[int]]:
-    """Forward FLOPs per token and parameters of every block at the run's sequence length."""
-    m = cfg.model
-    h, f = m.hidden_size, m.ffn_size
-    mlp = {"gelu": 2 * h * f + f + h, "none": 0}.get(m.mlp, 3 * h * f)
-    costs, params = [], []
-    for i, c in enumerate(m.pattern):
-        letter = family.letter(c)
-        costs.append(letter.cost(m, i, cfg.data.seq_len) + 2 * mlp)
-        norms = norm_params(m) * (1 if m.mlp == "none" else 2)
-        params.append(letter.mixer.param_count(m, i) + mlp + norms)
-    return costs, params
+    """Forward FLOPs per token and parameters of every block at the run's sequence length
+    (plait.models.common.cost)."""
+    m, T = cfg.model, cfg.data.seq_len
+    layers = range(len(m.pattern))
+    flops = [cost_model.block_flops(m, i, T) for i in layers]
+    return flops, [cost_model.block_params(m, i) for i in layers]
 
 
 def stage_bounds(cfg: Config, vocab: int = 0) -> list[tuple[int, int]]:
@@ -39,7 +34,7 @@ def stage_bounds(cfg: Config, vocab: int = 0) -> list[tuple[int, int]]:
     V = m.padded_vocab_size(vocab or m.vocab_size or cfg.data.prepare.vocab_size)
     marks = m.pipeline_marks if p.pipeline_parallel > 1 and m.pipeline_marks else None
     return stage_layers(costs, p.pipeline_parallel, p.virtual_pipeline, marks,
-                        last_extra=2.0 * m.hidden_size * V)  # fmt: skip
+                        last_extra=cost_model.output_flops(m, V))  # fmt: skip
 
 
 def plan(cfg: Config, world: int, precision: str = "bf16", vocab: int = 0) -> dict:
@@ -52,14 +47,14 @@ def plan(cfg: Config, world: int, precision: str = "bf16", vocab: int = 0) -> di
     m = cfg.model
     V = m.padded_vocab_size(vocab or m.vocab_size or cfg.data.prepare.vocab_size)
     costs, params = layer_costs(cfg)
-    out_cost = 2.0 * m.hidden_size * V
+    out_cost = cost_model.output_flops(m, V)
     stages = stage_bounds(cfg, V)
     vp, last = p.virtual_pipeline, len(stages) - 1
     wb = 2 if precision == "bf16" else 4
     opt_b = 12 if precision == "bf16" else 8
     micro = cfg.training.grad_accum
     s, b, h = cfg.data.seq_len, cfg.training.micro_batch_size, m.hidden_size
-    act_layer = 34 * s * b * h * (1 if precision == "bf16" else 2) / (tp * cp)
+    act_layer = cost_model.activation_bytes(m, s, b, precision == "bf16", tp, cp)
     rows = []
     for k, (a, e) in enumerate(stages):
         n = sum(params[a:e]) + (V * h if k == 0 else 0)

@@ -55,7 +55,7 @@ from . import checkpoint
 from .config import Config, ConfigError
 from .engine import build_engine
 from .layout import check_run, sequence_parallel_context
-from .loop import SpikeDetector, StepStats, run
+from .loop import Loop, SpikeDetector, StepStats
 from .rundir import RunLock
 
 EXIT_NONFINITE = 3
@@ -372,8 +372,9 @@ class Trainer:
 
         step_end = _StepEnd(cfg, rt, preemption, saver, spikes, engine, scheduler, loader,
                             _deadline(cfg, start))  # fmt: skip
-        history = run(engine, scheduler, cfg, rt, loader, val_set, on_step=step_end, sp=sp,
-                      spikes=spikes, tokenizer=tok, pipe=pipe)  # fmt: skip
+        loop = Loop(cfg, rt, engine, scheduler, loader, sp=sp, pipe=pipe, spikes=spikes,
+                    val=val_set, tokenizer=tok)
+        history = loop.run(on_step=step_end)
         saver.wait()  # the last checkpoint is complete before the run says it stopped
         why = step_end.why
         if rt.is_main and why:
@@ -453,10 +454,10 @@ def build_stages(cfg: Config, rt, vocab_size: int, sp):
     from plait.parallel.pipeline import (
         StageChunk,
         StageContainer,
-        local_stages,
         shared_init_rng,
         transformer_config,
     )
+    from plait.parallel.stages import local_stages
 
     from .planning import stage_bounds
 

@@ -56,7 +56,7 @@ preset's). How each letter runs under sequence parallelism is in its family entr
 """
 
 PARAMS_HEADER = """
-Parameter counts are computed from each preset's config (`plait.models.common.param_count`,
+Parameter counts are computed from each preset's config (`plait.models.common.cost`,
 checked against the built model by tests/models/test_families.py) with the preset's own
 vocabulary and embedding tying. "published" is the paper's or model card's size; a
 difference over 2% is explained.
@@ -67,24 +67,22 @@ def letters_table() -> str:
     rows = ["| letter | mixer | family | under sequence parallelism |", "|---|---|---|---|"]
     for fam in SHIPPED:
         for lt in fam.letters:
-            sp = lt.sequence_parallel
-            ops = ", ".join(
-                f"`{op.__module__.removeprefix('plait.')}.{op.__name__}`" for op in sp.operators
+            rows.append(
+                f"| {lt.symbol} | {lt.doc.description} | {fam.name} | {lt.doc.sequence_parallel} |"
             )
-            rows.append(f"| {lt.symbol} | {lt.description} | {fam.name} | {sp.scheme} ({ops}) |")
     return "\n".join(rows) + "\n"
 
 
 def release_table() -> str:
-    """Each letter against the authors' released code (``Letter.release`` and
-    ``Letter.differs_from_release``)."""
+    """Each letter against the authors' released code (``LetterDoc.release`` and
+    ``differs_from_release``)."""
     rows = [
         "| letter | computes by default | differs from the release |",
         "|---|---|---|",
     ]
     for fam in SHIPPED:
         for lt in fam.letters:
-            rows.append(f"| {lt.symbol} | {lt.release} | {lt.differs_from_release} |")
+            rows.append(f"| {lt.symbol} | {lt.doc.release} | {lt.doc.differs_from_release} |")
     return "\n".join(rows) + "\n"
 
 
@@ -106,48 +104,53 @@ unpacked or concatenated text without document boundaries).
 ADDING_A_FAMILY = """
 ## Adding a family
 
-A family is one folder under `models/` and one line in `models/registry.py`; nothing in
-`models/common/` changes. Checklist (the TransNormerLLM and MoH folders are the shortest
-examples):
+A family is one folder; nothing outside it changes but one line of `models/registry.py` (a
+family kept outside plait needs not even that). The folder holds everything about its
+letters: the training module, its split under tensor parallelism, its export mapping, the
+HF-side module an export ships, its options and presets. tests/models/toy_family.py and
+toy_family_hf.py are a complete family in two files, defined in the tests folder: it trains
+under TP=2 through the CLI, exports, passes the export's self-check, and generates with its
+cache in a process that cannot import plait (tests/models/test_registry.py). Checklist:
 
-1. `models/<family>/mixer.py`: one `nn.Module` per letter, built as
-   `Mixer(cfg, mp, layer_idx, sp)` and mapping x [B, T, hidden] (with positions [B, T] and
-   doc ids [B, T] or None) to [B, T, hidden]. Use megatron-core's column/row-parallel layers
-   (or `mark_tp_sharded` for tensors split by hand) and draw weights whole then slice, so any
-   TP size has the same logical init. Open no process group and call no collective: run the
-   token mixing through a function of `plait.parallel` that takes the `SequenceParallel`
-   context (`lasp2.lightning`, `halo.window`, `convs.long_conv`, `softmax.attention`...), or
-   add one there for a new scheme. Give the class a static `param_count(cfg, layer_idx)`; if
-   the mixer has an auxiliary loss or gauge, an `auxiliary()` method returning
-   `plait.models.common.Auxiliary` records (the model adds the losses in training and logs
-   them all).
-2. `models/<family>/config.py`: the options dataclass (defaults, docstrings, `validate()`,
-   and `check(cfg)` for checks against the rest of the model config). It becomes
-   `cfg.<family>` and `model.<family>.*` in YAML and `--set`.
-3. `models/<family>/tp_plan.py`: the split of every mixer parameter (column, row,
-   replicated, with why); tests/models/test_plans_and_export.py checks it against the built
-   layers at TP=2.
-4. `models/<family>/hf_export.py`: a `LetterExport` per letter (names of the reference
-   code, fused projections re-laid out per role); the round trip must be exact.
-5. `models/<family>/presets.py`: published sizes (with the source and the published
-   parameter count), a 1B-class preset and a `<family>-tiny` CPU preset.
-6. `models/<family>/__init__.py`: `FAMILY = Family(...)` with one `Letter` per letter: mixer,
-   description, TP plan, HF export, `mixing_flops` (the pipeline balancer's cost estimate),
-   `sequence_parallel` (the scheme in words and the `plait.parallel` functions that run it;
-   `zigzag=True` only for letters that run in ring attention's zigzag layout) and
-   `decode_state` (what a decode cache keeps).
-7. `models/registry.py`: add the family to the tuple. pyproject needs nothing: every folder
-   under models/ is installed as `plait.models.<folder>` (setup.py finds them).
-8. Tests: the family's tiny preset joins every parametrised test that iterates over the
-   registered families (TP=2 == TP=1, causality, documents, memorisation, parameter counts,
-   TP plan, HF round trip, SP parity); add tests of the letters against a plain reference
-   written from the paper or the released code; regenerate this file
-   (`python -m plait.models.presets`).
-
-A family kept outside plait registers itself (`plait.models.common.family.register(FAMILY)`
-at import) and is named in the run config, `model.families: [my_package.my_family]`;
-tests/models/toy_family.py is such a family, trained through the CLI at TP=2 by
-tests/models/test_registry.py.
+1. `mixer.py`: one `nn.Module` per letter with the `Mixer` protocol
+   (`plait.models.common.family.Mixer`, checked when the family registers): built as
+   `Mixer(cfg, mp, layer_idx, sp)`; `forward(x [B, T, hidden], positions, doc_ids)`;
+   `decode(x, positions, state) -> (y, state)` for generation; static `param_count`,
+   `tp_split` (the counts tensor parallelism divides, by config field: the layout check
+   refuses a TP size that does not divide them before anything starts) and `halo` (the
+   tokens a context-parallel rank needs from the one before). Use megatron-core's
+   column/row-parallel layers (or `mark_tp_sharded` for tensors split by hand) and draw
+   weights whole then slice, so any TP size has the same logical init. Open no process group
+   and call no collective: run the token mixing through a function of `plait.parallel` that
+   takes the `SequenceParallel` context (`lasp2.lightning`, `halo.window`,
+   `convs.short_conv`...), or add one there for a new scheme. An auxiliary loss or gauge: an
+   `auxiliary()` method returning `plait.models.common.Auxiliary` records.
+2. `config.py`: the options dataclass (defaults, docstrings, `validate()`, and `check(cfg)`
+   for checks against the rest of the model config): `cfg.<family>`, `model.<family>.*`.
+3. `tp_plan.py`: the split of every mixer parameter (column, row, replicated, with why);
+   `build_model` checks every built parameter against it.
+4. `hf_export.py`: a `LetterExport` per letter: the mapping of its tensors to the HF layout
+   and back (names of the reference code; exact round trip) and `hf_class`, the letter's
+   class in the family's `hf_mixer.py`.
+5. `hf_mixer.py`: the HF-side modules, plain PyTorch importing nothing from plait (only
+   `.plait_layers`, the shared norms, rotary and attention helpers): `forward(x, positions,
+   pad, state) -> (y, state)`, the same function as the training module with a decode state.
+   An export ships it as `mixer_<family>.py` (models/common/hf_code.py).
+6. `presets.py`: published sizes (with the source and the published parameter count), a
+   1B-class preset and a `<family>-tiny` CPU preset.
+7. `__init__.py`: `FAMILY = Family(...)`: its letters (`Letter`: mixer, TP plan, export,
+   `mixing_flops` for the cost model, `zigzag`, `selective_recompute`, and a `LetterDoc`:
+   description, the sequence-parallel scheme in words, the decode state, the release and
+   every difference from it), options, presets, `hf_code` (its `hf_mixer.py`), `one_b`.
+8. `models/registry.py`: add the family to the tuple (every folder under models/ installs as
+   `plait.models.<folder>`). A family outside plait calls
+   `plait.models.common.family.register(FAMILY)` at import and is named in the run config
+   (`model.families: [my_package.my_family]`).
+9. Tests: the family's tiny preset joins every test that iterates over the registered
+   letters and families (TP=2 == TP=1, causality, documents, decode, memorisation,
+   parameter counts, TP plan, HF round trip and HF-side logits, SP parity); add tests of the
+   letters against a plain reference written from the paper or the released code;
+   regenerate this file (`.venv/bin/python -m plait.models.presets`).
 """
 
 
@@ -156,7 +159,7 @@ def _fmt(n: float) -> str:
 
 
 def markdown() -> str:
-    from .common.lm import param_count
+    from .common.cost import param_count
 
     rows = [
         "| preset | pattern | d | layers | heads | vocab | tied | params | published | diff | "

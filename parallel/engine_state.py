@@ -1,5 +1,5 @@
 """A DeepSpeed engine's training state as logical tensors, and back: what the checkpoints
-(launcher/checkpoint.py) save and load under any layout.
+(launcher/checkpoint/) save and load under any layout.
 
 Each parameter's full fp32 master weight and optimizer moments (``exp_avg``, ``exp_avg_sq``:
 LAMB's and AdamW's) are gathered over the ZeRO partitions and over tensor parallelism

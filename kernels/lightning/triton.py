@@ -64,7 +64,7 @@ def _smem_per_stage(kernel: str, BT: int, BK: int, BV: int, isz: int) -> int:
 
 
 def min_warps(kernel: str, fp32: bool) -> int:
-    """Fewer warps spill registers (tests/kernels/aot.py, sm_80): fp32's tf32x3 splits every
+    """Fewer warps spill registers (kernels/aot.py, sm_80): fp32's tf32x3 splits every
     operand in two, and dq/dk keep three BT x BT-sized accumulators."""
     return 8 if fp32 or kernel == "dqdk" else 4
 
@@ -539,7 +539,7 @@ _TT = TRITON_DTYPE
 
 
 def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, has_init: bool, block: int = 64):
-    """One entry per kernel a call at this shape launches, for tests/kernels/aot.py: argument
+    """One entry per kernel a call at this shape launches, for kernels/aot.py: argument
     types, constexprs (as the wrapper sets them on a GPU) and the largest autotune config the
     shared-memory pruner keeps on an H100 (the most demanding one)."""
     meta = plan(D, E, dtype, block, interpret=False)

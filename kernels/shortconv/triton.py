@@ -139,7 +139,7 @@ def short_conv_triton(x, w, bias=None, doc_ids=None, BT: int = 32, BC: int = 32)
 
 def aot_cases(K: int, dtype: torch.dtype, has_docs: bool, has_bias: bool = True,
               BT: int = 32, BC: int = 32):  # fmt: skip
-    """The kernels one call launches, for tests/kernels/aot.py (see lightning's)."""
+    """The kernels one call launches, for kernels/aot.py (see lightning's)."""
     x, i32 = f"*{_TT[dtype]}", "i32"
     flags = dict(K=K, HAS_DOCS=has_docs, BT=BT, BC=BC)
     return [

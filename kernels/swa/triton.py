@@ -16,7 +16,7 @@ Launch configuration: ``triton.autotune`` over warps and pipeline stages, pruned
 benchmarking by an estimate of shared memory (what ``num_stages`` multiplies: the K/V or Q/dO
 tiles of one loop iteration) against the device's limit, and by the fewest warps that do not
 spill (``num_warps``) and the most stages that do not (``max_stages``), both measured with
-tests/kernels/aot.py. One config under the interpreter.
+kernels/aot.py. One config under the interpreter.
 
 Precision: on a GPU the dot operands stay in the input dtype (bf16/fp16 tensor cores, the
 probabilities cast to it as flash attention does) with float32 accumulation and softmax
@@ -48,13 +48,13 @@ MAX_HEAD_DIM = 256
 
 
 def num_warps(D: int, E: int, kernel: str = "fwd") -> int:
-    """The fewest warps that do not spill on sm_80 or sm_90 (tests/kernels/aot.py): 8 for
+    """The fewest warps that do not spill on sm_80 or sm_90 (kernels/aot.py): 8 for
     heads over 64, and for dq from 64 (at 64, dk/dv spills with 8 warps on sm_80, not 4)."""
     return 8 if max(D, E) > 64 or (kernel == "dq" and max(D, E) >= 64) else 4
 
 
 def max_stages(D: int, E: int, kernel: str, arch: int = 90) -> int:
-    """Pipeline stages beyond which registers spill (tests/kernels/aot.py): on sm_80 a third
+    """Pipeline stages beyond which registers spill (kernels/aot.py): on sm_80 a third
     stage spills already at head dim 32 (forward) and 64 (dK/dV); on sm_90 only dK/dV at head
     dim 256 in bf16 (two 32 x 256 fp32 accumulators plus a third stage of Q/dO tiles pass 255
     registers, 16 B spilled)."""
@@ -265,7 +265,7 @@ def plan(D: int, E: int, dtype: torch.dtype, block: int, interpret: bool = INTER
     BD, BE = (max(16, triton.next_power_of_2(n)) for n in (D, E))
     wide = max(BD, BE) > 64
     if not interpret:
-        # measured with tests/kernels/aot.py: these are the largest blocks that do not spill
+        # measured with kernels/aot.py: these are the largest blocks that do not spill
         if dtype == torch.float32:
             if wide and max(BD, BE) > 128:
                 raise ValueError(
@@ -346,7 +346,7 @@ def swa_triton(q, k, v, window, doc_ids=None, scale=None, block: int = 64):
 
 def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, block: int = 64,
               arch: int = 90):  # fmt: skip
-    """The kernels one call launches, for tests/kernels/aot.py (see lightning's): each at the
+    """The kernels one call launches, for kernels/aot.py (see lightning's): each at the
     fewest warps its pruner allows and the most stages that fit an H100 (the most demanding
     config the autotuner can pick on ``arch``)."""
     meta = plan(D, E, dtype, block, interpret=False)

@@ -1,8 +1,9 @@
 """Based (Arora et al., 2024): Taylor linear attention ``B`` + sliding window ``W`` + gated
 short convolutions ``C``."""
 
-from plait.models.common.family import Family, Letter, SequenceParallelForm
-from plait.parallel import convs, halo, lasp2
+from pathlib import Path
+
+from plait.models.common.family import Family, Letter, LetterDoc
 
 from .config import BasedOptions
 from .hf_export import EXPORTS
@@ -35,62 +36,65 @@ def _conv_flops(cfg, layer_idx: int, seq_len: int) -> float:
 
 B = Letter(
     symbol="B",
-    description="Based Taylor linear attention",
     mixer=BasedLinearAttention,
     tp_plan=PLAN["B"],
     hf_export=EXPORTS["B"],
     mixing_flops=_taylor_flops,
-    sequence_parallel=SequenceParallelForm(
-        "LASP-2 over the Taylor-feature states ([F, d + 1] per head, numerator and "
-        "normaliser): one all-gather of fixed-size states",
-        (lasp2.based,),
-    ),
-    decode_state="per head the [F, d + 1] Taylor-feature state (numerator and normaliser)",
-    release=(
-        "HazyResearch/based's Taylor linear attention (feature dim 16, eps 1e-6, the fla_parallel"
-        " path of the 360M and 1.3B models)"
-    ),
-    differs_from_release=(
-        "the based-1b (10B tokens) release ran the quadratic path with eps 1e-12 (denominators "
-        "are >= 1: negligible)"
+    doc=LetterDoc(
+        description="Based Taylor linear attention",
+        sequence_parallel=(
+            "LASP-2 over the Taylor-feature states ([F, d + 1] per head, numerator and "
+            "normaliser): one all-gather of fixed-size states"
+        ),
+        decode_state="per head the [F, d + 1] Taylor-feature state (numerator and normaliser)",
+        release=(
+            "HazyResearch/based's Taylor linear attention (feature dim 16, eps 1e-6, the "
+            "fla_parallel path of the 360M and 1.3B models)"
+        ),
+        differs_from_release=(
+            "the based-1b (10B tokens) release ran the quadratic path with eps 1e-12 "
+            "(denominators are >= 1: negligible)"
+        ),
     ),
 )
 W = Letter(
     symbol="W",
-    description="sliding-window softmax attention with RoPE (Based)",
     mixer=SlidingWindowAttention,
     tp_plan=PLAN["W"],
     hf_export=EXPORTS["W"],
     mixing_flops=_window_flops,
-    sequence_parallel=SequenceParallelForm(
-        "halo exchange: the last window - 1 keys and values go to the next rank (one P2P "
-        "send/receive per layer, bytes independent of the sequence length)",
-        (halo.window,),
-    ),
     selective_recompute=True,
-    decode_state="keys and values of the last window - 1 tokens",
-    release=(
-        "HazyResearch/based's sliding-window attention: based.window counts the keys a query sees"
-        " including itself, so the released window_size 256 (flash-attn (128, 0)) is 129"
+    doc=LetterDoc(
+        description="sliding-window softmax attention with RoPE (Based)",
+        sequence_parallel=(
+            "halo exchange: the last window - 1 keys and values go to the next rank (one P2P "
+            "send/receive per layer, bytes independent of the sequence length)"
+        ),
+        decode_state="keys and values of the last window - 1 tokens",
+        release=(
+            "HazyResearch/based's sliding-window attention: based.window counts the keys a query "
+            "sees including itself, so the released window_size 256 (flash-attn (128, 0)) is 129"
+        ),
+        differs_from_release="none in function",
     ),
-    differs_from_release="none in function",
 )
 C = Letter(
     symbol="C",
-    description="gated short convolution (Based)",
     mixer=GatedShortConv,
     tp_plan=PLAN["C"],
     hf_export=EXPORTS["C"],
     mixing_flops=_conv_flops,
-    sequence_parallel=SequenceParallelForm(
-        "halo exchange of the last conv_kernel - 1 inputs of the convolved half",
-        (convs.short_conv,),
-    ),
-    decode_state="the last conv_kernel - 1 inputs of the convolved half",
-    release="HazyResearch/based's BaseConv (gated short convolution, biases on the projections)",
-    differs_from_release=(
-        "the fused in_proj is two matrices (a TP rank holds matching channels of both halves; the"
-        " export fuses them)"
+    doc=LetterDoc(
+        description="gated short convolution (Based)",
+        sequence_parallel="halo exchange of the last conv_kernel - 1 inputs of the convolved half",
+        decode_state="the last conv_kernel - 1 inputs of the convolved half",
+        release=(
+            "HazyResearch/based's BaseConv (gated short convolution, biases on the projections)"
+        ),
+        differs_from_release=(
+            "the fused in_proj is two matrices (a TP rank holds matching channels of both halves;"
+            " the export fuses them)"
+        ),
     ),
 )
 
@@ -99,6 +103,7 @@ FAMILY = Family(
     description="Based: Taylor linear attention, sliding-window attention, gated convolutions",
     letters=(B, W, C),
     options=BasedOptions,
+    hf_code=Path(__file__).with_name("hf_mixer.py"),
     presets=PRESETS,
     one_b="based-1.3b",
 )

@@ -69,7 +69,7 @@ def _c_from(s: State, cfg, i) -> State:
 
 
 EXPORTS = {
-    "B": LetterExport(_b_to, _b_from),
-    "W": LetterExport(_w_to, _w_from),
-    "C": LetterExport(_c_to, _c_from),
+    "B": LetterExport(_b_to, _b_from, hf_class="BasedLinearAttention"),
+    "W": LetterExport(_w_to, _w_from, hf_class="SlidingWindowAttention"),
+    "C": LetterExport(_c_to, _c_from, hf_class="GatedShortConv"),
 }

@@ -1,8 +1,9 @@
 """Building blocks shared by every model family, the family catalogue, and the hybrid LM."""
 
 from .config import ModelConfig, ModelConfigError
-from .family import Auxiliary, Family, Letter, SequenceParallelForm, letter, letters, register
-from .lm import Block, HybridLM, build_model, param_count
+from .cost import param_count
+from .family import Auxiliary, Family, Letter, LetterDoc, Mixer, letter, letters, register
+from .lm import Block, HybridLM, build_model
 
 __all__ = [
     "Auxiliary",
@@ -12,7 +13,8 @@ __all__ = [
     "Letter",
     "ModelConfig",
     "ModelConfigError",
-    "SequenceParallelForm",
+    "LetterDoc",
+    "Mixer",
     "build_model",
     "letter",
     "letters",

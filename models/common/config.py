@@ -32,14 +32,15 @@ class ModelConfig:
     """Start from a named preset (``plait.models.presets``); fields given beside it override
     the preset's. Empty: no preset."""
     pattern: str = "LLAL"
-    """One letter per layer (see ``pattern.py``): L lightning, A softmax attention, B Based
-    linear attention, W sliding window, C gated short conv, H H3, S SeqBoat, M MoH."""
+    """One letter per layer (the letters are registered in ``family.py``'s catalogue; plait's
+    own by ``plait.models.registry``): L lightning, A softmax attention, B Based linear
+    attention, W sliding window, C gated short conv, H H3, S SeqBoat, M MoH."""
     num_layers: int = 4
     """Number of blocks; must equal len(pattern)."""
     pipeline_marks: list[int] = field(default_factory=list)
     """Where ``|`` marks in the pattern cut it into pipeline stages (``LLLA|LLLA``): the layer
     indices that start a new stage. Filled from the pattern (the marks are then removed from
-    it); empty: the balancer cuts (parallel/pipeline.py)."""
+    it); empty: the balancer cuts (parallel/stages.py)."""
     hidden_size: int = 128
     """Model width."""
     num_heads: int = 4

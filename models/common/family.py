@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from plait.errors import UserError
 
 if TYPE_CHECKING:
-    from torch import nn
 
     from .config import ModelConfig
     from .hf_export import LetterExport
@@ -32,61 +32,77 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class SequenceParallelForm:
-    """How a letter runs when the sequence is split over the context-parallel ranks."""
+class LetterDoc:
+    """What a letter is, in words: read by people and by docs/models.md's generator (nothing
+    runs on it)."""
 
-    scheme: str
-    """In words: what crosses the ranks and why it is enough (e.g. LASP-2's one all-gather of
-    fixed-size states)."""
-    operators: tuple[Callable[..., Any], ...]
-    """The functions in plait.parallel that run it, each called with the ``SequenceParallel``
-    context first (read them to see the communication)."""
-    zigzag: bool = False
-    """Runs with the zigzag token layout (ring attention's balanced causal split); letters
-    that pass states or halos from rank to rank need the contiguous layout."""
-
-
-@dataclass(frozen=True)
-class Letter:
-    """One token mixer: a pattern letter."""
-
-    symbol: str
     description: str
-    mixer: type[nn.Module]
-    """Built as ``mixer(cfg, mp, layer_idx, sp)``; maps x [B, T, hidden] (with positions
-    [B, T] and doc ids [B, T] or None) to [B, T, hidden]. Three static methods describe it
-    from the config alone, so that a run's layout is checked before any process starts work
-    (launcher/layout.py): ``param_count(cfg, layer_idx)``, the logical parameter count;
-    ``tp_split(cfg, layer_idx)``, {config field: the count tensor parallelism divides among
-    its ranks} (heads, channels); ``halo(cfg, layer_idx)``, (config field, tokens): how many
-    of the previous context-parallel rank's last tokens each rank needs, ("", 0) for none
-    (a rank's chunk must hold them). A mixer with
-    auxiliary losses or metrics also has ``auxiliary() -> list[Auxiliary]`` (see lm.py).
-
-    Every mixer also has the decode form ``decode(x [B, T, hidden], positions [B, T], state)
-    -> (y [B, T, hidden], state)``: it continues a sequence by T tokens from ``state`` (None:
-    the start of a sequence, when it must equal ``forward`` on those tokens) and returns
-    their outputs and the state after them (a dict of tensors, this rank's heads, holding
-    what ``decode_state`` says). T may be anything with or without a state; the outputs
-    equal ``forward`` over the whole sequence so far (tests/models/test_decode.py)."""
-    tp_plan: Mapping[str, Split]
-    """Split of every mixer parameter (names relative to ``blocks.{i}.mixer.``)."""
-    hf_export: LetterExport
-    """Mapping of the mixer's tensors to the HF layout and back."""
-    mixing_flops: Callable[[ModelConfig, int, int], float]
-    """(cfg, layer_idx, seq_len) -> forward FLOPs per token spent mixing tokens, beyond the
-    2 x parameters of the mixer's projections: with ``param_count`` it is the letter's cost
-    estimate for the pipeline-stage balancer (a softmax layer at 32K does not cost what a
-    lightning layer does)."""
-    sequence_parallel: SequenceParallelForm
+    sequence_parallel: str
+    """How it runs when the sequence is split over the context-parallel ranks: what crosses
+    the ranks and why it is enough (e.g. LASP-2's one all-gather of fixed-size states)."""
     decode_state: str
-    """What a decode cache keeps for this letter between tokens (the generation path's
-    contract: constant-size for linear and SSM letters, growing for softmax ones)."""
+    """What a decode cache keeps for this letter between tokens (constant-size for linear and
+    SSM letters, growing for softmax ones)."""
     release: str = ""
     """The authors' released code this letter computes by default (repository and module)."""
     differs_from_release: str = ""
     """Every deliberate difference from that code (docs/models.md's column of that name);
     "none" when it computes the same function."""
+
+
+class Mixer(Protocol):
+    """The contract of a letter's token mixer (``Letter.mixer``), checked by ``register``.
+
+    Built as ``mixer(cfg, mp, layer_idx, sp)`` (the model config, megatron's parallel config,
+    the layer, the ``SequenceParallel`` context); it opens no process group and runs its
+    token mixing through plait.parallel's functions of ``sp``. ``forward(x [B, T, hidden],
+    positions [B, T], doc_ids [B, T] or None) -> [B, T, hidden]``. ``decode(x, positions,
+    state) -> (y, state)`` continues a sequence by T tokens from ``state`` (None: the start,
+    when it must equal ``forward``); the state is a dict of tensors of this rank's heads and
+    the outputs equal ``forward`` over the whole sequence so far (tests/models/test_decode.py).
+    Three static methods describe it from the config alone, so that a run's layout and cost
+    are known before anything is built: ``param_count``, the logical parameter count;
+    ``tp_split``, {config field: the count tensor parallelism divides among its ranks};
+    ``halo``, (config field, tokens): how many of the previous context-parallel rank's last
+    tokens each rank needs (a rank's chunk must hold them), ("", 0) for none. A mixer with
+    auxiliary losses or gauges also has ``auxiliary() -> list[Auxiliary]``."""
+
+    def __init__(self, cfg: ModelConfig, mp: Any, layer_idx: int, sp: Any) -> None: ...
+
+    def forward(self, x_BTC: Any, positions_BT: Any, doc_ids_BT: Any = None) -> Any: ...
+
+    def decode(self, x_BTC: Any, positions_BT: Any, state: dict | None) -> tuple[Any, dict]: ...
+
+    @staticmethod
+    def param_count(cfg: ModelConfig, layer_idx: int) -> int: ...
+
+    @staticmethod
+    def tp_split(cfg: ModelConfig, layer_idx: int) -> dict[str, int]: ...
+
+    @staticmethod
+    def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]: ...
+
+
+@dataclass(frozen=True)
+class Letter:
+    """One token mixer: a pattern letter, and the hooks the rest of plait calls for it."""
+
+    symbol: str
+    mixer: type[Mixer]
+    tp_plan: Mapping[str, Split]
+    """Split of every mixer parameter (names relative to ``blocks.{i}.mixer.``): the layers
+    split themselves; ``build_model`` checks every built parameter against this plan, and the
+    checkpoints and the export rely on it."""
+    hf_export: LetterExport
+    """The letter in the HF layout: its HF-side class and the mapping of its tensors."""
+    mixing_flops: Callable[[ModelConfig, int, int], float]
+    """(cfg, layer_idx, seq_len) -> forward FLOPs per token spent mixing tokens, beyond the
+    2 x parameters of the mixer's projections: with ``param_count`` it is the letter's cost
+    in the cost model (models/common/cost.py: the pipeline-stage balancer, MFU)."""
+    doc: LetterDoc
+    zigzag: bool = False
+    """Runs with the zigzag token layout (ring attention's balanced causal split); letters
+    that pass states or halos from rank to rank need the contiguous layout."""
     selective_recompute: bool = False
     """``training.recompute: selective`` re-runs this letter's whole block in the backward
     instead of keeping its activations: True for the softmax-like mixers (scores and
@@ -94,6 +110,10 @@ class Letter:
     and convolution letters, which keep their mixer's activations (recomputing a chunk-state
     scan repeats its serial loop and, under LASP-2, its all-gather) and re-run only the MLP
     (models/common/lm.py, ``Block.recomputed``)."""
+
+    @property
+    def description(self) -> str:
+        return self.doc.description
 
     def cost(self, cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
         """Forward FLOPs per token of the mixer: 2 x parameters + token mixing."""
@@ -113,6 +133,10 @@ class Family:
     define ``check(cfg)`` for checks that need the rest of the model config, run when the
     pattern uses one of the family's letters."""
     presets: Mapping[str, Preset] = field(default_factory=dict)
+    hf_code: Path | None = None
+    """The file of the family's HF-side mixers (its ``hf_mixer.py``): plain PyTorch that an
+    export ships beside plait's modeling code (models/common/hf_code.py); each letter names
+    its class in ``hf_export.hf_class``. Required when the family has letters."""
     one_b: str = ""
     """The family's 1B-class preset (what the Slurm templates train); empty: none."""
 
@@ -141,8 +165,8 @@ class RegistryError(UserError, ValueError):
     """A family or letter clashes with one already registered, or is incomplete."""
 
 
-MIXER_METHODS = ("param_count", "tp_split", "halo")
-"""The static methods every mixer class declares (``Letter.mixer``)."""
+MIXER_METHODS = ("param_count", "tp_split", "halo", "forward", "decode")
+"""What every mixer class declares (``Letter.mixer``, the ``Mixer`` protocol)."""
 
 _FAMILIES: dict[str, Family] = {}
 _LETTERS: dict[str, tuple[Family, Letter]] = {}
@@ -167,8 +191,20 @@ def register(family: Family) -> Family:
             if not callable(getattr(letter.mixer, method, None)):
                 raise RegistryError(
                     f"family {family.name}: letter {letter.symbol}'s mixer "
-                    f"{letter.mixer.__name__} has no static {method}(cfg, layer_idx)"
+                    f"{letter.mixer.__name__} has no {method} (the Mixer protocol)"
                 )
+    if family.letters and (family.hf_code is None or not Path(family.hf_code).is_file()):
+        raise RegistryError(
+            f"family {family.name}: hf_code {family.hf_code} is not a file (the HF-side "
+            "mixers every export ships)"
+        )
+    for letter in family.letters:
+        cls = letter.hf_export.hf_class
+        if not cls or not _defines_class(Path(family.hf_code), cls):
+            raise RegistryError(
+                f"family {family.name}: letter {letter.symbol}'s hf_export.hf_class {cls!r} is "
+                f"not a class of {family.hf_code}"
+            )
     clash = sorted(set(family.presets) & set(_PRESETS))
     if clash:
         raise RegistryError(f"family {family.name}: presets {clash} are already registered")
@@ -180,6 +216,15 @@ def register(family: Family) -> Family:
     for name, preset in family.presets.items():
         _PRESETS[name] = (family, preset)
     return family
+
+
+def _defines_class(path: Path, name: str) -> bool:
+    """Whether the file defines a top-level class ``name`` (read, not imported: an HF module
+    imports its siblings in an export, not plait)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return any(isinstance(n, ast.ClassDef) and n.name == name for n in tree.body)
 
 
 def families() -> dict[str, Family]:

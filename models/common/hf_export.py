@@ -33,6 +33,10 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class LetterExport:
+    """A letter in the HF layout: its HF-side module (the class ``hf_class`` in its family's
+    ``Family.hf_code`` file, shipped with every export: models/common/hf_code.py) and the
+    mapping of its tensors both ways."""
+
     to_hf: Callable[[State, ModelConfig, int], State]
     """(mixer tensors named relative to ``blocks.{i}.mixer.``, cfg, layer) -> HF tensors
     named relative to ``model.layers.{i}.mixer.``"""
@@ -41,6 +45,8 @@ class LetterExport:
     """HF names the export writes that hold no plait parameter: fixed values of a released
     parameter plait folds into another (H3's SSM B vectors), which ``from_hf`` folds back,
     so a released checkpoint whose B trained imports exactly."""
+    hf_class: str = ""
+    """The HF-side mixer class, defined in the family's ``hf_code`` file (required)."""
 
 
 def split_roles(w: torch.Tensor, heads: int, dims: tuple[int, ...]) -> list[torch.Tensor]:
@@ -83,7 +89,7 @@ def _attention_from_hf(s: State, cfg: ModelConfig, i: int) -> State:
     return out
 
 
-ATTENTION = LetterExport(_attention_to_hf, _attention_from_hf)
+ATTENTION = LetterExport(_attention_to_hf, _attention_from_hf, hf_class="SoftmaxAttention")
 
 
 _MLP = {
@@ -160,8 +166,9 @@ def from_hf(hf: State, cfg: ModelConfig) -> State:
     return out
 
 
-def rename(pairs: dict[str, str]) -> LetterExport:
-    """A letter whose tensors map one to one under new names (absent ones skipped)."""
+def rename(pairs: dict[str, str], hf_class: str) -> LetterExport:
+    """A letter whose tensors map one to one under new names (absent ones skipped), to the
+    HF mixer class ``hf_class``."""
     back = {v: k for k, v in pairs.items()}
 
     def fwd(s: State, cfg: ModelConfig, i: int) -> State:
@@ -173,4 +180,4 @@ def rename(pairs: dict[str, str]) -> LetterExport:
     def inv(s: State, cfg: ModelConfig, i: int) -> State:
         return {back[k]: v for k, v in s.items()}
 
-    return LetterExport(fwd, inv)
+    return LetterExport(fwd, inv, hf_class=hf_class)

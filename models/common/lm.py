@@ -21,13 +21,15 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from plait.parallel.pipeline import Stage, attach_aux_loss, mark_shared_embedding
+from plait.parallel.pipeline import attach_aux_loss, mark_shared_embedding
 from plait.parallel.sequence import SequenceParallel
+from plait.parallel.stages import Stage
 
 from . import family
 from .config import ModelConfig
 from .family import Auxiliary
-from .layers import make_mlp, make_norm, norm_params, normal_init
+from .layers import make_mlp, make_norm, normal_init
+from .tp_plan import check_plan
 
 Recompute = Literal["none", "full", "selective"]
 """Activation checkpointing modes (``training.recompute``; ``Block.recomputed`` says what
@@ -153,7 +155,7 @@ class HybridLM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.stage = stage
-        """The pipeline chunk this model holds (plait.parallel.pipeline.Stage), None: all of it.
+        """The pipeline chunk this model holds (plait.parallel.stages.Stage), None: all of it.
         Every layer is still built, in order, and the others dropped: each one then draws the
         weights it gets in a single process from the same RNG stream."""
         self.vocab_size = cfg.padded_vocab_size(vocab_size)
@@ -355,20 +357,6 @@ class HybridLM(nn.Module):
         return attach_aux_loss(x, extra)
 
 
-def param_count(cfg: ModelConfig, vocab_size: int | None = None) -> int:
-    """Logical parameter count derived from the config alone (no model is built): embedding
-    (padded vocabulary), output layer unless tied, per block the mixer's own formula
-    (``param_count`` of its class), the channel mixer and the norms, and the final norm.
-    Tests check it against the parameters of built models, including every preset."""
-    h, f, V = cfg.hidden_size, cfg.ffn_size, cfg.padded_vocab_size(vocab_size)
-    norm = norm_params(cfg)
-    mlp = {"gelu": 2 * h * f + f + h, "none": -norm}.get(cfg.mlp, 3 * h * f)  # none: no norm
-    total = V * h * (1 if cfg.tie_embeddings else 2) + norm
-    for i, letter in enumerate(cfg.pattern):
-        total += family.letter(letter).mixer.param_count(cfg, i) + mlp + 2 * norm
-    return total
-
-
 def build_model(
     cfg: ModelConfig,
     tensor_parallel: int,
@@ -382,6 +370,10 @@ def build_model(
     Weights are initialised from the full (unsplit) master tensor on CPU and then split
     (megatron's use_cpu_initialization), so the same seed gives the same logical weights at
     every TP size. Parameters are float32; DeepSpeed casts for bf16 training.
+
+    Every built parameter is checked against its family's TP plan (``Letter.tp_plan``): the
+    checkpoints reshard and the export maps by the plan, so a layer that splits a tensor
+    otherwise is refused here, not discovered in a resumed run.
     """
     mp = ModelParallelConfig(
         tensor_model_parallel_size=tensor_parallel,
@@ -389,4 +381,11 @@ def build_model(
         perform_initialization=True,
         params_dtype=torch.float32,
     )
-    return HybridLM(cfg, mp, vocab_size, sp, stage)
+    model = HybridLM(cfg, mp, vocab_size, sp, stage)
+    bad = check_plan(model, cfg)
+    if bad:
+        raise family.RegistryError(
+            f"model.pattern {cfg.pattern!r}: the built layers disagree with their families' TP "
+            f"plans: {'; '.join(bad[:3])}"
+        )
+    return model

@@ -9,6 +9,7 @@ registered as the family "softmax" (``SOFTMAX``) by plait.models.registry like a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from megatron.core import ModelParallelConfig
@@ -19,7 +20,7 @@ from plait.parallel.sequence import SequenceParallel
 
 from . import hf_export, tp_plan
 from .config import ModelConfig, ModelConfigError
-from .family import Family, Letter, SequenceParallelForm
+from .family import Family, Letter, LetterDoc
 from .layers import HeadProjections, apply_rotary, attend_cached, rotary_cos_sin
 
 
@@ -113,25 +114,26 @@ def _mixing_flops(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
 
 A = Letter(
     symbol="A",
-    description="causal softmax attention with RoPE",
     mixer=SoftmaxAttention,
     tp_plan=tp_plan.ATTENTION,
     hf_export=hf_export.ATTENTION,
     mixing_flops=_mixing_flops,
-    sequence_parallel=SequenceParallelForm(
-        "LASP-2H (all-gather K and V; bytes grow with the sequence) or Ring Attention "
-        "(P2P ring, LSE merge), as parallel.softmax_sp says; ring attention in an all-softmax "
-        "model uses the zigzag layout",
-        (softmax.attention,),
-        zigzag=True,
-    ),
+    zigzag=True,
     selective_recompute=True,
-    decode_state="keys and values of every previous token (KV cache)",
-    release=(
-        "LLaMA's attention (HF transformers' LlamaAttention); with softmax.bias, rotary: false or"
-        " rotary_dim, flash-attn's MHA as H3's released models use it"
+    doc=LetterDoc(
+        description="causal softmax attention with RoPE",
+        sequence_parallel=(
+            "LASP-2H (all-gather K and V; bytes grow with the sequence) or Ring Attention (P2P "
+            "ring, LSE merge), as parallel.softmax_sp says; ring attention in an all-softmax "
+            "model uses the zigzag layout"
+        ),
+        decode_state="keys and values of every previous token (KV cache)",
+        release=(
+            "LLaMA's attention (HF transformers' LlamaAttention); with softmax.bias, rotary: "
+            "false or rotary_dim, flash-attn's MHA as H3's released models use it"
+        ),
+        differs_from_release="none in function (no attention dropout: safari trains H3 with 0.1)",
     ),
-    differs_from_release="none in function (no attention dropout: safari trains H3 with 0.1)",
 )
 
 SOFTMAX = Family(
@@ -139,4 +141,5 @@ SOFTMAX = Family(
     description="causal softmax attention, the recall layer every hybrid family shares",
     letters=(A,),
     options=SoftmaxOptions,
+    hf_code=Path(__file__).with_name("hf_modeling") / "plait_layers.py",
 )

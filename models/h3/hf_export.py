@@ -70,4 +70,4 @@ def _from_hf(s: State, cfg, i: int) -> State:
     return out
 
 
-EXPORTS = {"H": LetterExport(_to_hf, _from_hf, _CONSTANTS)}
+EXPORTS = {"H": LetterExport(_to_hf, _from_hf, _CONSTANTS, hf_class="H3Mixer")}

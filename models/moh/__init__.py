@@ -1,7 +1,8 @@
 """MoH (Jin et al., 2024): Mixture-of-Head attention, letter ``M``."""
 
-from plait.models.common.family import Family, Letter, SequenceParallelForm
-from plait.parallel import softmax
+from pathlib import Path
+
+from plait.models.common.family import Family, Letter, LetterDoc
 
 from .config import MoHOptions
 from .hf_export import EXPORTS
@@ -19,28 +20,32 @@ def _mixing_flops(cfg, layer_idx: int, seq_len: int) -> float:
 
 LETTER = Letter(
     symbol="M",
-    description="mixture-of-head attention (MoH)",
     mixer=MoHAttention,
     tp_plan=PLAN["M"],
     hf_export=EXPORTS["M"],
     mixing_flops=_mixing_flops,
-    sequence_parallel=SequenceParallelForm(
-        "keys and values all-gathered (LASP-2H's scheme, whatever parallel.softmax_sp says) "
-        "for the routed heads' selected queries; balance statistics averaged over the ranks "
-        "(SequenceParallel.mean)",
-        (softmax.gather_keys,),
-    ),
     selective_recompute=True,
-    decode_state="keys and values of every previous token for every head (a routed head skips "
-    "queries, not keys)",
-    release=(
-        "SkyworkAI/MoH's ViT/DiT attention (learned shared/routed/mix routers, the released gate "
-        "factors and balance loss); moh.router: query_norm is MoH-LLaMA3's parameter-free router"
-    ),
-    differs_from_release=(
-        "no q/k/v/out biases (ViT/DiT have them; LLaMA-style here); router init N(0, init_std) "
-        "(DiT: xavier-uniform); routing in float32; unselected queries skipped (same function); "
-        "no grouped-query attention for the MoH-LLaMA3 form"
+    doc=LetterDoc(
+        description="mixture-of-head attention (MoH)",
+        sequence_parallel=(
+            "keys and values all-gathered (LASP-2H's scheme, whatever parallel.softmax_sp says) "
+            "for the routed heads' selected queries; balance statistics averaged over the ranks "
+            "(SequenceParallel.mean)"
+        ),
+        decode_state=(
+            "keys and values of every previous token for every head (a routed head skips queries,"
+            " not keys)"
+        ),
+        release=(
+            "SkyworkAI/MoH's ViT/DiT attention (learned shared/routed/mix routers, the released "
+            "gate factors and balance loss); moh.router: query_norm is MoH-LLaMA3's parameter-"
+            "free router"
+        ),
+        differs_from_release=(
+            "no q/k/v/out biases (ViT/DiT have them; LLaMA-style here); router init N(0, "
+            "init_std) (DiT: xavier-uniform); routing in float32; unselected queries skipped "
+            "(same function); no grouped-query attention for the MoH-LLaMA3 form"
+        ),
     ),
 )
 
@@ -49,6 +54,7 @@ FAMILY = Family(
     description="MoH: shared and top-k routed attention heads with a balance loss",
     letters=(LETTER,),
     options=MoHOptions,
+    hf_code=Path(__file__).with_name("hf_mixer.py"),
     presets=PRESETS,
     one_b="moh-1b",
 )

@@ -24,4 +24,4 @@ def _from(s: State, cfg, i) -> State:
     return out
 
 
-EXPORTS = {"M": LetterExport(_to, _from)}
+EXPORTS = {"M": LetterExport(_to, _from, hf_class="MoHAttention")}

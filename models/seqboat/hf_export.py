@@ -82,4 +82,4 @@ def _from_hf(s: State, cfg, i: int) -> State:
     return out
 
 
-EXPORTS = {"S": LetterExport(_to_hf, _from_hf)}
+EXPORTS = {"S": LetterExport(_to_hf, _from_hf, hf_class="SeqBoatMixer")}

@@ -1,7 +1,8 @@
 """TransNormerLLM (Qin et al., 2023): lightning attention with decay + SGLU, letter ``L``."""
 
-from plait.models.common.family import Family, Letter, SequenceParallelForm
-from plait.parallel import lasp2
+from pathlib import Path
+
+from plait.models.common.family import Family, Letter, LetterDoc
 
 from .hf_export import EXPORTS
 from .mixer import LightningAttention
@@ -21,23 +22,24 @@ def _mixing_flops(cfg, layer_idx: int, seq_len: int) -> float:
 
 L = Letter(
     symbol="L",
-    description="lightning linear attention with decay (TransNormerLLM)",
     mixer=LightningAttention,
     tp_plan=PLAN["L"],
     hf_export=EXPORTS["L"],
     mixing_flops=_mixing_flops,
-    sequence_parallel=SequenceParallelForm(
-        "LASP-2: each rank computes the [d, d] state per head its chunk hands on, one "
-        "all-gather of those states (bytes independent of the sequence length), a prefix "
-        "combination with the decay; documents may cross rank borders",
-        (lasp2.lightning,),
+    doc=LetterDoc(
+        description="lightning linear attention with decay (TransNormerLLM)",
+        sequence_parallel=(
+            "LASP-2: each rank computes the [d, d] state per head its chunk hands on, one all-"
+            "gather of those states (bytes independent of the sequence length), a prefix "
+            "combination with the decay; documents may cross rank borders"
+        ),
+        decode_state="per head the [d, d] linear-attention state, decayed every token",
+        release=(
+            "OpenNLPLab/TransNormerLLM's HF modeling code (lightning attention with per-head "
+            "decay, LRPE on the first layer, SRMSNorm, SGLU)"
+        ),
+        differs_from_release="none in function (logits equal to 1.5e-7 with copied weights)",
     ),
-    decode_state="per head the [d, d] linear-attention state, decayed every token",
-    release=(
-        "OpenNLPLab/TransNormerLLM's HF modeling code (lightning attention with per-head decay, "
-        "LRPE on the first layer, SRMSNorm, SGLU)"
-    ),
-    differs_from_release="none in function (logits equal to 1.5e-7 with copied weights)",
 )
 
 FAMILY = Family(
@@ -45,6 +47,7 @@ FAMILY = Family(
     description="TransNormerLLM: lightning attention with decay, LRPE, SRMSNorm, SGLU",
     letters=(L,),
     options=None,  # its options (lightning_norm, lrpe, lightning_block) are model fields
+    hf_code=Path(__file__).with_name("hf_mixer.py"),
     presets=PRESETS,
     one_b="transnormer-1b",
 )

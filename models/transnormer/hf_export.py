@@ -34,4 +34,4 @@ def _from(s: State, cfg, i) -> State:
     return out
 
 
-EXPORTS = {"L": LetterExport(_to, _from)}
+EXPORTS = {"L": LetterExport(_to, _from, hf_class="LightningAttention")}

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
-from plait.launcher import convert, export_check
+from plait.launcher import export_check
 from tests.cli import run_module
 from tests.launcher.test_train_job import _run, _tiny
 
@@ -49,15 +48,28 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def broken_code(tmp_path) -> Path:
-    code = tmp_path / "broken_hf_modeling"
-    shutil.copytree(convert.CODE, code)
-    src = (code / "modeling_plait.py").read_text()
+def broken_code(tmp_path, monkeypatch) -> Path:
+    """Lightning attention's HF module (the transnormer family's hf_mixer.py, shipped as
+    mixer_transnormer.py) with MUTATION applied, registered in place of the real one for
+    this test (forked children inherit it)."""
+    import dataclasses
+
+    from plait.models.common import family
+
+    fam = family.family_of("L")
+    code = tmp_path / "broken_hf_mixer.py"
+    src = Path(fam.hf_code).read_text()
     cls, line, broken = MUTATION
     start = src.index(f"class {cls}(")
     at = src.index(line, start)
-    assert at < src.index("\nclass ", start), f"{line!r} is no longer in {cls}"
-    (code / "modeling_plait.py").write_text(src[:at] + broken + src[at + len(line) :])
+    end = src.find("\nclass ", start + 1)
+    assert end < 0 or at < end, f"{line!r} is no longer in {cls}"
+    code.write_text(src[:at] + broken + src[at + len(line) :])
+    broken_fam = dataclasses.replace(fam, hf_code=code)
+    monkeypatch.setitem(family._FAMILIES, fam.name, broken_fam)
+    for symbol, (f, letter) in list(family._LETTERS.items()):
+        if f is fam:
+            monkeypatch.setitem(family._LETTERS, symbol, (broken_fam, letter))
     return code
 
 
@@ -85,10 +97,9 @@ def test_export_passes_its_check_and_records_it(tmp_path, ckpt):
 
 
 def test_export_self_check_catches_a_deliberately_broken_export(
-    tmp_path, ckpt, broken_code, monkeypatch
+    tmp_path, ckpt, broken_code
 ):
     out = tmp_path / "hf"
-    monkeypatch.setattr(convert, "CODE", broken_code)  # the modeling code an export ships
     args = ["--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
     ran = _export(args)
     assert ran.code == 2, ran.text[-3000:]
@@ -102,6 +113,6 @@ def test_export_self_check_catches_a_deliberately_broken_export(
 
     # with the check off, the same broken code exports: the failure above is the check's
     assert _export([*args, "--no-verify"]).code == 0
-    assert MUTATION[2] in (out / "modeling_plait.py").read_text()
+    assert MUTATION[2] in (out / "mixer_transnormer.py").read_text()
     assert json.loads((out / "config.json").read_text())["plait"]["verified"] is False
     assert "Not verified: exported with `--no-verify`" in (out / "README.md").read_text()

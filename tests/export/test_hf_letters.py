@@ -1,4 +1,5 @@
-"""The HF modeling code (launcher/hf_modeling) computes what plait computes, letter by letter.
+"""The HF modeling code (each family's hf_mixer.py with models/common/hf_modeling, as an export
+assembles it) computes what plait computes, letter by letter: every registered letter.
 
 For one-letter models (and the all-letters model and every family's tiny preset) with
 perturbed weights: plait's full weights mapped by ``to_hf`` load into ``PlaitForCausalLM``
@@ -11,17 +12,13 @@ exports loaded by transformers in a process that cannot import plait.)
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import sys
 
 import pytest
 import torch
 
-import plait.launcher.hf_modeling as hf_pkg
 from plait.launcher.convert import model_fields
-from plait.launcher.hf_modeling import modeling_plait
-from plait.launcher.hf_modeling.configuration_plait import PlaitConfig
-from plait.models.common import build_model
+from plait.models.common import build_model, hf_code
 from plait.models.common.family import letters
 from plait.models.common.hf_export import to_hf
 from plait.parallel.tensor_parallel import gather_full
@@ -29,13 +26,21 @@ from tests.distributed import run_distributed
 from tests.helpers import assert_rel_close
 from tests.models.test_decode import TINY, VOCAB, _config, perturb
 
-for _m in pkgutil.iter_modules(hf_pkg.__path__):  # helpers' drafts, until merged
-    if _m.name.startswith("draft_"):
-        try:
-            _d = importlib.import_module(f"{hf_pkg.__name__}.{_m.name}")
-            modeling_plait.MIXERS.update(_d.MIXERS)
-        except Exception as _e:  # noqa: BLE001 - a draft in progress
-            print(f"draft {_m.name} not loaded: {_e!r}")
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory):
+    """The modeling code an export of each case ships, assembled from the families and
+    imported as transformers would import it (a package of its own per pattern)."""
+    made = {}
+
+    def load(pattern: str):
+        if pattern not in made:
+            d = tmp_path_factory.mktemp("hf_code")
+            hf_code.write_code(d, pattern)
+            made[pattern] = hf_code.load_code(d)
+        return made[pattern]
+
+    return load
 
 
 def _plait(rt, name: str, seed: int, tokens: torch.Tensor, prompt: int, new: int):
@@ -49,11 +54,13 @@ def _plait(rt, name: str, seed: int, tokens: torch.Tensor, prompt: int, new: int
     return gather_full(model), logits, greedy
 
 
-def hf_model(name: str, state: dict) -> modeling_plait.PlaitForCausalLM:
+def hf_model(code, name: str, state: dict):
     cfg = _config(name)
+    modeling = code(cfg.pattern)
+    config_cls = sys.modules[modeling.__package__ + ".configuration_plait"].PlaitConfig
     vocab = state["embedding.weight"].shape[0]
-    config = PlaitConfig(**model_fields(cfg, vocab), pad_token_id=0, eos_token_id=1)
-    model = modeling_plait.PlaitForCausalLM(config).eval()
+    config = config_cls(**model_fields(cfg, vocab), pad_token_id=0, eos_token_id=1)
+    model = modeling.PlaitForCausalLM(config).eval()
     model.generation_config.eos_token_id = None  # plait's greedy does not stop at an eos
     hf = to_hf(state, cfg)
     if cfg.tie_embeddings:
@@ -67,14 +74,12 @@ CASES = sorted(letters()) + ["mixed", "variants"] + TINY
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_hf_letter_equals_plait(name, seed):
-    if any(c not in modeling_plait.MIXERS for c in _config(name).pattern):
-        pytest.skip(f"{name}: letters not yet in modeling_plait.MIXERS")
+def test_hf_letter_equals_plait(code, name, seed):
     g = torch.Generator().manual_seed(seed)
     T, prompt, new = 40, 13, 8
     tokens = torch.randint(0, VOCAB, (2, T), generator=g)
     state, logits, greedy = run_distributed(_plait, 1, name, seed, tokens, prompt, new)[0]
-    model = hf_model(name, state)
+    model = hf_model(code, name, state)
     with torch.no_grad():
         out = model(tokens).logits
         err = (out - logits).abs().max().item()

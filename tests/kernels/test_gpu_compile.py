@@ -1,6 +1,6 @@
 """Every Triton kernel compiles ahead of time for sm_90 (H100/H200) and sm_80 (A100) at the
 shapes the presets use, fits the target's shared memory, and spills no more registers than
-``aot.spill_budget`` (none on sm_90). No GPU needed: tests/kernels/aot.py compiles in a
+``aot.spill_budget`` (none on sm_90). No GPU needed: kernels/aot.py compiles in a
 subprocess without TRITON_INTERPRET (the interpreter, which the other kernel tests use, checks
 none of these limits). The full matrix (both archs and dtypes, every variant) is
 benchmarks/gpu_compile.py's table in docs/benchmarks.md; this test runs its quick subset.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.aot import SMEM_LIMIT, spill_budget
+from plait.kernels.aot import SMEM_LIMIT, spill_budget
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.aot", "--quick"],
+        [sys.executable, "-m", "plait.kernels.aot", "--quick"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -259,14 +259,14 @@ class _Tokens:
 def _loop_job(rt, cfg: Config, env: dict):
     """The real training loop (launcher/loop.py) for cfg.training.steps steps."""
     from plait.data.loader import SequenceLoader
-    from plait.launcher.loop import run
+    from plait.launcher.loop import Loop
 
     os.environ.update(env)
     model = build_model(cfg.model, rt.tp, vocab_size=VOCAB)
     engine, _, scheduler = build_engine(model, cfg, rt)
     loader = SequenceLoader(_Tokens(), cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
     spikes = SpikeDetector(cfg.training.spike_zscore, cfg.training.spike_window)
-    history = run(engine, scheduler, cfg, rt, loader, None, spikes=spikes)
+    history = Loop(cfg, rt, engine, scheduler, loader, spikes=spikes).run()
     rows = [(s.loss, s.lr, s.skipped_steps, s.spike_skipped_steps) for s in history]
     return {"rows": rows, "weights": gather_full(engine.module)}
 

@@ -16,7 +16,7 @@ import pytest
 from plait.launcher.config import load_config
 from plait.launcher.planning import plan, rank_coords
 from plait.models.common.family import families
-from plait.parallel.pipeline import balance, bubble_fraction, local_stages, stage_layers
+from plait.parallel.stages import balance, bubble_fraction, local_stages, stage_layers
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,11 +7,11 @@ subprocesses, so the pytest process (and every other test's view of the registry
 sees its letter.
 """
 
-import ast
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ import torch
 
 from plait.launcher.config import ConfigError, load_config
 from plait.models.common import Family, ModelConfig, build_model, letter, param_count
-from plait.models.common.family import RegistryError, families, letters, register
+from plait.models.common.family import RegistryError, families, family_of, letters, register
 from plait.models.common.hf_export import from_hf, to_hf
 from plait.models.common.tp_plan import check_plan
 from plait.models.presets import get_preset
@@ -33,13 +33,31 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_letter_declares_every_hook():
+    from plait.models.common.family import MIXER_METHODS, Mixer
+
     for symbol, lt in letters().items():
-        assert lt.symbol == symbol and lt.description and lt.decode_state
-        assert lt.sequence_parallel.scheme and lt.sequence_parallel.operators
-        for op in lt.sequence_parallel.operators:
-            assert op.__module__.startswith("plait.parallel."), (symbol, op)
-        assert hasattr(lt.mixer, "param_count")
-    assert [s for s, lt in letters().items() if lt.sequence_parallel.zigzag] == ["A"]
+        assert lt.symbol == symbol and lt.doc.description and lt.doc.decode_state
+        assert lt.doc.sequence_parallel and lt.hf_export.hf_class
+        for method in MIXER_METHODS:
+            assert callable(getattr(lt.mixer, method, None)), (symbol, method)
+    protocol = {n for n in vars(Mixer) if not n.startswith("_")} | {"forward"}
+    assert set(MIXER_METHODS) == protocol  # the check and the declared protocol agree
+    assert [s for s, lt in letters().items() if lt.zigzag] == ["A"]
+
+
+def test_registering_a_mixer_without_the_protocol_fails():
+    import dataclasses
+
+    class NoDecode(letter("L").mixer):
+        decode = None
+
+    lt = dataclasses.replace(letter("L"), symbol="Q", mixer=NoDecode)
+    with pytest.raises(RegistryError, match="has no decode"):
+        register(Family("q", "", (lt,), hf_code=family_of("L").hf_code))
+    lt = dataclasses.replace(letter("L"), symbol="Q",
+                             hf_export=dataclasses.replace(letter("L").hf_export, hf_class="Nope"))
+    with pytest.raises(RegistryError, match="'Nope' is not a class of"):
+        register(Family("q", "", (lt,), hf_code=family_of("L").hf_code))
 
 
 def test_registry_refuses_clashes():
@@ -169,94 +187,62 @@ def test_toy_family_trains_through_the_cli_with_tp2(tmp_path):
     saved = json.loads((out / "config.json").read_text())["model"]
     assert saved["families"] == ["tests.models.toy_family"] and saved["toy"]["kernel"] == 3
 
+    # exported: the family's own HF module ships (mixer_toy.py), the export's self-check
+    # passes (transformers without plait reproduces plait's logits and greedy decode), and in
+    # a process that cannot import plait its cached generation equals its full forward
+    from tests.cli import run_module
 
-# The import graph of models/ ---------------------------------------------------------------
-
-
-def _explicit_imports(path: Path, module: str, is_package: bool):
-    """Modules this file imports by name (function-local imports included, those under
-    ``if TYPE_CHECKING:`` left out: they never run). A package's implicit import of its
-    parent is not an edge: Python runs a package's __init__ before its submodules, and a
-    submodule importing a sibling through it is the ordinary case."""
-    tree = ast.parse(path.read_text())
-    skip = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
-            skip.update(id(n) for n in ast.walk(node))
-    package = module if is_package else module.rsplit(".", 1)[0]
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        if isinstance(node, ast.Import):
-            yield from (a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                root = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{root}.{base}" if base else root
-            if not (module == base or module.startswith(base + ".")):  # not an ancestor
-                yield base
-            for a in node.names:  # from pkg import submodule
-                yield f"{base}.{a.name}"
+    hf = tmp_path / "hf"
+    ran = run_module("plait.launcher.export", ["--checkpoint", str(out / "checkpoints"),
+                                               "--out", str(hf), "--no-progress"], cwd=REPO)
+    assert ran.code == 0, ran.text[-3000:]
+    assert "export check: passed" in ran.out
+    assert (hf / "mixer_toy.py").read_text() == (REPO / "tests/models/toy_family_hf.py").read_text()
+    assert "'X': TokenShift" in (hf / "plait_mixers.py").read_text()
+    site = sysconfig.get_paths()["purelib"]
+    (tmp_path / "gen.py").write_text(TOY_GENERATES)
+    proc = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "gen.py"), site, str(hf)],
+                          cwd=tmp_path, env=dict(env, HF_HUB_OFFLINE="1"), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-def _models_graph() -> dict[str, set[str]]:
-    files = {}
-    for path in (REPO / "models").rglob("*.py"):
-        rel = path.relative_to(REPO).with_suffix("")
-        parts = ["plait", *rel.parts]
-        is_package = parts[-1] == "__init__"
-        if is_package:
-            parts = parts[:-1]
-        files[".".join(parts)] = (path, is_package)
-    graph = {}
-    for module, (path, is_package) in files.items():
-        graph[module] = {m for m in _explicit_imports(path, module, is_package) if m in files}
-        graph[module].discard(module)
-    return graph
+TOY_GENERATES = r"""
+import importlib.util, sys
+sys.path.append(sys.argv[1])
+assert importlib.util.find_spec("plait") is None, "plait is importable"
+import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
+model.generation_config.eos_token_id = None
+prompt = torch.randint(4, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True)
+    full = model(out.sequences).logits  # no cache: the whole sequence at once
+new = out.sequences[:, 16:]
+assert torch.equal(full[:, 15:-1].argmax(-1), new), "cached generation != full forward"
+steps = torch.stack(out.logits, 1)
+err = ((steps - full[:, 15:-1]).abs().max() / full.abs().max()).item()
+assert err < 1e-5, err
+print("ok", err)
+"""
 
 
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n):
-        state[n] = 1
-        stack.append(n)
-        for m in sorted(graph.get(n, ())):
-            if state.get(m) == 1:
-                return stack[stack.index(m) :] + [m]
-            if m not in state and (found := visit(m)):
-                return found
-        state[n] = 2
-        stack.pop()
-        return None
-
-    for n in sorted(graph):
-        if n not in state and (found := visit(n)):
-            return found
-    return None
-
-
-def test_cycle_finder_finds_a_cycle():
-    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
-
-
-def test_no_import_cycle_inside_models():
-    graph = _models_graph()
-    assert len(graph) > 30 and "plait.models.common.family" in graph["plait.models.common.config"]
-    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+# The import graph of models/ (tests/test_import_cycles.py finds no cycle in all of plait) -------
 
 
 def test_common_imports_no_family():
     names = set(families())
     bad = []
-    for module, deps in _models_graph().items():
+    from tests.test_import_cycles import import_graph
+
+    for module, deps in import_graph().items():
         if module.startswith("plait.models.common"):
             bad += [
-                f"{module} imports {d}" for d in deps if d.split(".")[2] in names | {"registry"}
+                f"{module} imports {d}" for d in deps
+                if d.startswith("plait.models.") and d.split(".")[2] in names | {"registry"}
             ]
     assert not bad, "\n".join(bad)
 
@@ -265,4 +251,4 @@ def test_every_shipped_letter_states_its_release_and_differences():
     """docs/models.md's "differs from the release" column is filled for every letter."""
     for fam in SHIPPED:
         for lt in fam.letters:
-            assert lt.release and lt.differs_from_release, lt.symbol
+            assert lt.doc.release and lt.doc.differs_from_release, lt.symbol

@@ -11,6 +11,7 @@ declares one auxiliary output: the mean squared gate activation, added to the lo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,9 @@ from plait.models.common import (
     Auxiliary,
     Family,
     Letter,
+    LetterDoc,
     ModelConfig,
     ModelConfigError,
-    SequenceParallelForm,
     register,
 )
 from plait.models.common.hf_export import rename
@@ -96,30 +97,44 @@ class TokenShift(nn.Module):
         out, _ = self.w_o(a * b)
         return out
 
+    def decode(self, x_BTC, positions_BT, state):
+        """The mixer contract's decode form: T more tokens from ``state`` (``conv``: the last
+        kernel - 1 inputs of the convolved half; None at the start)."""
+        a, _ = self.w_a(x_BTC)
+        b, _ = self.w_b(x_BTC)
+        K = self.taps.shape[1]
+        tail = state["conv"] if state is not None else a.new_zeros(a.shape[0], K - 1, a.shape[2])
+        u = torch.cat((tail, a), 1)
+        w = self.taps[:, None, :].to(u.dtype)
+        y = F.conv1d(u.transpose(1, 2), w, groups=u.shape[2]).transpose(1, 2)
+        out, _ = self.w_o(F.silu(y) * b)
+        return out, {"conv": u[:, u.shape[1] - (K - 1) :].clone()}
+
 
 X = Letter(
     symbol="X",
-    description="toy gated token shift (tests/models/toy_family.py)",
     mixer=TokenShift,
     tp_plan={
         "w_a.weight": COLUMN,
         "w_b.weight": COLUMN,
         "w_o.weight": ROW,
         "taps": Split("column", "depthwise: channel c's taps with channel c"),
-    },  # fmt: skip
+    },
     hf_export=rename(
         {
             "w_a.weight": "a_proj.weight",
             "w_b.weight": "b_proj.weight",
             "w_o.weight": "o_proj.weight",
             "taps": "conv.weight",
-        }
-    ),  # fmt: skip
-    mixing_flops=lambda cfg, i, T: cfg.hidden_size * (2 * cfg.toy.kernel + 3),
-    sequence_parallel=SequenceParallelForm(
-        "halo exchange of the last kernel - 1 inputs", (convs.short_conv,)
+        },
+        hf_class="TokenShift",  # in toy_family_hf.py, the family's HF-side module
     ),
-    decode_state="the last kernel - 1 inputs of the convolved half",
+    mixing_flops=lambda cfg, i, T: cfg.hidden_size * (2 * cfg.toy.kernel + 3),
+    doc=LetterDoc(
+        description="toy gated token shift (tests/models/toy_family.py)",
+        sequence_parallel="halo exchange of the last kernel - 1 inputs",
+        decode_state="the last kernel - 1 inputs of the convolved half",
+    ),
 )
 
 
@@ -135,5 +150,6 @@ FAMILY = register(
         letters=(X,),
         options=ToyOptions,
         presets={"toy-tiny": Preset(_tiny, None, "registry test")},
+        hf_code=Path(__file__).with_name("toy_family_hf.py"),
     )
 )

@@ -112,7 +112,8 @@ def _pipeline_canary(rt, patched: bool):
     """One micro-batch through megatron's 1F1B schedule on two stages of a linear layer."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from plait.parallel.pipeline import Stage, StageChunk, transformer_config
+    from plait.parallel.pipeline import StageChunk, transformer_config
+    from plait.parallel.stages import Stage
 
     if not patched:
         cpu_compat.revert()

@@ -40,7 +40,7 @@ def _cfg(optimizer: str, zero: int, tp: int, dp: int, hidden: int, bf16: bool) -
                             lightning_block=8)  # fmt: skip
     cfg.parallel = ParallelConfig(tensor_parallel=tp, zero_stage=zero)
     o = cfg.optimizer
-    # A constant LR: the schedule is the checkpoint's business (launcher/checkpoint.py), the
+    # A constant LR: the schedule is the checkpoint's business (launcher/checkpoint/), the
     # optimizer's step count (bias correction) is this module's.
     o.name, o.warmup_steps = optimizer, 0
     o.lr = o.min_lr = 2e-2 if optimizer == "lamb" else 1e-3  # AdamW's steps are not scaled

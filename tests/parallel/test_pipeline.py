@@ -74,7 +74,7 @@ def _cfg(pattern: str, opt: str, tied: bool, pp=1, tp=1, cp=1, vp=1, zero=0, mic
 def _train(rt, cfg: Config):
     from plait.launcher.engine import build_engine
     from plait.launcher.layout import sequence_parallel_context
-    from plait.launcher.loop import train_step
+    from plait.launcher.loop import Loop
     from plait.launcher.trainer import build_stages
     from plait.models.common import build_model
     from plait.parallel.pipeline import PipelineRunner
@@ -93,8 +93,8 @@ def _train(rt, cfg: Config):
             chunks, engine, cfg.model.hidden_size, cfg.parallel.zero_stage, cfg.optimizer.grad_clip
         )
     loader = FakeLoader(cfg.training.micro_batch_size, rt.dp, rt.dp_rank)
-    steps = [train_step(engine, scheduler, cfg, rt, loader, sp, None, pipe)
-             for _ in range(STEPS)]  # fmt: skip
+    loop = Loop(cfg, rt, engine, scheduler, loader, sp=sp, pipe=pipe)
+    steps = [loop.step() for _ in range(STEPS)]
     return {"losses": [s.loss for s in steps], "parts": [s.parts for s in steps],
             "grad_norms": [s.grad_norm for s in steps], "initial": initial,
             "weights": gather_full(model)}  # fmt: skip

@@ -1,19 +1,18 @@
 """Configuration of a plait hybrid language model exported to the HuggingFace format.
 
 A plait model is a stack of blocks, one per letter of ``pattern``; each letter is a token
-mixer (L lightning attention, A softmax attention, B Based linear attention, W sliding-window
-attention, C gated short convolution, H H3, S SeqBoat, M mixture-of-head attention) followed
-by a channel mixer (``mlp``). The fields have the names and meanings of plait's ``ModelConfig``
-(written by ``python -m plait.launcher.export``); each family's options are one dict named
-after the family (``h3``, ``seqboat``, ...). This file imports nothing from plait.
+mixer registered by a family (its module ships beside this file: ``mixer_<family>.py``)
+followed by a channel mixer (``mlp``). The fields have the names and meanings of plait's
+``ModelConfig`` (written by ``python -m plait.launcher.export``); each family's options are
+one dict named after the family (``h3``, ``seqboat``, ...: whatever families the export's
+letters come from), kept as given: transformers keeps any field it does not know as an
+attribute, and ``options(family)`` reads one ({} when absent). This file imports nothing
+from plait.
 """
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
-
-FAMILY_OPTIONS = ("softmax", "based", "h3", "seqboat", "moh")
-"""The option sections of the families whose letters the modeling file implements."""
 
 
 class PlaitConfig(PretrainedConfig):
@@ -37,11 +36,6 @@ class PlaitConfig(PretrainedConfig):
         embed_scale: bool = False,
         init_std: float = 0.02,
         tie_word_embeddings: bool = False,
-        softmax: dict | None = None,
-        based: dict | None = None,
-        h3: dict | None = None,
-        seqboat: dict | None = None,
-        moh: dict | None = None,
         **kwargs,
     ):
         self.pattern = pattern
@@ -58,17 +52,16 @@ class PlaitConfig(PretrainedConfig):
         self.lrpe = lrpe
         self.embed_scale = embed_scale
         self.init_std = init_std
-        self.softmax = dict(softmax or {})
-        self.based = dict(based or {})
-        self.h3 = dict(h3 or {})
-        self.seqboat = dict(seqboat or {})
-        self.moh = dict(moh or {})
         # the names generic HF code (lm-eval, generation utilities) looks for
         self.num_hidden_layers = len(pattern)
         self.num_attention_heads = num_heads
         kwargs.pop("num_hidden_layers", None)
         kwargs.pop("num_attention_heads", None)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def options(self, family: str) -> dict:
+        """A family's options section ({} when the export wrote none)."""
+        return getattr(self, family, None) or {}
 
     @property
     def num_layers(self) -> int:

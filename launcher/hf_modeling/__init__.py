@@ -1,1 +1,0 @@
-"""The modeling code an HF export ships (self-contained: imports nothing from plait)."""
