@@ -73,7 +73,7 @@ def measure(preset: str, root: Path) -> dict[str, float]:
         loader = _Loader()
         out: dict[str, float] = {"params": sum(p.numel() for p in model.parameters())}
         times = {"plait_save": [], "plait_load": [], "ds_save": [], "ds_load": [],
-                 "async_blocked": [], "async_write": []}  # fmt: skip
+                 "async_blocked": [], "async_write": []}
         for rep in range(3):
             d = root / f"{preset}-{rep}"
             saver = checkpoint.Saver(d / "async", cfg, rt, identity, asynchronous=True)

@@ -45,7 +45,7 @@ def _corpus(tmp: Path) -> Path:
 def _prepare(src: Path, out: Path, tokenizer: Path, workers: int) -> tuple[float, int]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = PrepareConfig(source=str(src), out=str(out), tokenizer=str(tokenizer), workers=workers,
-                        docs_per_shard=2000, val_fraction=0.0, show_progress=False)  # fmt: skip
+                        docs_per_shard=2000, val_fraction=0.0, show_progress=False)
     t0 = time.perf_counter()
     m = prepare_corpus(cfg)
     return time.perf_counter() - t0, m["counters"]["tokens"]["train"]
@@ -109,7 +109,7 @@ def main() -> None:
         mb = src.stat().st_size / 1e6
         # the tokenizer comes from a one-off preparation; only the timed runs below count
         first = prepare_corpus(PrepareConfig(source=str(BUNDLED_CORPUS), out=str(tmp / "tok"),
-                                             vocab_size=2048, show_progress=False))  # fmt: skip
+                                             vocab_size=2048, show_progress=False))
         tok_path = tmp / "tok" / "tokenizer.model"
         rows = []
         for workers in (1, 2):

@@ -34,14 +34,14 @@ PlaitForCausalLM = _modeling.PlaitForCausalLM
 PlaitConfig = sys.modules[_modeling.__package__ + ".configuration_plait"].PlaitConfig
 
 LETTERS = {"L": "lightning (TransNormerLLM)", "B": "Based linear attention", "H": "H3",
-           "A": "softmax attention (KV cache)"}  # fmt: skip
+           "A": "softmax attention (KV cache)"}
 
 
 def model(letter: str, hidden: int) -> PlaitForCausalLM:
     config = PlaitConfig(pattern=letter * 4, hidden_size=hidden, num_heads=4,
                          ffn_size=hidden * 8 // 3, vocab_size=2048,
                          h3={"state_size": 64, "head_dim": 1, "discretisation": "bilinear"},
-                         based={"feature_dim": 16, "eps": 1e-6})  # fmt: skip
+                         based={"feature_dim": 16, "eps": 1e-6})
     torch.manual_seed(0)
     return PlaitForCausalLM(config).eval()
 
@@ -76,7 +76,7 @@ def main() -> None:
         t = per_token(m, contexts, steps)
         rows.append((letter, what, t))
         print(f"{letter}: " + ", ".join(f"{c}: {x * 1e3:.2f} ms" for c, x in zip(contexts, t)),
-              flush=True)  # fmt: skip
+              flush=True)
     if args.smoke:
         return
     lines = [
@@ -92,10 +92,10 @@ def main() -> None:
     ]
     for letter, what, t in rows:
         lines.append(f"| {letter} ({what}) | {t[0] * 1e3:.2f} | {t[1] * 1e3:.2f} | "
-                     f"{t[1] / t[0]:.2f}x |")  # fmt: skip
+                     f"{t[1] / t[0]:.2f}x |")
     lines += ["", "Linear and SSM letters carry a fixed-size state per layer, so a token costs "
               "the same at any context (target: within 1.3x from 1K to 16K); softmax attention "
-              "reads a KV cache that grows with the context."]  # fmt: skip
+              "reads a KV cache that grows with the context."]
     write_section("decode", "\n".join(lines))
 
 

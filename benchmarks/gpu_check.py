@@ -70,7 +70,7 @@ PEAK_BF16_TFLOPS = (
 #  * bf16: operands of every dot rounded to bf16 (probabilities, states cast to the input
 #    dtype, as flash attention does) and the outputs stored in bf16 (2^-8 alone).
 TOLERANCE = {("cuda", "fp32"): 1e-3, ("cpu", "fp32"): 1e-5, ("cuda", "bf16"): 3e-2,
-             ("cpu", "bf16"): 3e-2}  # fmt: skip
+             ("cpu", "bf16"): 3e-2}
 
 DTYPES = ("fp32", "bf16")
 
@@ -166,7 +166,7 @@ def _grad_check(run, ref, inputs: dict, device: str, seed: int) -> dict:
     leaves = [k for k, v in inputs.items() if v.is_floating_point()]
     x_run = {k: v.detach().clone().requires_grad_(k in leaves) for k, v in inputs.items()}
     x_ref = {k: v.detach().double().requires_grad_() if k in leaves else v
-             for k, v in inputs.items()}  # fmt: skip
+             for k, v in inputs.items()}
     outs, ref_outs = run(x_run), ref(x_ref)
     g = torch.Generator(device=device).manual_seed(seed + 7)
     cot = [torch.randn(o.shape, generator=g, device=device, dtype=torch.float64) for _, o in outs]
@@ -197,7 +197,7 @@ def kernel_cases(device: str, smoke: bool) -> list[dict]:
         ]
         sc = [dict(B=2, T=1000, C=512, K=3, docs=True), dict(B=2, T=1000, C=512, K=4, docs=False)]
         cs = [dict(B=2, H=4, T=1000, D=128, E=128, docs=True), dict(B=1, H=4, T=1000, D=153, E=65,
-              docs=True)]  # fmt: skip
+              docs=True)]
     out = []
     for dt in DTYPES:
         out += [dict(kernel="lightning", dtype=dt, **c) for c in lt]
@@ -223,7 +223,7 @@ def check_kernel(case: dict, device: str, seed: int = 0) -> dict:
         return (torch.randn(*shape, device=device) * scale).to(dt)
 
     docs = doc_ids(case["B"], case["T"], 200 if case["T"] > 100 else 12, seed, device) if (
-        case.get("docs")) else None  # fmt: skip
+        case.get("docs")) else None
     if kind in ("lightning", "lasp2 chunk state"):
         B, H, T, D, E = (case[k] for k in "BHTDE")
         slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device=device)
@@ -237,7 +237,7 @@ def check_kernel(case: dict, device: str, seed: int = 0) -> dict:
                 o, s = lightning_attention(
                     x["q"], x["k"], x["v"], slopes, doc_ids=docs, initial_state=x.get("init"),
                     return_state=True, backend=backend,
-                )  # fmt: skip
+                )
                 return [("o", o), ("state", s)]
 
             def run(x):
@@ -263,7 +263,7 @@ def check_kernel(case: dict, device: str, seed: int = 0) -> dict:
 
         def ref(x):
             return [("o", swa(x["q"], x["k"], x["v"], case["window"], doc_ids=docs,
-                              backend="naive"))]  # fmt: skip
+                              backend="naive"))]
     else:
         B, T, C, K = (case[k] for k in "BTCK")
         inputs = dict(x=rnd(B, T, C), w=rnd(C, K, scale=K**-0.5), bias=rnd(C))
@@ -279,7 +279,7 @@ def check_kernel(case: dict, device: str, seed: int = 0) -> dict:
     tol = TOLERANCE[(device, case["dtype"])]
     worst = max(errs.values())
     return dict(case, errors=errs, worst=worst, tolerance=tol, ok=bool(worst <= tol),
-                seconds=round(time.perf_counter() - t0, 2))  # fmt: skip
+                seconds=round(time.perf_counter() - t0, 2))
 
 
 def section_kernels(args, budget: Budget, device: str) -> dict:
@@ -339,7 +339,7 @@ def section_attention(args, budget: Budget, device: str) -> dict:
     timeout = args.attention_timeout if args.smoke else max(5.0, min(args.attention_timeout, left))
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=timeout)  # fmt: skip
+                           timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(status="FAILED", rows=[], error=f"killed after {timeout:.0f} s")
     res = [json.loads(x[7:]) for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -409,7 +409,7 @@ def attention_rows(args, budget: Budget, device: str) -> dict:
             "triton lightning": lambda q, k, v: lightning_attention(q, k, v, slopes,
                                                                     backend="triton"),
             "sdpa causal": lambda q, k, v: sdpa(q, k, v),
-        }  # fmt: skip
+        }
         if fla is not None:
             impls["fla chunk_simple_gla"] = lambda q, k, v: fla(q, k, v, slopes)
         else:
@@ -434,7 +434,7 @@ def attention_rows(args, budget: Budget, device: str) -> dict:
         rows.append(row)
     failed = any(r.get(f"{n} error") for r in rows for n in ("triton lightning", "sdpa causal"))
     return dict(status="FAILED" if failed else "ok", rows=rows,
-                note="" if fla is not None else fla_reason)  # fmt: skip
+                note="" if fla is not None else fla_reason)
 
 
 # ------------------------------------------------------------------------------ 3. train
@@ -450,7 +450,7 @@ def section_train(args, budget: Budget, device: str) -> dict:
         "--set", f"training.precision={precision}", "--set", "training.eval_every=0",
         "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false",
         "--set", "checkpoint.resume=never",
-    ]  # fmt: skip
+    ]
     env = dict(os.environ)
     if device != "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run is the CPU path even on a GPU host
@@ -464,10 +464,10 @@ def section_train(args, budget: Budget, device: str) -> dict:
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=timeout)  # fmt: skip
+                           timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(status="FAILED", reason=f"launcher run killed after {timeout:.0f} s",
-                    command=" ".join(cmd))  # fmt: skip
+                    command=" ".join(cmd))
     seconds = time.perf_counter() - t0
     losses = []
     metrics = run_dir / "metrics.jsonl"
@@ -478,7 +478,7 @@ def section_train(args, budget: Budget, device: str) -> dict:
                 losses.append(r["loss"])
     res = dict(command=" ".join(cmd[1:]), steps=steps, precision=precision,
                backend="nccl" if device == "cuda" else "gloo", seconds=round(seconds, 1),
-               exit_code=p.returncode, losses=[round(x, 4) for x in losses])  # fmt: skip
+               exit_code=p.returncode, losses=[round(x, 4) for x in losses])
     if p.returncode != 0 or len(losses) != steps:
         res.update(status="FAILED", stderr=p.stderr[-2000:])
         return res
@@ -529,7 +529,7 @@ def family_worker(spec: dict) -> None:
         f"training.precision={spec['precision']}", "training.steps=1000000",
         "training.eval_every=0", "logging.progress_bar=false", "logging.tensorboard=false",
         f"data.seq_len={T}",
-    ]  # fmt: skip
+    ]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", sets)
     cfg.out_dir = spec["out_dir"]
     t0 = time.perf_counter()
@@ -547,7 +547,7 @@ def family_worker(spec: dict) -> None:
         "tokens": seq[:, :-1], "labels": seq[:, 1:],
         "doc_ids": torch.repeat_interleave(torch.arange(len(lengths)), n)[None],
         "positions": torch.cat([torch.arange(int(L)) for L in lengths])[None],
-    })  # fmt: skip
+    })
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -563,7 +563,7 @@ def family_worker(spec: dict) -> None:
                build_s=round(build_s, 1), first_step_s=round(times[0], 2),
                step_s=round(step_s, 4), tokens_per_s=round(T / step_s, 1),
                flops_per_token=flops, achieved_tflops=T / step_s * flops / 1e12,
-               losses=[round(x, 4) for x in losses])  # fmt: skip
+               losses=[round(x, 4) for x in losses])
     if device == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print("RESULT " + json.dumps(out), flush=True)
@@ -589,20 +589,20 @@ def section_families(args, budget: Budget, device: str, gemm: dict) -> dict:
             continue
         spec = dict(preset=preset, T=T, precision=precision, steps=steps, vocab=vocab,
                     doc_len=doc_len, device=device,
-                    out_dir=str(Path(args.out) / "family_runs" / preset))  # fmt: skip
+                    out_dir=str(Path(args.out) / "family_runs" / preset))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--family-worker", json.dumps(spec)]
         timeout = args.family_timeout if args.smoke else min(args.family_timeout, left)
         try:
             p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                               timeout=timeout)  # fmt: skip
+                               timeout=timeout)
         except subprocess.TimeoutExpired:
             rows.append(dict(family=fam, preset=preset, status="FAILED",
-                             reason=f"killed after {timeout:.0f} s"))  # fmt: skip
+                             reason=f"killed after {timeout:.0f} s"))
             continue
         res = [json.loads(x[7:]) for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if p.returncode or not res:
             rows.append(dict(family=fam, preset=preset, status="FAILED",
-                             reason=f"exit {p.returncode}", stderr=p.stderr[-2000:]))  # fmt: skip
+                             reason=f"exit {p.returncode}", stderr=p.stderr[-2000:]))
             continue
         r = dict(family=fam, status="ok", **res[0])
         if gemm.get("peak_tflops"):
@@ -615,7 +615,7 @@ def section_families(args, budget: Budget, device: str, gemm: dict) -> dict:
         rows.append(r)
     failed = any(r["status"] == "FAILED" for r in rows)
     return dict(status="FAILED" if failed else "ok", rows=rows, T=T, precision=precision,
-                vocab=vocab, doc_len=doc_len)  # fmt: skip
+                vocab=vocab, doc_len=doc_len)
 
 
 # ------------------------------------------------------------------------------ report
@@ -656,12 +656,12 @@ def markdown(report: dict) -> str:
         ]
         for r in k["rows"]:
             shape = " ".join(f"{n}={r[n]}" for n in ("B", "H", "T", "D", "E", "C", "K", "window")
-                             if n in r)  # fmt: skip
+                             if n in r)
             var = f"{int(r.get('docs', 0))}/{int(r.get('init', 0))}"
             worst = _fmt(r.get("worst")) if "worst" in r else "error"
             ok = "yes" if r["ok"] else "**no**"
             lines.append(f"| {r['kernel']} | {shape} | {r['dtype']} | {var} | {r['seed']} "
-                         f"| {worst} | {_fmt(r.get('tolerance'))} | {ok} |")  # fmt: skip
+                         f"| {worst} | {_fmt(r.get('tolerance'))} | {ok} |")
         for r in k["skipped"]:
             lines.append(f"| {r['kernel']} | | {r['dtype']} | | | skipped: {r['reason']} | | |")
         lines.append("")
@@ -673,15 +673,15 @@ def markdown(report: dict) -> str:
         if a.get("note"):
             lines += [f"fla: skipped ({a['note']}).", ""]
         cols = ["triton lightning ms", "fla chunk_simple_gla ms", "sdpa causal ms",
-                "sdpa / triton", "fla / triton", "triton vs fla rel err"]  # fmt: skip
+                "sdpa / triton", "fla / triton", "triton vs fla rel err"]
         lines += ["| T | B x H x D | dtype | " + " | ".join(cols) + " |",
-                  "|---|---|---|" + "---|" * len(cols)]  # fmt: skip
+                  "|---|---|---|" + "---|" * len(cols)]
         for r in a["rows"]:
             if "skipped" in r:
                 lines.append(f"| {r['T']} | skipped: {r['skipped']} |")
                 continue
             lines.append(f"| {r['T']} | {r['B']}x{r['H']}x{r['D']} | {r['dtype']} | "
-                         + " | ".join(_fmt(r.get(c)) for c in cols) + " |")  # fmt: skip
+                         + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
         lines.append("")
     t = s.get("train")
     if t:
@@ -719,7 +719,7 @@ def markdown(report: dict) -> str:
         for r in f["rows"]:
             if r["status"] != "ok":
                 lines.append(f"| {r['family']} | {r['preset']} | | | | | | | | "
-                             f"{r['status']}: {r.get('reason', '')} |")  # fmt: skip
+                             f"{r['status']}: {r.get('reason', '')} |")
                 continue
             mp, mg = r.get("mfu_peak"), r.get("mfu_gemm")
             lines.append(
@@ -737,10 +737,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="directory for gpu_check.json and gpu_check.md (required)")
     p.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny shapes (CI)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole check (default 470; smoke 120)")  # fmt: skip
+                   help="seconds for the whole check (default 470; smoke 120)")
     p.add_argument("--sections", default="kernels,attention,train,families")
     p.add_argument("--reserve", type=float, default=None,
-                   help="seconds kept back for the report (default 10; smoke 2)")  # fmt: skip
+                   help="seconds kept back for the report (default 10; smoke 2)")
     p.add_argument("--train-timeout", type=float, default=None, help="default 150 s (smoke 300)")
     p.add_argument("--family-timeout", type=float, default=None, help="default 100 s (smoke 300)")
     p.add_argument(
@@ -802,11 +802,11 @@ def main(argv: list[str] | None = None) -> int:
                          autotune="every section" if args.autotune else
                          "attention timing only (elsewhere the compile test's config)"),
         sections={},
-    )  # fmt: skip
+    )
     peak = peak_tflops(name) if cuda else None
     source = "datasheet, dense bf16" if peak else ("no table entry" if cuda else "none on CPU")
     gemm = dict(peak_tflops=peak, dtype="bf16" if cuda else "fp32", n=8192 if cuda else 256,
-                peak_source=source)  # fmt: skip
+                peak_source=source)
     gemm["measured_tflops"] = gemm_tflops(device, gemm["dtype"], gemm["n"], 10 if cuda else 3)
     report["gemm"] = gemm
     wanted = args.sections.split(",")
@@ -826,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         res["seconds"] = round(time.perf_counter() - ts, 1)
         report["sections"][sec] = res
         print(f"gpu_check: {sec} {res['status']} in {res['seconds']} s", file=sys.stderr,
-              flush=True)  # fmt: skip
+              flush=True)
     report["seconds"] = time.perf_counter() - t0
     report["status"] = (
         "FAILED" if any(r["status"] == "FAILED" for r in report["sections"].values()) else "ok"

@@ -33,7 +33,7 @@ def run_matrix() -> list[dict]:
     out = subprocess.run(
         [sys.executable, "-m", "plait.kernels.aot"], cwd=ROOT, env=env,
         capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    )
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
@@ -67,7 +67,7 @@ def table(rows: list[dict]) -> str:
         if not ok:
             failures += 1
             lines.append(f"| {op} | {shape} | {dtype} | sm_{arch} | {kernel} | {variants} "
-                         f"| **no** | | | | |")  # fmt: skip
+                         f"| **no** | | | | |")
             continue
         shared = max(r["shared"] for r in rs)
         regs = max(r["registers"] for r in rs)

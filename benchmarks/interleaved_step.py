@@ -71,11 +71,11 @@ def run(names: list[str], T: int, rounds: int, smoke: bool = False, sets=()) -> 
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
         print(f"round {r + 1}/{rounds}: " + ", ".join(
-            f"{n} {wall[n][-1]:.1f} s" for n, *_ in models), flush=True)  # fmt: skip
+            f"{n} {wall[n][-1]:.1f} s" for n, *_ in models), flush=True)
     gemm.append(ts.gemm_rate(jobs[0].gemm_n, reps=5)[0])
     base = models[0][0]
     out = {"T": T, "rounds": rounds, "sets": list(sets), "gemm": gemm, "gemm_n": jobs[0].gemm_n,
-           "doc_mean": doc_mean, "models": []}  # fmt: skip
+           "doc_mean": doc_mean, "models": []}
     for name, _, f, n_params in models:
         ratios = [b / w for b, w in zip(wall[base], wall[name], strict=True)]
         med = statistics.median(wall[name])
@@ -84,7 +84,7 @@ def run(names: list[str], T: int, rounds: int, smoke: bool = False, sets=()) -> 
             "tokens_per_s": T / med, "tokens_per_cpu_s": T / statistics.median(cpu[name]),
             "ratio": statistics.median(ratios), "ratio_min": min(ratios),
             "ratio_max": max(ratios), "mfu": T / med * f / (max(gemm) * 1e9),
-        })  # fmt: skip
+        })
     return out
 
 
@@ -126,19 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated; the first is "
-                    "the baseline (names as in benchmarks/train_step.py)")  # fmt: skip
+                    "the baseline (names as in benchmarks/train_step.py)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; prints, no docs edit")
     ap.add_argument("--write", action="store_true", help="write the docs/benchmarks.md section")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a run-config override for every plait model")  # fmt: skip
+                    help="a run-config override for every plait model")
     args = ap.parse_args(argv)
     if args.smoke:
         names = ["Llama (transformers)", "plait LALA"]
         r = run(names, 64, 2, smoke=True, sets=args.set)
     else:
         r = run([n.strip() for n in args.models.split(",")], args.length, args.rounds,
-                sets=args.set)  # fmt: skip
+                sets=args.set)
     text = table(r)
     print(text)
     if args.write and not args.smoke:

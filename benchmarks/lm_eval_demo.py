@@ -36,15 +36,15 @@ def main() -> None:
     py = sys.executable
     if not (RUN / "checkpoints" / "latest").is_file():
         sh(py, "-m", "plait.launcher.train", "--config", "configs/tiny.yaml",
-           "--set", f"out_dir={RUN}", "--set", "logging.progress_bar=false")  # fmt: skip
+           "--set", f"out_dir={RUN}", "--set", "logging.progress_bar=false")
     sh(py, "-m", "plait.launcher.export", "--checkpoint", str(RUN / "checkpoints"),
-       "--out", str(RUN / "hf"), "--no-progress")  # fmt: skip
+       "--out", str(RUN / "hf"), "--no-progress")
     sh(py, "-m", "plait.data.lastword", "--data", str(RUN / "data"), "--out", str(RUN / "task"))
     docs = len((RUN / "task" / "lastword.jsonl").read_text().splitlines())
     cmd = [str(Path(py).with_name("lm_eval")), "--model", "hf", "--model_args",
            f"pretrained={RUN / 'hf'},trust_remote_code=True,dtype=float32",
            "--tasks", "plait_lastword", "--include_path", str(RUN / "task"),
-           "--device", "cpu", "--batch_size", "8", "--output_path", str(RUN / "eval")]  # fmt: skip
+           "--device", "cpu", "--batch_size", "8", "--output_path", str(RUN / "eval")]
     sh(*cmd)
     newest = max((RUN / "eval").rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
     r = json.loads(newest.read_text())["results"]["plait_lastword"]

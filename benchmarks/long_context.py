@@ -42,7 +42,7 @@ DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def tiny(pattern: str) -> ModelConfig:
     return ModelConfig(pattern=pattern, num_layers=4, hidden_size=128, num_heads=4,
-                       ffn_hidden_size=384, tie_embeddings=True, lightning_block=64)  # fmt: skip
+                       ffn_hidden_size=384, tie_embeddings=True, lightning_block=64)
 
 
 _RT = None
@@ -69,7 +69,7 @@ def train_passkey(pattern: str, tok_path: str, steps: tuple[int, int], batch: in
     total = sum(steps)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total,
-                                                pct_start=max(0.05, 3 / total))  # fmt: skip
+                                                pct_start=max(0.05, 3 / total))
     step, loss = 0, float("nan")
     for length, n in zip((128, 256), steps):
         for _ in range(n):
@@ -95,7 +95,7 @@ def train_passkey(pattern: str, tok_path: str, steps: tuple[int, int], batch: in
 def run_cli(*args: str) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True)  # fmt: skip
+                          text=True)
     if proc.returncode:
         sys.exit(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -107,9 +107,9 @@ def extrapolation(name: str, sets: tuple[str, ...], masking_eval: bool, steps: i
         run_cli("-m", "plait.launcher.train", "--config", "configs/tiny.yaml",
                 "--set", f"out_dir={out}", "--set", "logging.progress_bar=false",
                 "--set", f"training.steps={steps}", "--set", "training.eval_every=0",
-                *[x for s in sets for x in ("--set", s)])  # fmt: skip
+                *[x for s in sets for x in ("--set", s)])
     args = ["-m", "plait.launcher.evaluate", "--checkpoint", str(out / "checkpoints"),
-            "--batches", "8", "--passkey-samples", "0", "--out", str(out / "eval")]  # fmt: skip
+            "--batches", "8", "--passkey-samples", "0", "--out", str(out / "eval")]
     if not masking_eval:
         args += ["--set", "data.document_masking=false"]
     run_cli(*args)
@@ -131,7 +131,7 @@ def main() -> None:
         steps = 5
     no_mask = ("data.document_masking=false",)
     runs = [demo] + [(f"{pat} (no masking)", (f"model.pattern={pat}", *no_mask))
-                     for pat in ("LLLL", "LALA", "AAAA")]  # fmt: skip
+                     for pat in ("LLLL", "LALA", "AAAA")]
     t0 = time.time()
     # the demo run first: its prepared data (tokenizer) is shared by everything after it
     first = extrapolation("demo", demo[1], True, steps)
@@ -141,10 +141,10 @@ def main() -> None:
     batch = 4 if args.smoke else 16
     with ctx.Pool(2, initializer=_worker_init) as pool:
         passkey = pool.starmap(train_passkey, [(pat, tok_path, curriculum, batch)
-                                               for pat in ("LALA", "LLLL")])  # fmt: skip
+                                               for pat in ("LALA", "LLLL")])
         tail = pool.starmap(extrapolation, [
             (name.split()[0], (*sets, f"data.datasets=[{WORK / 'demo' / 'data'}]"), False, steps)
-            for name, sets in runs[1:]])  # fmt: skip
+            for name, sets in runs[1:]])
     first_no_mask = extrapolation("demo", (), False, steps)  # the demo model, masking off
     ext = [(runs[0][0], first[1]), ("demo, evaluated without masking", first_no_mask[1])]
     ext += [(runs[i + 1][0], r[1]) for i, r in enumerate(tail)]
@@ -196,14 +196,14 @@ def _doc(passkey, ext, curriculum, batch, steps, elapsed) -> str:
     ]
     for name, by_len in ext:
         cells = " | ".join(f"{by_len.get(str(n), by_len.get(n, float('nan'))):.3f}"
-                           for n in lengths)  # fmt: skip
+                           for n in lengths)
         lines.append(f"| {name} | {cells} |")
     lines += ["", "Reading: on this corpus (dictionary entries of a few dozen tokens) no model "
               "gains from context beyond the training length; the loss rises by about the same "
               "amount for the pure linear model as for the softmax ones, so the rise is the "
               "longer windows' content, not RoPE failing. The passkey grid is where positions "
               "show: LALA's softmax layers find a key placed near the question at 4x and 8x, "
-              "and mostly not one placed further back than they were trained on."]  # fmt: skip
+              "and mostly not one placed further back than they were trained on."]
     return "\n".join(lines)
 
 

@@ -68,7 +68,7 @@ class _Row:
         seq = torch.randint(0, VOCAB, (1, T + 1), generator=torch.Generator().manual_seed(T))
         zeros = torch.zeros(1, T, dtype=torch.long)
         self.b = {"tokens": seq[:, :-1], "labels": seq[:, 1:], "doc_ids": zeros,
-                  "positions": torch.arange(T)[None]}  # fmt: skip
+                  "positions": torch.arange(T)[None]}
 
     def next_micro_batch(self) -> dict:
         return self.b
@@ -96,7 +96,7 @@ def worker(job: dict) -> None:
         "training.precision=fp32", "training.eval_every=0", "logging.progress_bar=false",
         "data.document_masking=false", f"data.seq_len={T}",
         f"training.recompute={job['recompute']}", f"parallel.context_parallel={job['cp']}",
-    ])  # fmt: skip
+    ])
     cfg.out_dir = job["out_dir"]
     rt = runtime.initialize(
         cfg.parallel, cfg.training.seed, keep_cpu_heap=cfg.training.keeps_cpu_heap
@@ -122,7 +122,7 @@ def worker(job: dict) -> None:
         "times": times, "losses": losses, "peak_gib": peak / 2**20,
         "growth_gib": (peak - base) / 2**20, "base_gib": base / 2**20,
         "load": os.getloadavg()[0],
-    }  # fmt: skip
+    }
     print("RESULT " + json.dumps(out), flush=True)
     runtime.shutdown()
 
@@ -134,22 +134,22 @@ def _free_port() -> int:
 
 
 def run(length: int, cp: int, recompute: str, steps: int, limit: float, timeout: float,
-        preset: str = PRESET) -> dict:  # fmt: skip
+        preset: str = PRESET) -> dict:
     """Start ``cp`` ranks (one process each, gloo), wait, return the run's record: per-rank
     results, or the error of the first rank that failed."""
     threads = max(1, (os.cpu_count() or 1) // cp)
     port = _free_port()
     job = {"length": length, "cp": cp, "recompute": recompute, "steps": steps,
            "limit": limit, "threads": threads, "preset": preset,
-           "out_dir": f"/tmp/plait-long-sequence-{os.getpid()}"}  # fmt: skip
+           "out_dir": f"/tmp/plait-long-sequence-{os.getpid()}"}
     procs = []
     for rank in range(cp):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(cp), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),
-                   OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")  # fmt: skip
+                   OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=env, cwd=REPO))  # fmt: skip
+                                      text=True, env=env, cwd=REPO))
     t0 = time.time()
     ranks, errors = [], []
     for p in procs:
@@ -165,10 +165,10 @@ def run(length: int, cp: int, recompute: str, steps: int, limit: float, timeout:
         if not got and p.returncode:
             tail = [line for line in err.splitlines() if line.strip()][-3:]
             errors.append(f"exit {p.returncode} ({p.returncode == -9 and 'killed' or 'error'}): "
-                          + " | ".join(tail))  # fmt: skip
+                          + " | ".join(tail))
     rec = {"length": length, "cp": cp, "recompute": recompute, "preset": preset,
            "ranks": sorted(ranks, key=lambda r: r["rank"]), "error": "; ".join(errors),
-           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     return rec
 
 

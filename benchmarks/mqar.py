@@ -46,7 +46,7 @@ def config(pattern: str) -> ModelConfig:
     cfg = ModelConfig(
         pattern=pattern, num_layers=len(pattern), hidden_size=WIDTH, num_heads=HEADS,
         ffn_hidden_size=2 * WIDTH, lightning_block=16, vocab_multiple=64,
-    )  # fmt: skip
+    )
     cfg.based.window, cfg.based.feature_dim = WINDOW, 16
     cfg.h3.state_size = 16
     cfg.seqboat.zdim, cfg.seqboat.window = 32, 16

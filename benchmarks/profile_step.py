@@ -60,13 +60,13 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
         "aten::nll_loss_backward",
     ),
     "communication (all-reduce, all-gather: one rank here)": ("c10d::", "gloo"),
-}  # fmt: skip
+}
 ELEMENTWISE = "element-wise arithmetic (mul, add, exp, silu, ...)"
 VIEWS = ("aten::view", "aten::as_strided", "aten::reshape", "aten::unsqueeze", "aten::select",
          "aten::slice", "aten::t", "aten::transpose", "aten::permute", "aten::expand",
          "aten::detach", "aten::alias", "aten::_unsafe_view", "aten::unbind", "aten::split",
          "aten::narrow", "aten::squeeze", "aten::chunk", "aten::lift_fresh",
-         "aten::_reshape_alias", "aten::resolve_conj", "aten::resolve_neg")  # fmt: skip
+         "aten::_reshape_alias", "aten::resolve_conj", "aten::resolve_neg")
 
 
 def category(name: str) -> str | None:
@@ -132,7 +132,7 @@ def profile(preset: str, T: int, masking: bool, steps: int, trace: str = "") -> 
         "categories": dict(per_cat), "calls": dict(calls),
         "overhead_s": max(profiled_wall - ops_s, 0.0),
         "top_ops": sorted(per_op.items(), key=lambda kv: -kv[1])[:12],
-    }  # fmt: skip
+    }
 
 
 def summary(r: dict) -> str:
@@ -165,7 +165,7 @@ def summary(r: dict) -> str:
         f"| {o / p * 100:.0f}% | - |"
     )
     lines += ["", "Top operators (self time per step, ms): " + ", ".join(
-        f"{k.removeprefix('aten::')} {v * 1e3:.1f}" for k, v in r["top_ops"][:8])]  # fmt: skip
+        f"{k.removeprefix('aten::')} {v * 1e3:.1f}" for k, v in r["top_ops"][:8])]
     return f"Machine: {machine()}\n\n" + "\n".join(lines)
 
 
@@ -176,7 +176,7 @@ def _run_one(preset: str, T: int, steps: int) -> dict:
 
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, os.path.abspath(__file__), "--preset", preset, "--seq-len", str(T),
-           "--steps", str(steps), "--json"]  # fmt: skip
+           "--steps", str(steps), "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(next(x for x in out.splitlines() if x.startswith("PROFILE "))[8:])
 
@@ -192,7 +192,7 @@ def phases(preset: str, T: int, steps: int) -> str:
     engine = step.engine
     times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer step": []}
     for name, attr in (("forward", "forward"), ("backward", "backward"),
-                       ("optimizer step", "step")):  # fmt: skip
+                       ("optimizer step", "step")):
         fn = getattr(engine, attr)
 
         def timed(*a, _fn=fn, _name=name, **k):
@@ -212,7 +212,7 @@ def phases(preset: str, T: int, steps: int) -> str:
     policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     return (f"{preset}, {T} tokens, OMP_WAIT_POLICY {policy}, medians of {steps} steps (ms): "
             f"step {statistics.median(total[3:]) * 1e3:.1f}, "
-            + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))  # fmt: skip
+            + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
 
 
 def blocks(preset: str, T: int, reps: int) -> str:
@@ -235,7 +235,7 @@ def blocks(preset: str, T: int, reps: int) -> str:
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     x = torch.randn(1, T, cfg.model.hidden_size)
     lines = [f"{preset}, {T} tokens ({len(lengths)} documents), forward + backward, ms:", "",
-             "| letter | layers | mixer half | MLP half |", "|---|---|---|---|"]  # fmt: skip
+             "| letter | layers | mixer half | MLP half |", "|---|---|---|---|"]
     for letter in dict.fromkeys(cfg.model.pattern):
         blk = next(b for b in model.blocks if b.letter == letter)
         times = []
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         help="time forward, backward and optimizer step apart (with --preset)",
     )
     ap.add_argument("--blocks", action="store_true",
-                    help="time each letter's block halves instead (with --preset)")  # fmt: skip
+                    help="time each letter's block halves instead (with --preset)")
     args = ap.parse_args(argv)
     if args.blocks:
         print(blocks(args.preset or "based-25m", args.seq_len, args.steps))

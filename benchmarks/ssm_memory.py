@@ -43,7 +43,7 @@ def measure(variant: str) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     code = CHILD.format(C=C, S=S, L=L)
     out = subprocess.run([sys.executable, "-c", code, variant], env=env, capture_output=True,
-                         text=True, check=True)  # fmt: skip
+                         text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -341,7 +341,7 @@ def _mixer_rows(job: Job) -> None:
                 softmax.causal_attention = real
             row = {"letter": symbol, "preset": preset, "path": name, "T": T,
                    "docs": len(lengths), "ms": 1e3 * statistics.median(times[1:]),
-                   "all_ms": [1e3 * t for t in times]}  # fmt: skip
+                   "all_ms": [1e3 * t for t in times]}
             print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -428,7 +428,7 @@ def _llama_shape(d, layers, heads, ffn) -> dict:
     return dict(
         hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads, intermediate_size=ffn, rms_norm_eps=1e-5,
-    )  # fmt: skip
+    )
 
 
 LONG = ("transnormer-25m", "based-25m")
@@ -453,14 +453,14 @@ def jobs_25m(lengths, steps, limit, doc_mean) -> list[Job]:
     common = dict(steps=steps, limit=limit, doc_mean=doc_mean)
     short = [T for T in lengths if T < max(lengths)] or lengths
     out = [Job("Llama (transformers)", "llama", llama=_llama_shape(512, 8, 8, 1280),
-               lengths=short, **common)]  # fmt: skip
+               lengths=short, **common)]
     for preset in (
         "transnormer-25m", "based-25m", "hybrid-25m", "h3-25m", "moh-25m", "seqboat-25m"
-    ):  # fmt: skip
+    ):
         out.append(Job(preset, "plait", preset, lengths=lengths if preset in LONG else short,
-                       **common))  # fmt: skip
+                       **common))
     out.append(Job("plait A x8 (hybrid-25m's shape)", "plait", "hybrid-25m",
-                   ["model.pattern=AAAAAAAA"], lengths=short, **common))  # fmt: skip
+                   ["model.pattern=AAAAAAAA"], lengths=short, **common))
     return out
 
 
@@ -574,7 +574,7 @@ def issue_table(rows: list[dict], lengths: list[int], ratio: bool, key="tokens_p
     for T in lengths:
         llama = get(base, T)
         for masking, label in ((True, "documents masked (default)"),
-                               (False, "`data.document_masking=false`")):  # fmt: skip
+                               (False, "`data.document_masking=false`")):
             cells = [_cell(llama, what) if not ratio else "1.00x" if llama else "-"]
             for c in cols:
                 r = get(f"plait {c}" + ("" if masking else ", no doc masking"), T)
@@ -642,7 +642,7 @@ def _gemm_subprocess(threads: int) -> tuple[float, float]:
     out = subprocess.run(
         [sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
         capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
+    )
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -662,26 +662,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only", default="",
         help="comma-separated model names to run, optionally as group:name (mixers, tiny, 25m)",
-    )  # fmt: skip
+    )
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a run-config override for every plait model (e.g. training.cpu_heap=keep)",
-    )  # fmt: skip
+    )
     ap.add_argument(
         "--merge", action="store_true",
         help="keep the other models' rows of the last full run (docs/train_step_results.json)",
-    )  # fmt: skip
+    )
     ap.add_argument(
         "--render", action="store_true",
         help="rewrite the docs section from docs/train_step_results.json; run nothing",
-    )  # fmt: skip
+    )
     args = ap.parse_args(argv)
     if args.worker:
         worker(Job(**json.loads(args.worker)))
         return 0
     if args.render:
         return render(json.loads((REPO / "docs" / "train_step_results.json").read_text()),
-                      REPO / "docs", write_doc=True)  # fmt: skip
+                      REPO / "docs", write_doc=True)
 
     t_start = time.time()
     threads = 1 if args.smoke else 0
@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         L = [int(x) for x in args.lengths.split(",")]
         tl = [int(x) for x in args.tiny_lengths.split(",")]
         mixers = Job("mixers", "mixers", lengths=[args.mixer_length], steps=args.steps,
-                     doc_mean=args.doc_mean)  # fmt: skip
+                     doc_mean=args.doc_mean)
         groups = [
             ("mixers", [mixers]),
             ("tiny", jobs_tiny(tl, args.steps, args.limit, args.doc_mean)),
@@ -717,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
             worker_gemm += gemm_rates
             raw[gname].append((job, results, note))
             print(f"[{gname}] {job.name} (masking={job.masking}): {len(results)} lengths in "
-                  f"{time.time() - t0:.0f} s {note}", flush=True)  # fmt: skip
+                  f"{time.time() - t0:.0f} s {note}", flush=True)
     g1 = _gemm_subprocess(threads)
     gemm = max([g0[0], g1[0]] + worker_gemm)
     out_dir = Path(args.out) if args.out else REPO / "docs"
@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         summary, header = _merge(json.loads(results_path.read_text()), summary, header, args)
         summary["header"] = header
     summary["notes"] = {g: summary.get("notes", {}).get(g, []) + notes.get(g, [])
-                        for g in summary["groups"]}  # fmt: skip
+                        for g in summary["groups"]}
     results_path.write_text(json.dumps(summary, indent=1))
     return render(summary, out_dir, write_doc=not args.out)
 
@@ -812,7 +812,7 @@ def targets_text(groups: dict, peak: float) -> str:
         ceiling = peak * 1e9 / row["flops_per_token"] / base["tokens_per_s"]
         met = "yes" if ratio >= target else ("no; above the ceiling" if target > ceiling else "no")
         out.append(f"| {model} | {_len(T)} | {target:.2f}x | {ratio:.2f}x | {ceiling:.2f}x "
-                   f"| {met} |")  # fmt: skip
+                   f"| {met} |")
     out += [
         "",
         "The ceiling divides the measured fp32 GEMM peak by the model's FLOPs per token and by "
@@ -974,7 +974,7 @@ def _group_text(gname, rows, notes: list[str], out_dir: Path) -> str:
             else:
                 slopes.append(f"{m} " + (f"{s:.2f}" if s is not None else "-"))
         parts += ["", f"Log-log slope of peak memory, {_len(lo)}-{_len(hi)}: "
-                  + "; ".join(slopes) + "."]  # fmt: skip
+                  + "; ".join(slopes) + "."]
         pngs = plot(rows, models, out_dir / f"train_step_{gname}", title.lstrip("# "))
         if pngs:
             parts += ["", " ".join(f"![{p.stem}]({p.name})" for p in pngs)]

@@ -84,7 +84,7 @@ def write_task(data_dir: str | Path, out: str | Path, docs: int = 200) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m plait.data.lastword", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a prepared dataset directory")
     p.add_argument("--out", required=True, help="where the task files go (--include_path)")
     p.add_argument("--docs", type=int, default=200)

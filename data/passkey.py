@@ -15,7 +15,7 @@ import numpy as np
 from .tokenizer import Tokenizer
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-         "Find it and memorize it.")  # fmt: skip
+         "Find it and memorize it.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
 

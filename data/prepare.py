@@ -87,7 +87,7 @@ def _tokenizer_spec(cfg: PrepareConfig) -> dict:
         "source": fingerprint(cfg.source), "type": cfg.tokenizer_type, "vocab": cfg.vocab_size,
         "special": cfg.special_tokens, "sample": cfg.tokenizer_sample_docs,
         "field": cfg.text_field,
-    }  # fmt: skip
+    }
 
 
 def _tokenizer(cfg: PrepareConfig, out: Path) -> Tokenizer:
@@ -117,7 +117,7 @@ def _tokenizer(cfg: PrepareConfig, out: Path) -> Tokenizer:
     texts = list(sample())
     if not texts:
         raise CorpusError(f"data source {cfg.source}: no non-empty document to train a "
-                          "tokenizer on (field data.prepare.text_field)")  # fmt: skip
+                          "tokenizer on (field data.prepare.text_field)")
     tok = train_tokenizer(
         texts, path, cfg.vocab_size, cfg.tokenizer_type, tuple(cfg.special_tokens)
     )
@@ -227,7 +227,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
     manifest.update(
         tokenizer="tokenizer.model", tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size,
         eos_id=tok.eos_id,
-    )  # fmt: skip
+    )
     manifest["chunks"] = _verified_prefix(out, manifest["chunks"], tok.sha256)
     done = len(manifest["chunks"])
     dtype = token_dtype(tok.vocab_size)
@@ -242,7 +242,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
     def finish(c, docs, empty, n):
         val = np.random.default_rng([cfg.seed, c]).random(len(docs)) < cfg.val_fraction
         entry = {"index": c, "records": [c * cfg.docs_per_shard, c * cfg.docs_per_shard + n],
-                 "empty_dropped": empty}  # fmt: skip
+                 "empty_dropped": empty}
         for split, mask in (("train", ~val), ("val", val)):
             name = f"{split}/shard-{c:05d}.bin"
             h = write_shard(out / name, [d for d, m in zip(docs, mask) if m], tok.sha256, dtype)
@@ -310,7 +310,7 @@ def _verified_prefix(out: Path, chunks: list[dict], tokenizer_sha256: str) -> li
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m plait.data.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(PrepareConfig)
     for f in PrepareConfig.__dataclass_fields__.values():
         if f.name in ("show_progress",):

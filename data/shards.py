@@ -63,7 +63,7 @@ def write_shard(
     raw = _HEADER.pack(
         MAGIC, VERSION, _CODES[header.dtype], header.n_tokens, header.n_docs,
         bytes.fromhex(tokenizer_sha256),
-    )  # fmt: skip
+    )
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(raw.ljust(HEADER_SIZE, b"\0"))
@@ -120,7 +120,7 @@ class Shard:
         self.tokens = np.memmap(
             self.path, dtype=h.dtype.newbyteorder("<"), mode="r",
             offset=HEADER_SIZE + 8 * (h.n_docs + 1), shape=(h.n_tokens,),
-        )  # fmt: skip
+        )
         if h.n_docs and (int(self.offsets[0]) != 0 or int(self.offsets[-1]) != h.n_tokens):
             raise ShardError(f"{self.path}: document index does not span the tokens")
 

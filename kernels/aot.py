@@ -185,7 +185,7 @@ def matrix(quick: bool = False):
                 for docs, init in variants:
                     for case in lt.aot_cases(D, E, dt, docs, init):
                         label = dict(op="lightning", shape=f"{shape} {D}x{E}", dtype=dname,
-                                     variant=f"docs={int(docs)} init={int(init)}")  # fmt: skip
+                                     variant=f"docs={int(docs)} init={int(init)}")
                         yield label, case, arch
             for shape, D in SWA_SHAPES.items():
                 if dt == torch.float32 and D > 128:
@@ -193,13 +193,13 @@ def matrix(quick: bool = False):
                 for docs in (True,) if quick and not main else (False, True):
                     for case in sw.aot_cases(D, D, dt, docs, arch=arch):
                         label = dict(op="swa", shape=f"{shape} {D}", dtype=dname,
-                                     variant=f"docs={int(docs)}")  # fmt: skip
+                                     variant=f"docs={int(docs)}")
                         yield label, case, arch
             for shape, K in SHORTCONV_TAPS.items():
                 for docs in (True,) if quick and not main else (False, True):
                     for case in sc.aot_cases(K, dt, docs):
                         label = dict(op="shortconv", shape=shape, dtype=dname,
-                                     variant=f"docs={int(docs)}")  # fmt: skip
+                                     variant=f"docs={int(docs)}")
                         yield label, case, arch
 
 
@@ -213,7 +213,7 @@ def main() -> None:
         try:
             r = compile_case(case, arch)
             row.update(ok=True, shared=r.shared, registers=r.registers, spills=r.spill_bytes,
-                       num_warps=r.num_warps, num_stages=r.num_stages)  # fmt: skip
+                       num_warps=r.num_warps, num_stages=r.num_stages)
         except Exception as e:  # reported, and the test fails on it
             row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
         print(json.dumps(row), flush=True)

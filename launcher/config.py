@@ -23,6 +23,7 @@ import yaml
 from plait.data.config import DataConfig
 from plait.errors import UserError
 from plait.models.common.config import ModelConfig
+from plait.models.common.family import catalogue as family_catalogue
 from plait.models.common.family import families
 from plait.models.common.lm import Recompute
 from plait.models.presets import apply_preset
@@ -213,7 +214,10 @@ class Config:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 try:
-                    section.validate()
+                    if isinstance(section, ModelConfig):  # against the families registered now
+                        section.validate(family_catalogue())
+                    else:
+                        section.validate()
                 except ValueError as e:
                     raise ConfigError(f"{source}: {f.name}.{e}") from None
 

@@ -52,7 +52,7 @@ def check_out(out: Path, export: bool) -> None:
             mine = False
         if not mine:
             raise ExportError(f"--out {out} exists and is not a plait export (it would be "
-                              "replaced whole); give a new directory")  # fmt: skip
+                              "replaced whole); give a new directory")
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -159,7 +159,7 @@ def hf_tokenizer(spm_path: Path):
     if user:
         tk.add_tokens([AddedToken(u, normalized=False, special=False) for u in user])
         print(f"export: note: user-defined symbols {user} are whole tokens, but the text right "
-              "after one may tokenize differently from sentencepiece (docs/export.md)")  # fmt: skip
+              "after one may tokenize differently from sentencepiece (docs/export.md)")
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, **special)
     tok.add_bos_token = False  # plait's documents are "text </s>", no <s>
     return tok

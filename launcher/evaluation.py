@@ -71,7 +71,7 @@ def _tp_leader() -> bool:
 
 @torch.no_grad()
 def position_loss(model, source, length: int, micro_batch: int, batches: int, rt, sp=None,
-                  document_masking: bool = True, windows=None) -> PositionLoss:  # fmt: skip
+                  document_masking: bool = True, windows=None) -> PositionLoss:
     """Summed next-token loss and token counts per position bucket over ``batches`` micro
     batches per DP rank of the (unshuffled) windows of ``length`` tokens of ``source``,
     added up over every rank. Averaged with the counts as weights it is the mean validation
@@ -107,7 +107,7 @@ def position_loss(model, source, length: int, micro_batch: int, batches: int, rt
     elapsed = time.perf_counter() - t0
     tokens = batches * micro_batch * length * rt.dp
     return PositionLoss(length, edges, sums.tolist(), [int(c) for c in counts.tolist()],
-                        tokens / max(elapsed, 1e-9))  # fmt: skip
+                        tokens / max(elapsed, 1e-9))
 
 
 @torch.no_grad()
@@ -133,15 +133,15 @@ def _answers_right(model, tokens_BT, mask_BT, rt, sp) -> torch.Tensor:
 
 
 def passkey_accuracy(model, tok, length: int, depth: float, samples: int, rt, sp=None,
-                     seed: int = 0) -> float:  # fmt: skip
+                     seed: int = 0) -> float:
     b = passkey_batch(tok, length, depth, samples, seed)
     right = _answers_right(model, torch.from_numpy(b["tokens"]),
-                           torch.from_numpy(b["answer_mask"]), rt, sp)  # fmt: skip
+                           torch.from_numpy(b["answer_mask"]), rt, sp)
     return right.mean().item()
 
 
 def mqar_probe(model, vocab: int, length: int, pairs: int, samples: int, rt, sp=None,
-               seed: int = 0) -> float:  # fmt: skip
+               seed: int = 0) -> float:
     """Fraction of MQAR queries answered (plait.data.mqar with the model's vocabulary)."""
     b = mqar_batch(samples, length, vocab, pairs, max(1, min(pairs, length // 8)), seed)
     return _query_accuracy(model, b, rt, sp)
@@ -222,7 +222,7 @@ def _val_source(cfg: Config) -> tuple[Tokenizer, ShardedTokens]:
         tok = Tokenizer(data_dir / "tokenizer.model")
     except TokenizerError as e:
         raise ConfigError(f"{field}: {e}; give the data to evaluate on with "
-                          "--set data.datasets=[DIR]") from None  # fmt: skip
+                          "--set data.datasets=[DIR]") from None
     return tok, ShardedTokens(data_dir, "val", tok.sha256)
 
 
@@ -255,7 +255,7 @@ def evaluate_run(args) -> tuple[Results, bool, Path]:
         model.eval()
         L = cfg.data.seq_len
         res = Results(str(path), int(meta.get("step", 0)), L,
-                      {"tp": rt.tp, "cp": rt.cp, "dp": rt.dp})  # fmt: skip
+                      {"tp": rt.tp, "cp": rt.cp, "dp": rt.dp})
         t0 = time.perf_counter()
         lengths = [int(m * L) for m in _floats(args.lengths, "--lengths")]
         batches = args.batches or cfg.training.eval_batches
@@ -269,10 +269,10 @@ def evaluate_run(args) -> tuple[Results, bool, Path]:
                 _say(rt, f"length {length}: {e}; skipped")
                 continue
             r = position_loss(model, val, length, cfg.training.micro_batch_size, batches, rt,
-                              sp, cfg.data.document_masking)  # fmt: skip
+                              sp, cfg.data.document_masking)
             res.positions.append(asdict(r) | {"mean": r.mean})
             _say(rt, f"length {length}: loss {r.mean:.4f} (ppl {math.exp(min(r.mean, 50)):.1f}),"
-                     f" {r.tokens_per_s:.0f} tokens/s")  # fmt: skip
+                     f" {r.tokens_per_s:.0f} tokens/s")
         depths = _floats(args.passkey_depths, "--passkey-depths")
         if args.passkey_samples and depths:
             grid = {}
@@ -285,7 +285,7 @@ def evaluate_run(args) -> tuple[Results, bool, Path]:
                     except ValueError as e:  # too short for the prompt, or an odd CP split
                         _say(rt, f"passkey {length}@{d}: {e}; skipped")
             res.passkey = {"lengths": lengths, "depths": depths, "accuracy": grid,
-                           "samples": args.passkey_samples}  # fmt: skip
+                           "samples": args.passkey_samples}
         if args.mqar_pairs:
             acc = mqar_probe(model, tok.vocab_size, L, args.mqar_pairs, 16, rt, sp, args.seed)
             res.mqar = {"pairs": args.mqar_pairs, "length": L, "accuracy": acc}
@@ -322,7 +322,7 @@ def table(res: Results) -> str:
             lines.append(" | ".join([str(length)] + ["" if a is None else f"{a:.2f}" for a in row]))
     if res.mqar:
         lines.append(f"MQAR {res.mqar['pairs']} pairs at {res.mqar['length']} tokens: "
-                     f"accuracy {res.mqar['accuracy']:.3f}")  # fmt: skip
+                     f"accuracy {res.mqar['accuracy']:.3f}")
     return "\n".join(lines)
 
 
@@ -350,7 +350,7 @@ def plots(res: Results, out: Path) -> list[Path]:
     if res.passkey and res.passkey["accuracy"]:
         lengths, depths = res.passkey["lengths"], res.passkey["depths"]
         grid = [[res.passkey["accuracy"].get(f"{n}@{d}", float("nan")) for d in depths]
-                for n in lengths]  # fmt: skip
+                for n in lengths]
         fig, ax = plt.subplots(figsize=(6, 4))
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(depths)), [str(d) for d in depths])
@@ -382,7 +382,7 @@ def to_tensorboard(res: Results, run_dir: Path, images: list[Path]) -> None:
         from PIL import Image
 
         w.add_image(f"eval/{img.stem}", np.asarray(Image.open(img).convert("RGB")), res.step,
-                    dataformats="HWC")  # fmt: skip
+                    dataformats="HWC")
     w.close()
 
 

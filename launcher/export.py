@@ -69,7 +69,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.from_hf:
         path = convert.import_hf(Path(args.from_hf), Path(args.out))
         print(f"imported {args.from_hf} -> {path} (train from it: "
-              f"--set checkpoint.init_from={path})")  # fmt: skip
+              f"--set checkpoint.init_from={path})")
         return 0
     path = convert.export(Path(args.checkpoint), Path(args.out), args.tag, args.dtype,
                           args.max_shard_size, args.tokenizer, not args.no_progress,

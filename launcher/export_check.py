@@ -150,7 +150,7 @@ def sample_tokens(spm_path: Path, n: int) -> tuple[list[int], list[str], str]:
 def plait_reference(
     state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype, tokens: list[int],
     prompt: int, new: int,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+) -> dict[str, torch.Tensor]:
     """plait's logits [T, V], greedy continuation [new] and the logits its steps chose from
     [new, V], with the weights rounded through ``dtype`` and computed in float32."""
     ids = torch.tensor([tokens])
@@ -193,10 +193,10 @@ def run_hf(directory: Path, job: dict, work: Path) -> dict:
     # The remote code is copied into a modules cache of its own: concurrent exports do not
     # race on the user's cache, and nothing is left in it.
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(work / "modules"),
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")  # fmt: skip
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     try:
         proc = subprocess.run(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise CheckFailed(f"export check: transformers did not finish in {TIMEOUT_S} s") from None
     if proc.returncode != 0:
@@ -232,7 +232,7 @@ def compare(
     ours, theirs = ref["greedy"], hf["greedy"]
     new = len(ours)
     part = next((i for i in range(min(new, len(theirs))) if theirs[i] != ours[i]),
-                min(new, len(theirs)))  # fmt: skip
+                min(new, len(theirs)))
     # the step logits are comparable while both continuations saw the same context
     k = min(part + 1, new, len(hf["step_logits"]))
     step_diff = _max_abs(hf["step_logits"][:k], ref["step_logits"][:k]) if k else 0.0
@@ -259,7 +259,7 @@ def compare(
         top1_agreement=top1, step_max_abs_diff=step_diff, greedy_prompt=prompt,
         greedy_new=new, greedy_equal=part, greedy_tie_at=tie_at, tokenizer_equal=tok_equal,
         seconds=round(seconds, 2), transformers=hf["transformers"], torch=hf["torch"],
-    )  # fmt: skip
+    )
     return result, problems
 
 
@@ -276,7 +276,7 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 def verify(
     directory: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype,
     spm_path: Path, out: Path, tokens: int = TOKENS,
-) -> CheckResult:  # fmt: skip
+) -> CheckResult:
     """Check the export in ``directory`` (``out``'s temporary twin) against plait's model
     on ``state``; raises CheckFailed with one line when it does not compute the same."""
     t0 = time.perf_counter()
@@ -285,7 +285,7 @@ def verify(
     spm = Tokenizer(spm_path)
     spm_ids = [spm.encode(t) for t in texts]
     print(f"export check: plait's forward on {tokens} tokens and greedy decode of {new} ...",
-          flush=True)  # fmt: skip
+          flush=True)
     try:
         ref = plait_reference(state, cfg, dtype, ids, prompt, new)
     except NotAlone as e:
@@ -296,7 +296,7 @@ def verify(
     work = Path(tempfile.mkdtemp(prefix="plait-export-check-"))
     try:
         hf = run_hf(directory, {"tokens": ids, "prompt": prompt, "new": new, "texts": texts},
-                    work)  # fmt: skip
+                    work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result, problems = compare(ref, hf, spm_ids, prompt, source, time.perf_counter() - t0)
@@ -327,7 +327,7 @@ def model_card(config: dict, result: CheckResult | None, dtype: str, params: int
     kinds = "; ".join(f"{c}: {letter(c).description}" for c in dict.fromkeys(config["pattern"]))
     if result is None:
         checked = ("Not verified: exported with `--no-verify` (`plait.verified` is false in "
-                   "config.json).")  # fmt: skip
+                   "config.json).")
     else:
         weights = "weights" if dtype == "fp32" else f"{dtype}-rounded weights"
         greedy = f"{result.greedy_equal} of {result.greedy_new} tokens equal"

@@ -58,7 +58,7 @@ def check_run(cfg: Config, world: int | None = None) -> None:
     _check_tensor_parallel(cfg)
     for length in sequence_lengths(cfg):
         check_sequence_length(cfg, length, "data.seq_len" if length == cfg.data.seq_len
-                              else "data.warmup_seq_len")  # fmt: skip
+                              else "data.warmup_seq_len")
     _check_pipeline(cfg)
 
 
@@ -120,10 +120,10 @@ def _check_pipeline(cfg: Config) -> None:
         return
     if t.spike_zscore:
         raise ConfigError("training.spike_zscore: loss-spike skipping does not run with "
-                          "parallel.pipeline_parallel > 1 yet; set it to 0")  # fmt: skip
+                          "parallel.pipeline_parallel > 1 yet; set it to 0")
     if t.eval_passkey:
         raise ConfigError("training.eval_passkey: the passkey probe does not run with "
-                          "parallel.pipeline_parallel > 1 yet; set it to 0")  # fmt: skip
+                          "parallel.pipeline_parallel > 1 yet; set it to 0")
     v, m = p.virtual_pipeline, t.grad_accum
     if v > 1 and m % p.pipeline_parallel:
         raise ConfigError(

@@ -149,7 +149,7 @@ def _forward(model, b: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:
     which hold equal token counts); document boundaries go to the model unless disabled."""
     doc_ids = b["doc_ids"] if cfg.data.document_masking else None
     return model(b["tokens"], labels_BT=b["labels"], positions_BT=b["positions"],
-                 doc_ids_BT=doc_ids)  # fmt: skip
+                 doc_ids_BT=doc_ids)
 
 
 class PipelineForward:
@@ -174,7 +174,7 @@ class PipelineForward:
         # is run that many times then (validation only; the first copy's logits are used).
         copies = self.pipe.pp if self.pipe.virtual > 1 else 1
         out = self.pipe.run([b] * copies, forward, tokens.shape[1] * self.pipe.cp,
-                            forward_only=True)  # fmt: skip
+                            forward_only=True)
         return out[0]["logits"] if out else None
 
 
@@ -205,7 +205,7 @@ class Loop:
         tokens, on the device."""
         d, t = self.cfg.data, self.cfg.training
         length = warmup_length(self.engine.global_steps, d.warmup_seq_len, d.seq_len,
-                               d.warmup_seq_len_steps)  # fmt: skip
+                               d.warmup_seq_len_steps)
         out = []
         for _ in range(t.grad_accum):
             full = warmup_reshape(self.loader.next_micro_batch(), length)
@@ -213,14 +213,14 @@ class Loop:
         return out
 
     def _stats(self, lr: float, loss: float, dt: float, parts: dict, skipped: int,
-               spikes: int) -> StepStats:  # fmt: skip
+               spikes: int) -> StepStats:
         """The step's record: both step forms end here."""
         gn = self.engine.get_global_grad_norm()
         gn = float(gn.item() if torch.is_tensor(gn) else (gn if gn is not None else float("nan")))
         t = self.cfg.training
         tokens = t.micro_batch_size * t.grad_accum * self.rt.dp * self.cfg.data.seq_len
         return StepStats(self.engine.global_steps, loss, lr, gn, dt, tokens / dt, skipped,
-                         spikes, parts)  # fmt: skip
+                         spikes, parts)
 
     def _pipeline_step(self) -> StepStats:
         """Every stage reads the same ``grad_accum`` micro batches (the first needs the
@@ -287,7 +287,7 @@ class Loop:
                 parts.setdefault(k, []).append(v.float())
         loss = data_parallel_mean(torch.stack(losses).mean()).item()
         means = {k: data_parallel_mean(torch.stack(v).mean()).item()
-                 for k, v in sorted(parts.items())}  # fmt: skip
+                 for k, v in sorted(parts.items())}
         if spike:
             if engine.skipped_steps == skipped_before:  # the NaN path did not skip: never silent
                 raise RuntimeError(f"step {engine.global_steps}: a loss spike was not skipped")
@@ -312,7 +312,7 @@ class Loop:
         engine.eval()
         model = PipelineForward(self.pipe) if self.pipe is not None else engine
         r = position_loss(model, None, cfg.data.seq_len, t.micro_batch_size, t.eval_batches,
-                          rt, self.sp, cfg.data.document_masking, windows=self.val)  # fmt: skip
+                          rt, self.sp, cfg.data.document_masking, windows=self.val)
         out = {"loss": r.mean}
         for a, m in zip(r.edges[:-1], r.bucket_means()):
             if m is not None:
@@ -342,7 +342,7 @@ class Loop:
         history: list[StepStats] = []
         bar = tqdm(total=cfg.training.steps, initial=engine.global_steps, desc="train",
                    unit="step", disable=not (rt.is_main and cfg.logging.progress_bar),
-                   dynamic_ncols=True)  # fmt: skip
+                   dynamic_ncols=True)
         try:
             while engine.global_steps < cfg.training.steps:
                 s = self.step()
@@ -352,7 +352,7 @@ class Loop:
                     sink.scalars(s.step, {**row, **s.parts}, "train")
                 bar.update(1)
                 bar.set_postfix(loss=f"{s.loss:.3f}", lr=f"{s.lr:.2e}", gnorm=f"{s.grad_norm:.2f}",
-                                tok_s=f"{s.tokens_per_s:.0f}", **bubble)  # fmt: skip
+                                tok_s=f"{s.tokens_per_s:.0f}", **bubble)
                 every = cfg.training.eval_every
                 last = s.step == cfg.training.steps
                 if self.val is not None and every and (s.step % every == 0 or last):
@@ -360,7 +360,7 @@ class Loop:
                     sink.scalars(s.step, vals, "val")
                     if rt.is_main:
                         bar.write(f"step {s.step}: train loss {s.loss:.4f}  val loss "
-                                  f"{vals['loss']:.4f}")  # fmt: skip
+                                  f"{vals['loss']:.4f}")
                 if on_step is not None and on_step(s):
                     break
         finally:

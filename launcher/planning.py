@@ -34,7 +34,7 @@ def stage_bounds(cfg: Config, vocab: int = 0) -> list[tuple[int, int]]:
     V = m.padded_vocab_size(vocab or m.vocab_size or cfg.data.prepare.vocab_size)
     marks = m.pipeline_marks if p.pipeline_parallel > 1 and m.pipeline_marks else None
     return stage_layers(costs, p.pipeline_parallel, p.virtual_pipeline, marks,
-                        last_extra=cost_model.output_flops(m, V))  # fmt: skip
+                        last_extra=cost_model.output_flops(m, V))
 
 
 def plan(cfg: Config, world: int, precision: str = "bf16", vocab: int = 0) -> dict:
@@ -68,12 +68,12 @@ def plan(cfg: Config, world: int, precision: str = "bf16", vocab: int = 0) -> di
         cost = sum(costs[a:e]) + (out_cost if k == last else 0)
         rows.append({"stage": k, "pp_rank": k % pp, "layers": (a, e), "letters": m.pattern[a:e],
                      "cost": cost, "params": n, "weights": weights, "grads": grads,
-                     "optimizer": optim, "activations": acts})  # fmt: skip
+                     "optimizer": optim, "activations": acts})
     worst, least = max(r["cost"] for r in rows), min(r["cost"] for r in rows)
     return {"world": world, "tp": tp, "pp": pp, "cp": cp, "dp": dp, "vocab": V,
             "stages": rows, "imbalance": worst / least, "micro_batches": micro,
             "bubble": bubble_fraction(pp, micro, vp), "virtual": vp,
-            "precision": precision}  # fmt: skip
+            "precision": precision}
 
 
 def rank_coords(rank: int, tp: int, cp: int, dp: int) -> tuple[int, int, int, int]:
@@ -89,14 +89,14 @@ def render(cfg: Config, res: dict) -> str:
     lines = [f"{cfg.model.pattern} ({cfg.model.num_layers} layers, d={cfg.model.hidden_size}, "
              f"vocab {res['vocab']}) at {cfg.data.seq_len} tokens, micro-batch "
              f"{cfg.training.micro_batch_size}, {res['micro_batches']} micro-batches a step, "
-             f"ZeRO-{cfg.parallel.zero_stage}, {res['precision']}",  # fmt: skip
+             f"ZeRO-{cfg.parallel.zero_stage}, {res['precision']}",
              f"world {res['world']} = tp {tp} x pp {pp} x cp {cp} x dp {dp} "
-             "(megatron order tp-cp-dp-pp: TP ranks adjacent)"]  # fmt: skip
+             "(megatron order tp-cp-dp-pp: TP ranks adjacent)"]
     if res["world"] <= 32:
         lines.append("rank -> (tp, pp, cp, dp): " + ", ".join(
-            f"{r}->{rank_coords(r, tp, cp, dp)}" for r in range(res["world"])))  # fmt: skip
+            f"{r}->{rank_coords(r, tp, cp, dp)}" for r in range(res["world"])))
     lines.append("stage (pp rank) | layers | letters | GFLOP/token | share | params | "
-                 "GiB per rank: weights + grads + optimizer + activations = total")  # fmt: skip
+                 "GiB per rank: weights + grads + optimizer + activations = total")
     total = sum(r["cost"] for r in res["stages"])
     for r in res["stages"]:
         mem = (r["weights"], r["grads"], r["optimizer"], r["activations"])
@@ -119,5 +119,5 @@ def render(cfg: Config, res: dict) -> str:
             lines.append(f"pp rank {q}: chunks {[r['stage'] for r in mine]}, {tot / GIB:.2f} GiB")
     formula = "(p-1)/(m+p-1)" if v == 1 else f"(p-1)/(v m+p-1), v={v}"
     lines.append(f"pipeline bubble: {formula} = {res['bubble']:.1%} "
-                 f"({pp} stages, {res['micro_batches']} micro-batches)")  # fmt: skip
+                 f"({pp} stages, {res['micro_batches']} micro-batches)")
     return "\n".join(lines)

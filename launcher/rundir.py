@@ -35,7 +35,7 @@ from plait.errors import UserError
 LOCK_NAME = ".plait.lock"
 LIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED",
                      "RESIZING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "STOPPED",
-                     "SIGNALING", "STAGE_OUT"}  # fmt: skip
+                     "SIGNALING", "STAGE_OUT"}
 
 
 class RunDirError(UserError):
@@ -77,7 +77,7 @@ class Holder:
         env = os.environ
         restart = env.get("SLURM_RESTART_COUNT", "0")
         return Holder(socket.gethostname(), pid, _start_time(pid), env.get("SLURM_JOB_ID", ""),
-                      time.time(), int(restart) if restart.isdigit() else 0)  # fmt: skip
+                      time.time(), int(restart) if restart.isdigit() else 0)
 
     def describe(self) -> str:
         job = f", Slurm job {self.slurm_job}" if self.slurm_job else ""
@@ -93,7 +93,7 @@ def _read(path: Path) -> Holder | None:
         raw = json.loads(path.read_text())
         return Holder(str(raw["host"]), int(raw["pid"]), str(raw.get("start", "")),
                       str(raw.get("slurm_job", "")), float(raw.get("since", 0)),
-                      int(raw.get("slurm_restart", 0)))  # fmt: skip
+                      int(raw.get("slurm_restart", 0)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -102,7 +102,7 @@ def _slurm_job_gone(job: str) -> bool | None:
     """Whether Slurm no longer runs job ``job`` (None: cannot tell, no squeue)."""
     try:
         out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
-                             text=True, timeout=20)  # fmt: skip
+                             text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:  # "Invalid job id specified": long finished

@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     if why:
         if main_rank:
             print(f"stopped ({why}) at step {history[-1].step if history else '?'}: "
-                  f"checkpoint saved, exit {EXIT_REQUEUE} to be requeued", flush=True)  # fmt: skip
+                  f"checkpoint saved, exit {EXIT_REQUEUE} to be requeued", flush=True)
         return EXIT_REQUEUE
     if history and main_rank:
         print(

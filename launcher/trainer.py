@@ -240,7 +240,7 @@ class Trainer:
         where = f"data.datasets[{i}]"
         if not Path(path).is_dir():
             raise ConfigError(f"{where}: {path} is not a directory (prepare one with "
-                              "python -m plait.data.prepare)")  # fmt: skip
+                              "python -m plait.data.prepare)")
         try:
             return Tokenizer(Path(path) / "tokenizer.model")
         except TokenizerError as e:
@@ -259,7 +259,7 @@ class Trainer:
         d = self.cfg.data
         return PrepareConfig(source=resolve_corpus(d.corpus), out=str(out),
                              show_progress=self.cfg.logging.progress_bar,
-                             **dataclasses.asdict(d.prepare))  # fmt: skip
+                             **dataclasses.asdict(d.prepare))
 
     # ------------------------------------------------------------------ data
 
@@ -333,7 +333,7 @@ class Trainer:
         pipe = None
         if chunks is not None:
             pipe = PipelineRunner(chunks, engine, cfg.model.hidden_size, cfg.parallel.zero_stage,
-                                  cfg.optimizer.grad_clip)  # fmt: skip
+                                  cfg.optimizer.grad_clip)
         return model, engine, scheduler, pipe
 
     def _train(self, rt, pre: _Preflight, preemption: _Preemption, start: float):
@@ -358,7 +358,7 @@ class Trainer:
             (self.out / "stop.json").unlink(missing_ok=True)
             # under pipeline stages this rank holds one stage: count the whole model
             n_params = (param_count(cfg.model, tok.vocab_size) if rt.pp > 1
-                        else logical_numel(model))  # fmt: skip
+                        else logical_numel(model))
             pp = f", pp {rt.pp} x {cfg.parallel.virtual_pipeline} chunks" if rt.pp > 1 else ""
             print(
                 f"plait: {cfg.model.pattern} ({cfg.model.num_layers} layers, "
@@ -371,7 +371,7 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
         step_end = _StepEnd(cfg, rt, preemption, saver, spikes, engine, scheduler, loader,
-                            _deadline(cfg, start))  # fmt: skip
+                            _deadline(cfg, start))
         loop = Loop(cfg, rt, engine, scheduler, loader, sp=sp, pipe=pipe, spikes=spikes,
                     val=val_set, tokenizer=tok)
         history = loop.run(on_step=step_end)
@@ -392,7 +392,7 @@ class _StepEnd:
     Returns why the run stops ("" to go on)."""
 
     def __init__(self, cfg: Config, rt, preemption: _Preemption, saver, spikes, engine,
-                 scheduler, loader, deadline: float):  # fmt: skip
+                 scheduler, loader, deadline: float):
         self.cfg, self.rt, self.preemption, self.saver = cfg, rt, preemption, saver
         self.spikes, self.engine, self.scheduler, self.loader = spikes, engine, scheduler, loader
         self.deadline = deadline
@@ -408,16 +408,16 @@ class _StepEnd:
         self.in_a_row = self.in_a_row + 1 if nonfinite or spike else 0
         if rt.is_main and nonfinite:
             print(f"step {s.step}: non-finite gradient norm, step skipped "
-                  f"({s.skipped_steps} so far)", flush=True)  # fmt: skip
+                  f"({s.skipped_steps} so far)", flush=True)
         if rt.is_main and spike:
             print(f"step {s.step}: loss {s.loss:.4f} is a spike (training.spike_zscore), "
-                  f"step skipped ({s.spike_skipped_steps} so far)", flush=True)  # fmt: skip
+                  f"step skipped ({s.spike_skipped_steps} so far)", flush=True)
         self.skipped, self.spike_skips = s.skipped_steps, s.spike_skipped_steps
         flags = torch.tensor(
             [self.preemption.requested, time.time() > self.deadline,
              self.in_a_row >= cfg.training.max_skipped_in_a_row, self.saver.failed()],
             dtype=torch.float32,
-        )  # fmt: skip
+        )
         runtime.all_reduce_max(flags)
         if flags[3]:
             self.saver.wait()  # raises, on every rank, what rank 0's writer raised
@@ -430,7 +430,7 @@ class _StepEnd:
         every = cfg.checkpoint.save_every
         if why or (every and s.step % every == 0) or last:
             self.saver.save(s.step, self.engine, self.scheduler, self.loader,
-                            {"spikes": self.spikes.state_dict()})  # fmt: skip
+                            {"spikes": self.spikes.state_dict()})
         self.why = why
         return why
 
@@ -471,6 +471,6 @@ def build_stages(cfg: Config, rt, vocab_size: int, sp):
     p = cfg.parallel
     config = transformer_config(cfg.model.hidden_size, cfg.model.num_layers, p.tensor_parallel,
                                 p.pipeline_parallel, p.context_parallel, p.virtual_pipeline,
-                                None)  # fmt: skip
+                                None)
     chunks = [StageChunk(m, m.stage, config, c) for c, m in enumerate(models)]
     return StageContainer(models), chunks

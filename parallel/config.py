@@ -35,7 +35,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel",
-                     "virtual_pipeline"):  # fmt: skip
+                     "virtual_pipeline"):
             if getattr(self, name) < 1:
                 raise ParallelConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.virtual_pipeline > 1 and self.pipeline_parallel == 1:

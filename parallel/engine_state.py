@@ -244,7 +244,7 @@ def load_logical_state(
             p.data.copy_(local(name, p).to(p.dtype))
             if step:
                 client.state[p] = {"step": step_value(),
-                                   **{k: local(name, p, k).clone() for k in MOMENTS}}  # fmt: skip
+                                   **{k: local(name, p, k).clone() for k in MOMENTS}}
         return client
     groups = _group_of(z)
     fresh: dict[int, dict] = {}

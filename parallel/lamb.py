@@ -213,7 +213,7 @@ class Lamb(torch.optim.Optimizer):
         part = self._partitions.get(id(p))
         if part is None or part.flat is not p:
             raise RuntimeError("Lamb: a flat ZeRO partition's tensor layout was not linked "
-                               "(Lamb.link_partitions) before the step")  # fmt: skip
+                               "(Lamb.link_partitions) before the step")
         u = self._update(p, group)
         pieces_w = p.detach().float().split(part.lengths)
         pieces_u = u.split(part.lengths)
@@ -222,7 +222,7 @@ class Lamb(torch.optim.Optimizer):
         sq = torch.zeros(part.n, 2, device=p.device)
         if w_frag:
             frag = torch.stack([torch.stack(torch._foreach_norm(w_frag)),
-                                torch.stack(torch._foreach_norm(u_frag))], dim=1)  # fmt: skip
+                                torch.stack(torch._foreach_norm(u_frag))], dim=1)
             sq.index_copy_(0, part.tensor, frag.pow(2))
         sharded = torch.full((part.n,), bool(group.get("tp_sharded", False)), device=p.device)
         trust = self._trust(self._reduce(sq, sharded), group)
@@ -234,9 +234,9 @@ class Lamb(torch.optim.Optimizer):
         """Whole tensors (or, at ZeRO-3, one tensor's partition per group): one reduction."""
         updates = [self._update(p, group) for p, group in items]
         sq = torch.stack([torch.stack([p.float().pow(2).sum(), u.pow(2).sum()])
-                          for (p, _), u in zip(items, updates, strict=True)])  # fmt: skip
+                          for (p, _), u in zip(items, updates, strict=True)])
         sharded = torch.tensor([bool(g.get("tp_sharded", False)) for _, g in items],
-                               device=sq.device)  # fmt: skip
+                               device=sq.device)
         sq = self._reduce(sq, sharded)
         for (p, group), u, sq_i in zip(items, updates, sq.unbind(0), strict=True):
             trust = self._trust(sq_i, group)

@@ -145,5 +145,5 @@ def based_attention_lasp2(
     out = lightning_attention_lasp2(
         feature_map(q_BHCF), feature_map(k_BHCF), v_aug, zeros, group, doc_ids=doc_ids,
         block=block, backend=backend,
-    )  # fmt: skip
+    )
     return (out[..., :E] / (out[..., E:] + eps)).to(v_BHCE.dtype)

@@ -80,7 +80,7 @@ def attention_lasp2h_masked(q_BHCD, K_BHSD, V_BHSE, r, doc_ids, all_docs, scale)
     if doc_ids is not None:
         mask = mask & (doc_ids[:, :, None] == all_docs[:, None, :])
     return F.scaled_dot_product_attention(q_BHCD, K_BHSD, V_BHSE, attn_mask=mask[:, None],
-                                          scale=scale)  # fmt: skip
+                                          scale=scale)
 
 
 def _first_start(all_docs_S: torch.Tensor, offset: int) -> int:

@@ -168,7 +168,7 @@ def shared_init_rng():
 
 
 def transformer_config(hidden_size: int, num_layers: int, tp: int, pp: int, cp: int,
-                       virtual: int, finalize: Callable | None):  # fmt: skip
+                       virtual: int, finalize: Callable | None):
     """The TransformerConfig megatron's schedules read from each chunk (``.config``): only the
     pipeline fields matter; the rest describes no real layer. ``batch_p2p_comm`` is off for
     interleaving: at PP=2 the previous and the next peer are the same rank and gloo delivers
@@ -279,7 +279,7 @@ class PipelineRunner:
     elsewhere). ``hidden_size`` and the global sequence length fix the p2p buffers' shape."""
 
     def __init__(self, chunks: list[StageChunk], engine, hidden_size: int, zero_stage: int,
-                 grad_clip: float = 0.0):  # fmt: skip
+                 grad_clip: float = 0.0):
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -311,7 +311,7 @@ class PipelineRunner:
         return [iter(batches) for _ in range(self.virtual)]
 
     def run(self, batches: list[dict], forward: Callable, seq_len: int,
-            forward_only: bool = False) -> list[dict]:  # fmt: skip
+            forward_only: bool = False) -> list[dict]:
         """Run the micro-batches; returns, on the last stage, each micro-batch's dict of
         detached values the loss function reported (empty elsewhere)."""
         m = len(batches)

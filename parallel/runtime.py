@@ -123,7 +123,7 @@ class Runtime:
 GLIBC_MALLOC_ENV = (
     "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
     "MALLOC_ARENA_MAX", "GLIBC_TUNABLES",
-)  # fmt: skip
+)
 """glibc's own malloc settings: where any is set, the user has chosen, and plait leaves it."""
 
 
@@ -333,7 +333,7 @@ def stage_lead() -> tuple[bool, int]:
     if not ps.model_parallel_is_initialized():
         return global_rank() == 0, 0
     lead = (ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
-            and ps.get_data_parallel_rank() == 0)  # fmt: skip
+            and ps.get_data_parallel_rank() == 0)
     return lead, ps.get_pipeline_model_parallel_rank()
 
 

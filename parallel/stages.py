@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 
 def balance(costs: list[float], stages: int, last_extra: float = 0.0,
-            first_extra: float = 0.0) -> list[tuple[int, int]]:  # fmt: skip
+            first_extra: float = 0.0) -> list[tuple[int, int]]:
     """Cut ``costs`` (one per layer, in order) into ``stages`` contiguous non-empty runs
     [start, end) minimising the costliest stage, where the first stage also carries
     ``first_extra`` (the embedding) and the last ``last_extra`` (the output layer and loss).
@@ -50,7 +50,7 @@ def balance(costs: list[float], stages: int, last_extra: float = 0.0,
 
 def stage_layers(costs: list[float], pipeline: int, virtual: int = 1,
                  marks: list[int] | None = None, last_extra: float = 0.0,
-                 first_extra: float = 0.0) -> list[tuple[int, int]]:  # fmt: skip
+                 first_extra: float = 0.0) -> list[tuple[int, int]]:
     """The layers [start, end) of every model chunk, in model order: ``pipeline x virtual``
     chunks, chunk c of pipeline rank r being number ``c * pipeline + r`` (megatron's
     interleaved assignment). ``marks``: the cut points a user gave (layer indices where a new

@@ -29,7 +29,7 @@ class Ran:
 
 
 def run_module(module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None,
-               timeout: float = 300) -> Ran:  # fmt: skip
+               timeout: float = 300) -> Ran:
     """``python -m module *args`` in a forked child (see the module docstring)."""
     import tempfile
     import time

@@ -83,7 +83,7 @@ DOCS_ORDER = [
     "docs/export.md",
     "docs/evaluation.md",
 ]
-NOT_WALKED = {"docs/benchmarks.md"}  # a results log: its commands are records, not a guide
+NOT_WALKED = {"docs/benchmarks.md", "docs/benchmarks_archive.md"}  # results: records, not a guide
 CLIS = [
     "plait.launcher.train",
     "plait.launcher.export",
@@ -356,7 +356,7 @@ class BlockResult:
 
 
 def run_block(block: Block, n: int, clone: Path, env: dict[str, str], work: Path,
-              default_timeout: float, slow: bool) -> BlockResult:  # fmt: skip
+              default_timeout: float, slow: bool) -> BlockResult:
     say(
         f"\n== {block.where} ({block.lang}, {len(block.commands)} command"
         f"{'s' if len(block.commands) != 1 else ''})"

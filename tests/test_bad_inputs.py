@@ -49,7 +49,7 @@ def _ranks(world: int) -> dict[str, str]:
     """rank 0 of a torchrun job of ``world`` ranks (nobody else will join: the refusal must
     come before the rendezvous)."""
     return {"RANK": "0", "WORLD_SIZE": str(world), "LOCAL_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}  # fmt: skip
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}
 
 
 PREP = "plait.data.prepare"
@@ -187,7 +187,7 @@ def world(tmp_path_factory):
     files = root / "files"
     files.mkdir()
     good = [json.dumps({"text": f"document {i}: the cat sat on the mat {i} times."})
-            for i in range(40)]  # fmt: skip
+            for i in range(40)]
     (files / "good.jsonl").write_text("\n".join(good) + "\n")
     (files / "bad.jsonl").write_text(good[0] + "\n{not json\n")
     (files / "nofield.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
@@ -202,10 +202,10 @@ def world(tmp_path_factory):
     locked.mkdir()
     (locked / ".plait.lock").write_text(json.dumps(
         {"host": os.uname().nodename, "pid": os.getpid(), "start": "", "slurm_job": "",
-         "since": 0}))  # fmt: skip
+         "since": 0}))
     run = root / "run"
     ran = run_module(TRAIN, _train("training.steps=2", "training.eval_every=0",
-                                   out=str(run)), cwd=root)  # fmt: skip
+                                   out=str(run)), cwd=root)
     assert ran.code == 0, ran.text[-3000:]
     forged = root / "forged"
     _forge_wrong_shape(run / "checkpoints" / "step2", forged)
@@ -214,7 +214,7 @@ def world(tmp_path_factory):
     imported = root / "imported"
     _weights_only(run / "checkpoints" / "step2", imported)
     return {"root": root, "files": files, "run": run, "locked": locked, "forged": forged,
-            "forged_meta": forged_meta, "imported": imported / "step0"}  # fmt: skip
+            "forged_meta": forged_meta, "imported": imported / "step0"}
 
 
 def _forge_wrong_shape(src: Path, dst: Path, in_meta_too: bool = False) -> None:
@@ -290,7 +290,7 @@ def test_plan_refuses_what_training_refuses_with_the_same_line(world, tmp_path):
     cases = {c.id: c for c in CASES}
     for train_id, plan_id in (("train-tp-does-not-divide-heads", "plan-tp-does-not-divide-heads"),
                               ("train-interleaved-one-micro-batch",
-                               "plan-interleaved-one-micro-batch")):  # fmt: skip
+                               "plan-interleaved-one-micro-batch")):
         (tmp_path / train_id).mkdir()
         (tmp_path / plan_id).mkdir()
         a = _check(cases[train_id], world, tmp_path / train_id)

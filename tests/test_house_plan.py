@@ -72,7 +72,7 @@ def test_every_package_folder_is_installed(tmp_path):
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
          "-w", str(tmp_path), str(REPO)],
         check=True, capture_output=True, cwd=tmp_path,
-    )  # fmt: skip
+    )
     (wheel,) = tmp_path.glob("plait-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     found = {

@@ -38,5 +38,5 @@ def causal_attention_varlen(
     o = _varlen_attn()(
         pack(q_BHTD), pack(k_BHTD), pack(v_BHTE), cu, cu, longest, longest,
         scale=scale, window_size=(-1, 0),
-    )  # fmt: skip
+    )
     return o.view(B, T, H, -1).transpose(1, 2)

@@ -122,7 +122,7 @@ def based_attention(
     out, state = lightning_attention(
         feature_map(q_BHTF), feature_map(k_BHTF), v_aug, zeros, doc_ids=docs,
         initial_state=initial_state, return_state=True, block=block, backend=backend,
-    )  # fmt: skip
+    )
     y = (out[..., :E] / (out[..., E:] + eps)).to(v_BHTE.dtype)
     return (y, state) if return_state else y
 

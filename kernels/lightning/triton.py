@@ -154,7 +154,7 @@ def _state_fwd(
     T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, HAS_INIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WRITE_STATES: tl.constexpr = True,
-):  # fmt: skip
+):
     pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
     s = tl.load(SLOPES + bh % H).to(tl.float32)
@@ -186,7 +186,7 @@ def _out_fwd(
     T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):  # fmt: skip
+):
     pid_v, i, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
     s = tl.load(SLOPES + bh % H).to(tl.float32)
@@ -221,7 +221,7 @@ def _dstate_bwd(
     HAS_DOCS: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):  # fmt: skip
+):
     pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
     s = tl.load(SLOPES + bh % H).to(tl.float32)
@@ -254,7 +254,7 @@ def _dv_bwd(
     T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):  # fmt: skip
+):
     pid_v, i, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
     s = tl.load(SLOPES + bh % H).to(tl.float32)
@@ -290,7 +290,7 @@ def _dqdk_bwd(
     T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):  # fmt: skip
+):
     pid_k, i, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
     s = tl.load(SLOPES + bh % H).to(tl.float32)
@@ -368,7 +368,7 @@ def _launch_forward(q, k, v, slopes32, docs, init, has_docs, meta, need_out=True
     _state_fwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
         k, v, states, slopes32, docs, init, final, T, H, D, E, NT,
         HAS_DOCS=has_docs, HAS_INIT=init.numel() > 1, **meta,
-    )  # fmt: skip
+    )
     o = None
     if need_out:
         o = torch.empty(B, H, T, E, device=q.device, dtype=q.dtype)
@@ -429,13 +429,13 @@ class _LightningTriton(torch.autograd.Function):
             _dstate_bwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
                 q, do, dstates, slopes32, docs, dfinal, dinit, T, H, D, E, NT,
                 HAS_DOCS=has_docs, HAS_DFINAL=d_final is not None, HAS_INIT=need_init, **meta,
-            )  # fmt: skip
+            )
             if need_v:
                 dv = torch.empty_like(v)
                 _dv_bwd[(triton.cdiv(E, BV), NT, B * H)](
                     q, k, do, dv, dstates, slopes32, docs, T, H, D, E, NT,
                     HAS_DOCS=has_docs, **meta,
-                )  # fmt: skip
+                )
             if need_q or need_k:
                 _, _, states = _launch_forward(
                     q, k, v, slopes32, docs, init, has_docs, meta, need_out=False
@@ -444,7 +444,7 @@ class _LightningTriton(torch.autograd.Function):
                 _dqdk_bwd[(triton.cdiv(D, BK), NT, B * H)](
                     q, k, v, do, dq, dk, states, dstates, slopes32, docs, T, H, D, E, NT,
                     HAS_DOCS=has_docs, **meta,
-                )  # fmt: skip
+                )
         if need_init:
             d_init = dinit.to(ctx.init_dtype)
         return (
@@ -497,7 +497,7 @@ class _ChunkStateTriton(torch.autograd.Function):
             _state_fwd[(triton.cdiv(D, meta["BK"]), triton.cdiv(E, meta["BV"]), B * H)](
                 k, v, dummy, slopes32, docs, dummy, final, T, H, D, E, triton.cdiv(T, meta["BT"]),
                 HAS_DOCS=doc_ids is not None, HAS_INIT=False, WRITE_STATES=False, **meta,
-            )  # fmt: skip
+            )
         ctx.save_for_backward(k, v, slopes32, docs)
         ctx.has_docs = doc_ids is not None
         return final

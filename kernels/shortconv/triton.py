@@ -34,7 +34,7 @@ def _same_doc(DOC, b, T, offs_t, src, HAS_DOCS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T"])
 def _fwd(X, W, BIAS, Y, DOC, T, C, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-         HAS_DOCS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+         HAS_DOCS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     pid_t, pid_c = tl.program_id(0), tl.program_id(1)
     b = tl.cast(tl.program_id(2), tl.int64)
     offs_t = pid_t * BT + tl.arange(0, BT)
@@ -46,7 +46,7 @@ def _fwd(X, W, BIAS, Y, DOC, T, C, K: tl.constexpr, HAS_BIAS: tl.constexpr,
         src = offs_t - (K - 1) + i
         ok = _same_doc(DOC, b, T, offs_t, src, HAS_DOCS)
         x = tl.load(x_ptr + src[:, None] * C + offs_c[None, :],
-                    mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                    mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         w = tl.load(W + offs_c * K + i, mask=cmask, other=0.0).to(tl.float32)
         acc += x * w[None, :]
     if HAS_BIAS:
@@ -60,7 +60,7 @@ def _fwd(X, W, BIAS, Y, DOC, T, C, K: tl.constexpr, HAS_BIAS: tl.constexpr,
 @triton.jit(do_not_specialize=["T"])
 def _bwd(X, W, DY, DX, DW_PART, DOC, T, C, K: tl.constexpr, KP: tl.constexpr,
          HAS_DOCS: tl.constexpr, SPAN: tl.constexpr,
-         BT: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+         BT: tl.constexpr, BC: tl.constexpr):
     pid_c, b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_s = tl.num_programs(2)
     b64 = tl.cast(b, tl.int64)
@@ -73,7 +73,7 @@ def _bwd(X, W, DY, DX, DW_PART, DOC, T, C, K: tl.constexpr, KP: tl.constexpr,
         offs_t = t0 + tl.arange(0, BT)
         tmask = offs_t < T
         dy = tl.load(dy_ptr + offs_t[:, None] * C + offs_c[None, :],
-                     mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                     mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         dx = tl.zeros((BT, BC), tl.float32)
         for i in tl.static_range(K):
             w = tl.load(W + offs_c * K + i, mask=cmask, other=0.0).to(tl.float32)
@@ -81,13 +81,13 @@ def _bwd(X, W, DY, DX, DW_PART, DOC, T, C, K: tl.constexpr, KP: tl.constexpr,
             src = offs_t - (K - 1) + i
             ok = _same_doc(DOC, b64, T, offs_t, src, HAS_DOCS)
             x = tl.load(x_ptr + src[:, None] * C + offs_c[None, :],
-                        mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                        mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             dw += tl.where(offs_k[None, :] == i, tl.sum(dy * x, 0)[:, None], 0.0)
             # dx[t] += w[c, i] dy[t + K - 1 - i]   (t is the source of output t + K - 1 - i)
             dst = offs_t + (K - 1) - i
             ok2 = _same_doc(DOC, b64, T, dst, offs_t, HAS_DOCS) & (dst < T)
             dyd = tl.load(dy_ptr + dst[:, None] * C + offs_c[None, :],
-                          mask=ok2[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                          mask=ok2[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             dx += dyd * w[None, :]
         m = tmask[:, None] & cmask[None, :]
         tl.store(dx_ptr + offs_t[:, None] * C + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=m)
@@ -109,7 +109,7 @@ class _ShortConvTriton(torch.autograd.Function):
             _fwd[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
                 x, w, b_arg, y, docs, T, C, K=K, HAS_BIAS=bias is not None,
                 HAS_DOCS=doc_ids is not None, BT=BT, BC=BC,
-            )  # fmt: skip
+            )
         ctx.save_for_backward(x, w, docs)
         ctx.has_bias, ctx.has_docs, ctx.BT, ctx.BC = bias is not None, doc_ids is not None, BT, BC
         return y
@@ -126,7 +126,7 @@ class _ShortConvTriton(torch.autograd.Function):
             _bwd[(triton.cdiv(C, ctx.BC), B, n_s)](
                 x, w, dy.contiguous(), dx, part, docs, T, C, K=K, KP=triton.next_power_of_2(K),
                 HAS_DOCS=ctx.has_docs, SPAN=SPAN, BT=ctx.BT, BC=ctx.BC,
-            )  # fmt: skip
+            )
             dw = part.sum(0).to(w.dtype)
             db = dy.float().sum((0, 1)).to(w.dtype) if ctx.has_bias else None
         return dx, dw, db, None, None, None
@@ -138,7 +138,7 @@ def short_conv_triton(x, w, bias=None, doc_ids=None, BT: int = 32, BC: int = 32)
 
 
 def aot_cases(K: int, dtype: torch.dtype, has_docs: bool, has_bias: bool = True,
-              BT: int = 32, BC: int = 32):  # fmt: skip
+              BT: int = 32, BC: int = 32):
     """The kernels one call launches, for kernels/aot.py (see lightning's)."""
     x, i32 = f"*{_TT[dtype]}", "i32"
     flags = dict(K=K, HAS_DOCS=has_docs, BT=BT, BC=BC)
@@ -148,4 +148,4 @@ def aot_cases(K: int, dtype: torch.dtype, has_docs: bool, has_bias: bool = True,
         dict(fn=_bwd, types=dict(X=x, W=x, DY=x, DX=x, DW_PART="*fp32", DOC="*i64", T=i32, C=i32),
              constexprs={**flags, "KP": triton.next_power_of_2(K), "SPAN": SPAN},
              num_warps=4, num_stages=2),
-    ]  # fmt: skip
+    ]

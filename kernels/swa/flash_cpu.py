@@ -69,9 +69,9 @@ class _WindowFlash(torch.autograd.Function):
         if nb > 1:
             Qr, Kr, Vr = _prev_reversed(Qb, Kb, Vb, B, H, nb)
             rev = [x.view(B, H, nb, C, *x.shape[3:])[:, :, 1:].flip(3).reshape(
-                B, H * (nb - 1), C, *x.shape[3:]) for x in (dob, o, lse[..., None])]  # fmt: skip
+                B, H * (nb - 1), C, *x.shape[3:]) for x in (dob, o, lse[..., None])]
             dqr, dkr, dvr = _flash_backward(rev[0], Qr, Kr, Vr, rev[1], rev[2][..., 0], 0.0,
-                                            True, scale=ctx.scale)  # fmt: skip
+                                            True, scale=ctx.scale)
             dq.view(B, H, nb, C, D)[:, :, 1:] += dqr.view(B, H, nb - 1, C, D).flip(3)
             dk.view(B, H, nb, C, D)[:, :, :-1] += dkr.view(B, H, nb - 1, C, D).flip(3)
             dv.view(B, H, nb, C, D)[:, :, :-1] += dvr.view(B, H, nb - 1, C, D).flip(3)

@@ -132,7 +132,7 @@ def _fwd(
     Q, K, V, O, LSE, DOC, BOUNDS, T, H, D, E, window, scale,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-):  # fmt: skip
+):
     start_m = tl.program_id(0) * BM
     bh = tl.cast(tl.program_id(1), tl.int64)
     offs_m = start_m + tl.arange(0, BM)
@@ -173,7 +173,7 @@ def _bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, DOC, BOUNDS, T, H, D, E, window, scale,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-):  # fmt: skip
+):
     start_m = tl.program_id(0) * BM
     bh = tl.cast(tl.program_id(1), tl.int64)
     offs_m = start_m + tl.arange(0, BM)
@@ -212,7 +212,7 @@ def _bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, DOC, BOUNDS, T, H, D, E, window, scale,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-):  # fmt: skip
+):
     start_n = tl.program_id(0) * BN
     bh = tl.cast(tl.program_id(1), tl.int64)
     offs_n = start_n + tl.arange(0, BN)
@@ -309,7 +309,7 @@ class _SwaTriton(torch.autograd.Function):
         grid = (triton.cdiv(T, meta["BM"]), B * H)
         with on_device(q):
             _fwd[grid](q, k, v, o, lse, docs, bounds, T, H, D, E, window, scale,
-                       HAS_DOCS=has_docs, **meta)  # fmt: skip
+                       HAS_DOCS=has_docs, **meta)
         ctx.save_for_backward(q, k, v, o, lse, docs, bounds)
         ctx.window, ctx.scale, ctx.meta, ctx.has_docs = window, scale, meta, has_docs
         return o
@@ -345,14 +345,14 @@ def swa_triton(q, k, v, window, doc_ids=None, scale=None, block: int = 64):
 
 
 def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, block: int = 64,
-              arch: int = 90):  # fmt: skip
+              arch: int = 90):
     """The kernels one call launches, for kernels/aot.py (see lightning's): each at the
     fewest warps its pruner allows and the most stages that fit an H100 (the most demanding
     config the autotuner can pick on ``arch``)."""
     meta = plan(D, E, dtype, block, interpret=False)
     x, f32, i32 = f"*{_TT[dtype]}", "*fp32", "i32"
     common = dict(Q=x, K=x, V=x, LSE=f32, DOC="*i64", BOUNDS="*i32", T=i32, H=i32, D=i32, E=i32,
-                  window=i32, scale="fp32")  # fmt: skip
+                  window=i32, scale="fp32")
     specs = [
         (_fwd, dict(O=x), "fwd"),
         (_bwd_dq, dict(DO=x, DQ=x, DELTA=f32), "dq"),
@@ -366,7 +366,7 @@ def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, block: int = 6
             s for s in (3, 2, 1)
             if (smem_estimate(kernel, *tiles, isz, s) <= SMEM_DEFAULT
                 and s <= max_stages(D, E, kernel, arch)) or s == 1
-        )  # fmt: skip
+        )
         cases.append(
             dict(
                 fn=tuner.fn,

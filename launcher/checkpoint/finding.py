@@ -73,9 +73,9 @@ def find_resumable(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
     if not ckpt_dir.is_dir():
         return None, []
     problems = [f"{p}: an interrupted save (no completion), ignored" for p in
-                sorted(ckpt_dir.glob(".tmp-step*"))]  # fmt: skip
+                sorted(ckpt_dir.glob(".tmp-step*"))]
     tags = sorted((p.name for p in ckpt_dir.iterdir() if _step_of(p.name) is not None),
-                  key=_step_of, reverse=True)  # fmt: skip
+                  key=_step_of, reverse=True)
     for t in tags:
         why = verify(ckpt_dir / t)
         if not why:

@@ -109,4 +109,4 @@ def run_identity(cfg, tokenizer_sha256: str) -> RunIdentity:
 
 def _layout(rt, cfg) -> dict[str, int]:
     return {"tp": rt.tp, "pp": rt.pp, "cp": rt.cp, "dp": rt.dp, "world": rt.world_size,
-            "zero_stage": cfg.parallel.zero_stage}  # fmt: skip
+            "zero_stage": cfg.parallel.zero_stage}

@@ -40,7 +40,7 @@ def load(path: Path, engine, scheduler, loader, cfg, rt, identity: RunIdentity) 
     meta = read_meta(path)
     if meta["kind"] != "logical":
         raise CheckpointError(f"{path}: a {meta['kind']} checkpoint holds no training state; "
-                              "start from it with checkpoint.init_from")  # fmt: skip
+                              "start from it with checkpoint.init_from")
     check_fits(path, meta, identity, cfg.checkpoint.allow_changes)
     same_layout = meta["layout"] == _layout(rt, cfg)
     # a pipeline stage holds only its own layers (checked whole by ``missing``)
@@ -49,7 +49,7 @@ def load(path: Path, engine, scheduler, loader, cfg, rt, identity: RunIdentity) 
     client = load_logical_state(
         engine, lambda name, k: reader.get(name if not k else f"{name}::{k}"),
         meta["optimizer_step"],
-    )  # fmt: skip
+    )
     engine.global_steps = meta["global_steps"]
     engine.global_samples = meta["global_samples"]
     engine.skipped_steps = meta["skipped_steps"]

@@ -44,12 +44,12 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     np.random.set_state(
         ("MT19937", state["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss,
          float(state["numpy.gauss"][0]))
-    )  # fmt: skip
+    )
     g = float(state["python.gauss"][0])
     random.setstate(
         (int(state["python.version"][0]), tuple(state["python.state"].tolist()),
          None if g != g else g)
-    )  # fmt: skip
+    )
     tracker = {k[len("tracker.") :]: v for k, v in state.items() if k.startswith("tracker.")}
     if tracker:
         get_cuda_rng_tracker().set_states(tracker)

@@ -123,7 +123,7 @@ def _agree_on_failure(error: str, tmp: Path) -> None:
 def _capture(
     tmp: Path, step: int, engine, scheduler, loader, cfg, rt, identity: RunIdentity,
     loop_state: dict | None, hold: bool,
-) -> _Finish | None:  # fmt: skip
+) -> _Finish | None:
     """The collective part of a save, on every rank, at the step boundary: gather every
     tensor (rank 0 writes each shard as it fills, or with ``hold`` keeps CPU copies nothing
     else writes to), write this rank's RNG file, barrier, and capture every counter. Returns
@@ -234,7 +234,7 @@ class Saver:
     """
 
     def __init__(self, ckpt_dir: Path, cfg, rt, identity: RunIdentity,
-                 asynchronous: bool | None = None):  # fmt: skip
+                 asynchronous: bool | None = None):
         self.ckpt_dir = Path(ckpt_dir)
         self.cfg, self.rt, self.identity = cfg, rt, identity
         self.asynchronous = cfg.checkpoint.async_save if asynchronous is None else asynchronous
@@ -259,7 +259,7 @@ class Saver:
                 failed = _write_error(tmp, step, e)
         _agree_on_failure(failed, tmp)
         finish = _capture(tmp, step, engine, scheduler, loader, self.cfg,
-                          self.rt, self.identity, loop_state, self.asynchronous)  # fmt: skip
+                          self.rt, self.identity, loop_state, self.asynchronous)
         if not self.asynchronous:
             failed = ""
             if finish is not None:
@@ -272,7 +272,7 @@ class Saver:
         self._pending = tag
         if finish is not None:
             self._thread = threading.Thread(target=self._write, args=(finish,),
-                                            name=f"plait-save-{tag}")  # fmt: skip
+                                            name=f"plait-save-{tag}")
             self._thread.start()
         return self.ckpt_dir / tag
 
@@ -319,14 +319,14 @@ class Saver:
         if self._error is not None:
             e, self._error = self._error, None
             print(f"checkpoint: the asynchronous save of {self._pending} failed: "
-                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)  # fmt: skip
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
         self._pending = ""
 
 
 def save(
     ckpt_dir: Path, step: int, engine, scheduler, loader, cfg, rt, identity: RunIdentity,
     loop_state: dict | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write checkpoint ``step<step>`` synchronously (every rank calls this) and prune.
     Returns its path."""
     saver = Saver(ckpt_dir, cfg, rt, identity, asynchronous=False)
@@ -348,7 +348,7 @@ def write_weights_only(ckpt_dir: Path, state: dict[str, torch.Tensor], model_cfg
         tmp.mkdir()
         name = "shard-00000.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name),
-                  metadata={"format": str(FORMAT)})  # fmt: skip
+                  metadata={"format": str(FORMAT)})
         _fsync_file(tmp / name)
         for other, src in (files or {}).items():
             shutil.copyfile(src, tmp / other)
@@ -363,7 +363,7 @@ def write_weights_only(ckpt_dir: Path, state: dict[str, torch.Tensor], model_cfg
             "index": dict.fromkeys(state, name),
             "shapes": {k: list(v.shape) for k, v in state.items()},
             "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-                      for f in listed},  # fmt: skip
+                      for f in listed},
             "saved_at": time.time(),
         }
         if seq_len:

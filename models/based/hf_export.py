@@ -15,14 +15,14 @@ def _b_to(s: State, cfg, i) -> State:
     f, d = cfg.based.feature_dim, cfg.head_dim
     q, k, v = split_roles(s["proj.in_proj.weight"], cfg.num_heads, (f, f, d))
     return {"proj_q.weight": q, "proj_k.weight": k, "proj_v.weight": v,
-            "out_proj.weight": s["proj.out_proj.weight"]}  # fmt: skip
+            "out_proj.weight": s["proj.out_proj.weight"]}
 
 
 def _b_from(s: State, cfg, i) -> State:
     f, d = cfg.based.feature_dim, cfg.head_dim
     parts = [s["proj_q.weight"], s["proj_k.weight"], s["proj_v.weight"]]
     return {"proj.in_proj.weight": merge_roles(parts, cfg.num_heads, (f, f, d)),
-            "proj.out_proj.weight": s["out_proj.weight"]}  # fmt: skip
+            "proj.out_proj.weight": s["out_proj.weight"]}
 
 
 def _w_to(s: State, cfg, i) -> State:
@@ -65,7 +65,7 @@ def _c_from(s: State, cfg, i) -> State:
         "in_conv.weight": wa, "in_gate.weight": wb, "in_conv.bias": ba, "in_gate.bias": bb,
         "conv_weight": s["conv.conv.weight"][:, 0, :],
         "out_proj.weight": s["out_proj.weight"], "out_proj.bias": s["out_proj.bias"],
-    }  # fmt: skip
+    }
 
 
 EXPORTS = {

@@ -141,7 +141,7 @@ class SlidingWindowAttention(nn.Module):
                     q[:, :, s:e], keys[:, :, lo : cached + e], values[:, :, lo : cached + e],
                     attn_mask=mask[:, None],
                 )
-            )  # fmt: skip
+            )
         o = torch.cat(outs, 2).transpose(1, 2).reshape(B, T, -1)
         first = max(keys.shape[2] - (self.window - 1), 0)
         state = {"k": keys[:, :, first:], "v": values[:, :, first:], "pad": key_pad[:, first:]}

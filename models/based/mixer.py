@@ -150,7 +150,7 @@ class GatedShortConv(nn.Module):
         self.out_proj = RowParallelLinear(
             inner, h, config=mp, bias=True, input_is_parallel=True, skip_bias_add=False,
             init_method=output_init(cfg),
-        )  # fmt: skip
+        )
         rank, tp = tp_rank_and_size()
         if inner % tp:
             raise ModelConfigError(
@@ -171,7 +171,7 @@ class GatedShortConv(nn.Module):
     @staticmethod
     def tp_split(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
         return {"model.based.conv_expand: conv_expand x hidden_size / 2 channels":
-                cfg.based.conv_expand * cfg.hidden_size // 2}  # fmt: skip
+                cfg.based.conv_expand * cfg.hidden_size // 2}
 
     @staticmethod
     def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]:

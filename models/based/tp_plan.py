@@ -7,7 +7,7 @@ PLAN = {
     "B": {
         "proj.in_proj.weight": Split("column", "rows [head, (q f, k f, v d)]"),
         "proj.out_proj.weight": ROW,
-    },  # fmt: skip
+    },
     "W": ATTENTION,
     "C": {
         "in_conv.weight": COLUMN,

@@ -105,7 +105,10 @@ class ModelConfig:
         out.update(out.pop("options"))
         return out
 
-    def validate(self) -> None:
+    def validate(self, catalogue: family.Catalogue) -> None:
+        """Check every field against ``catalogue``, the families this config may use (the
+        config loader and the model pass ``family.catalogue()``): letters, option sections and
+        each used family's own checks."""
         if "|" in self.pattern:
             parts = self.pattern.split("|")
             if not all(parts):
@@ -115,7 +118,7 @@ class ModelConfig:
                 n += len(part)
                 cuts.append(n)
             self.pattern, self.pipeline_marks = "".join(parts), cuts
-        LETTERS = family.letters()
+        LETTERS = {s: lt for s, (_, lt) in catalogue.letters.items()}
         bad = sorted({c for c in self.pattern if c not in LETTERS})
         if not self.pattern or bad:
             allowed = ", ".join(f"{k} ({v.description})" for k, v in LETTERS.items())
@@ -139,9 +142,9 @@ class ModelConfig:
             raise ModelConfigError("ffn_hidden_size and vocab_size must be >= 0")
         if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ModelConfigError("init_std, norm_eps and rope_theta must be > 0")
-        used = {family.family_of(c).name for c in self.pattern}
+        used = {catalogue.family_of(c).name for c in self.pattern}
         for name, section in self.options.items():
-            kind = family.options_type(name)
+            kind = catalogue.options_type(name)
             if kind is None or not isinstance(section, kind):
                 raise ModelConfigError(
                     f"{name}: no registered family has options {type(section).__name__}"

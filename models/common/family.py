@@ -227,6 +227,31 @@ def _defines_class(path: Path, name: str) -> bool:
     return any(isinstance(n, ast.ClassDef) and n.name == name for n in tree.body)
 
 
+@dataclass(frozen=True)
+class Catalogue:
+    """A snapshot of the registered families, handed to what checks a config against them
+    (``ModelConfig.validate``): the letters it may use, the families that own them and
+    their options sections. ``catalogue()`` takes it from the registry."""
+
+    families: Mapping[str, Family]
+    letters: Mapping[str, tuple[Family, Letter]]
+
+    def letter(self, symbol: str) -> Letter:
+        return self.letters[symbol][1]
+
+    def family_of(self, symbol: str) -> Family:
+        return self.letters[symbol][0]
+
+    def options_type(self, name: str) -> type | None:
+        fam = self.families.get(name)
+        return fam.options if fam else None
+
+
+def catalogue() -> Catalogue:
+    """The registry as it is now (families registered later are not in it)."""
+    return Catalogue(dict(_FAMILIES), dict(_LETTERS))
+
+
 def families() -> dict[str, Family]:
     return dict(_FAMILIES)
 

@@ -99,7 +99,7 @@ _MLP = {
     "none": {},
 }
 _TOP = {"embedding.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
-        "final_norm.bias": "model.norm.bias", "output.weight": "lm_head.weight"}  # fmt: skip
+        "final_norm.bias": "model.norm.bias", "output.weight": "lm_head.weight"}
 _NORMS = {"mixer_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 
 

@@ -214,7 +214,7 @@ class GeluMLP(nn.Module):
         self.w2 = RowParallelLinear(
             f, h, config=mp, bias=True, input_is_parallel=True, skip_bias_add=False,
             init_method=output_init(cfg),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, _ = self.w1(x)

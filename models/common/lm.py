@@ -152,7 +152,7 @@ class HybridLM(nn.Module):
     ):
         super().__init__()
         sp = sp or SequenceParallel()
-        cfg.validate()
+        cfg.validate(family.catalogue())
         self.cfg = cfg
         self.stage = stage
         """The pipeline chunk this model holds (plait.parallel.stages.Stage), None: all of it.
@@ -251,7 +251,7 @@ class HybridLM(nn.Module):
             loss_BT = torch.cat([
                 checkpoint(self._token_loss, x_c, y_c, use_reentrant=False)
                 for x_c, y_c in zip(x.split(n, 1), labels_BT.split(n, 1))
-            ], 1)  # fmt: skip
+            ], 1)
         if loss_mask_BT is None:
             loss = loss_BT.mean()
         else:
@@ -273,7 +273,7 @@ class HybridLM(nn.Module):
         if self.vocab_split:
             return vocab_parallel_cross_entropy(logits, labels_BT)
         loss = F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten(), reduction="none",
-                               ignore_index=-(2**62))  # fmt: skip
+                               ignore_index=-(2**62))
         return loss.view_as(labels_BT)
 
     def decode(

@@ -73,7 +73,7 @@ class H3(nn.Module):
         self.out_proj = RowParallelLinear(
             h, h, config=mp, bias=True, input_is_parallel=True, skip_bias_add=False,
             init_method=init,
-        )  # fmt: skip
+        )
         N, S = o.state_size, o.state_size // 2
         n = self.heads
         # Drawn whole, in a fixed order, then sliced: same logical init at every TP size.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from plait.models.common.hf_export import ATTENTION, LetterExport, State
 
 _ROUTER = {"w_routed": "router.routed.weight", "w_shared": "router.shared.weight",
-           "w_mix": "router.mix.weight"}  # fmt: skip
+           "w_mix": "router.mix.weight"}
 
 
 def _to(s: State, cfg, i) -> State:

@@ -285,7 +285,7 @@ class MoHAttention(nn.Module):
                     q[:, ls:].unbind(0), k[:, ls:].unbind(0), v[:, ls:].unbind(0),
                     sel.unbind(0), lengths,
                 )
-            ]  # fmt: skip
+            ]
             parts.append(torch.stack(rows))
         o = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         g = gates[..., first : first + H].transpose(1, 2).to(q.dtype)[..., None]
@@ -301,7 +301,7 @@ def _routed_by_document(q_HTD, k_HTD, v_HTD, sel_HT, lengths: list[int], scale):
     for q, k, v, sel in zip(
         q_HTD.split(lengths, 1), k_HTD.split(lengths, 1), v_HTD.split(lengths, 1),
         sel_HT.split(lengths, 1),
-    ):  # fmt: skip
+    ):
         idx = torch.arange(q.shape[1], device=q.device)
         outs.append(_attend_selected(q, k, v, sel, idx, idx, None, None, scale))
     return torch.cat(outs, 1) if len(outs) > 1 else outs[0]

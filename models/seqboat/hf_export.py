@@ -71,12 +71,12 @@ def _from_hf(s: State, cfg, i: int) -> State:
     z, r, v = s["mx_proj.weight"].split(dims)
     u, hx = s["hx_proj.weight"].split([2, cfg.hidden_size])
     out.update({"w_z": z[back], "w_r.weight": r, "w_v.weight": v,
-                "w_router": u, "w_hx.weight": hx, "w_h.weight": s["h_proj.weight"]})  # fmt: skip
+                "w_router": u, "w_hx.weight": hx, "w_h.weight": s["h_proj.weight"]})
     if o.bias:
         bz, br, bv = s["mx_proj.bias"].split(dims)
         bu, bhx = s["hx_proj.bias"].split([2, cfg.hidden_size])
         out.update({"b_z": bz[back], "w_r.bias": br, "w_v.bias": bv,
-                    "b_router": bu, "w_hx.bias": bhx, "w_h.bias": s["h_proj.bias"]})  # fmt: skip
+                    "b_router": bu, "w_hx.bias": bhx, "w_h.bias": s["h_proj.bias"]})
     out["qk_gamma"], out["qk_beta"] = s["gamma"][:, back], s["beta"][:, back]
     out["log_tau"] = s["q_router.temp"]
     return out

@@ -179,7 +179,7 @@ class SeqBoatMixer(nn.Module):
             return active, active.float()
         bias = self.hx_proj.bias
         u = F.linear(wide(mx_BTC), wide(self.hx_proj.weight[:2]),
-                     None if bias is None else wide(bias[:2]))  # fmt: skip
+                     None if bias is None else wide(bias[:2]))
         p = self.q_router(u)
         active = p[..., 1] > p[..., 0]
         return active, p[..., 1] * active
@@ -205,7 +205,7 @@ class SeqBoatMixer(nn.Module):
                     q[:, s:e], keys[:, s : W + e], values[:, s : W + e], attn_mask=mask,
                     scale=1.0 / math.sqrt(self.zdim),
                 )
-            )  # fmt: skip
+            )
         return torch.cat(outs, 1)
 
     def forward(self, x_BTC, positions_BT, pad_BT, state):
@@ -221,7 +221,7 @@ class SeqBoatMixer(nn.Module):
             active, g = active & ~pad_BT, g * ~pad_BT
         if state is None:  # no active token yet: every cache slot empty
             state = {"k": mx.new_zeros(B, W, self.zdim), "v": mx.new_zeros(B, W, self.hdim),
-                     "valid": torch.zeros(B, W, dtype=torch.bool, device=mx.device)}  # fmt: skip
+                     "valid": torch.zeros(B, W, dtype=torch.bool, device=mx.device)}
         cache = {name: state[name] for name in ("k", "v", "valid")}
         counts = active.sum(1)
         n = int(counts.max())

@@ -270,7 +270,7 @@ class SeqBoat(nn.Module):
     @staticmethod
     def tp_split(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
         return {"model.seqboat.hdim": cfg.seqboat.value_dim(cfg.hidden_size),
-                "model.hidden_size": cfg.hidden_size}  # fmt: skip
+                "model.hidden_size": cfg.hidden_size}
 
     @staticmethod
     def halo(cfg: ModelConfig, layer_idx: int) -> tuple[str, int]:
@@ -358,7 +358,7 @@ class SeqBoat(nn.Module):
         if first:  # no active token seen yet: every slot empty
             z, e = self.w_z.shape[0], self.w_v.output_size_per_partition
             state = {"k": mx.new_zeros(B, W, z), "v": mx.new_zeros(B, W, e),
-                     "valid": torch.zeros(B, W, dtype=torch.bool, device=mx.device)}  # fmt: skip
+                     "valid": torch.zeros(B, W, dtype=torch.bool, device=mx.device)}
         kv = {name: state[name] for name in ("k", "v", "valid")}
         counts = mask.sum(1)
         n = int(counts.max())

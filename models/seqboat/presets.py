@@ -63,7 +63,7 @@ def _enwik8() -> ModelConfig:
                 window=1025,
                 ema_truncation=2048,
                 router_temperature=1.0,
-            )  # fmt: skip
+            )
         },
     )
 

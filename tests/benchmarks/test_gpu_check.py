@@ -22,7 +22,7 @@ def test_smoke_mode_runs_every_section_and_writes_its_report(tmp_path):
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke",
          "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
-    )  # fmt: skip
+    )
     seconds = time.perf_counter() - t0
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -57,7 +57,7 @@ def test_smoke_mode_runs_every_section_and_writes_its_report(tmp_path):
         assert 0 < fam[0]["mfu_gemm"]
 
     for heading in ("### Kernels", "### Lightning attention", "### configs/tiny.yaml",
-                    "### One training step"):  # fmt: skip
+                    "### One training step"):
         assert heading in md
     print(f"gpu_check --smoke: {seconds:.1f} s")
 

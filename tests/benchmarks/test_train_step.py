@@ -17,7 +17,7 @@ def test_smoke_mode_runs_and_writes_its_table(tmp_path):
         [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--smoke",
          "--out", str(tmp_path), "--set", "training.cpu_heap=keep"],
         check=True, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
-    )  # fmt: skip
+    )
     table = (tmp_path / "table.md").read_text()
     assert "train_step.py --smoke --set training.cpu_heap=keep`" in table  # the command
     for model in ("Llama (transformers)", "plait LALA"):
@@ -41,7 +41,7 @@ def test_interleaved_smoke_mode_prints_its_ratio_table():
         [sys.executable, str(REPO / "benchmarks" / "interleaved_step.py"), "--smoke",
          "--set", "training.cpu_heap=keep"],
         check=True, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
-    ).stdout  # fmt: skip
+    ).stdout
     assert "round 2/2:" in out
     assert "--rounds 2 --set training.cpu_heap=keep`" in out  # the command, as run
     assert "| Llama (transformers) | " in out and "| 1.00x |" in out
@@ -57,7 +57,7 @@ def test_profile_phases_prints_forward_backward_and_optimizer_step():
         [sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--phases",
          "--preset", "hybrid-tiny", "--seq-len", "64", "--steps", "2"],
         check=True, capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
-    ).stdout  # fmt: skip
+    ).stdout
     (line,) = [x for x in out.splitlines() if x.startswith("hybrid-tiny, 64 tokens")]
     for part in ("step ", "forward ", "backward ", "optimizer step "):
         assert part in line, line

@@ -18,7 +18,7 @@ SHA = "ab" * 32
 def _corpus(tmp_path, n=120, extra=b""):
     p = tmp_path / "c.jsonl"
     lines = [json.dumps({"text": f"document {i}: " + "lorem ipsum dolor sit amet " * (1 + i % 5)})
-             for i in range(n)]  # fmt: skip
+             for i in range(n)]
     lines.insert(7, json.dumps({"text": ""}))
     lines.insert(30, json.dumps({"text": "   "}))
     p.write_bytes(("\n".join(lines) + "\n").encode() + extra)
@@ -27,7 +27,7 @@ def _corpus(tmp_path, n=120, extra=b""):
 
 def _cfg(tmp_path, source, out="prep", **kw):
     base = dict(source=str(source), out=str(tmp_path / out), vocab_size=300, docs_per_shard=25,
-                val_fraction=0.2, seed=3, show_progress=False)  # fmt: skip
+                val_fraction=0.2, seed=3, show_progress=False)
     base.update(kw)
     return PrepareConfig(**base)
 

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = ["transnormer-tiny", "based-tiny", "h3-tiny", "seqboat-tiny", "moh-tiny"]
 MIXED = ("model.pattern=LABWCHSM", "model.num_layers=8", "model.hidden_size=64",
          "model.num_heads=4", "model.h3.state_size=16", "model.seqboat.window=16",
-         "model.moh.shared_heads=2", "model.lrpe=first", "model.lightning_norm=full")  # fmt: skip
+         "model.moh.shared_heads=2", "model.lrpe=first", "model.lightning_norm=full")
 PROMPT, NEW = 100, 32
 
 # Runs in a fresh interpreter without site processing: site-packages is added by hand, so the
@@ -70,7 +70,7 @@ def hf_side(directory: Path, job: dict, tmp: Path) -> dict:
     (tmp / "hf_side.py").write_text(HF_SIDE)
     site = sysconfig.get_paths()["purelib"]
     cmd = [sys.executable, "-I", "-S", str(tmp / "hf_side.py"), site, str(directory),
-           str(tmp / "job.json"), str(tmp / "hf_out.pt")]  # fmt: skip
+           str(tmp / "job.json"), str(tmp / "hf_out.pt")]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -96,7 +96,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _train(out: Path, data: Path, model: tuple[str, ...], steps: int = 3):
     args = _tiny(out, f"training.steps={steps}", "training.eval_every=0", "data.seq_len=128",
-                 f"data.datasets=[{data}]", "parallel.tensor_parallel=2", *model)  # fmt: skip
+                 f"data.datasets=[{data}]", "parallel.tensor_parallel=2", *model)
     return _run(args, nproc=2)
 
 
@@ -125,13 +125,13 @@ def test_export_loads_in_transformers_and_matches_plait(tmp_path, data_dir, name
     # --no-verify: this test compares the export with plait more thoroughly than the export's
     # self-check does (two rows, KL, 32 greedy tokens); test_export_check.py tests the check
     proc = _export("--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"),
-                   "--max-shard-size", "200KB", "--no-verify")  # fmt: skip
+                   "--max-shard-size", "200KB", "--no-verify")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # sharded
     text, tokens = _held_out(data_dir)
     logits, greedy = run_distributed(_plait_side, 1, ckpt, tokens)[0]
     job = {"tokens": tokens.tolist(), "text": text, "prompt": PROMPT, "new": NEW,
-           "dtype": "float32"}  # fmt: skip
+           "dtype": "float32"}
     hf = hf_side(tmp_path / "hf", job, tmp_path)
     assert hf["class"] == "PlaitForCausalLM"
     assert hf["encoded"] == Tokenizer(data_dir / "tokenizer.model").encode(text)
@@ -167,7 +167,7 @@ def test_round_trip_bf16_and_training_from_an_import(tmp_path, data_dir):
     assert verified["max_abs_diff"] <= verified["tolerance"], verified
     text, tokens = _held_out(data_dir)
     job = {"tokens": tokens[:, :40].tolist(), "text": text, "prompt": 20, "new": 8,
-           "dtype": "bfloat16"}  # fmt: skip
+           "dtype": "bfloat16"}
     hf = hf_side(tmp_path / "hf16", job, tmp_path)
     assert hf["greedy"].shape == (1, 8) and torch.isfinite(hf["logits"]).all()
 
@@ -175,7 +175,7 @@ def test_round_trip_bf16_and_training_from_an_import(tmp_path, data_dir):
     common = ("model.preset=h3-tiny", "training.steps=2")
     fresh = _train(tmp_path / "fresh", data_dir, common, steps=2)
     cont = _train(tmp_path / "cont", data_dir,
-                  (*common, f"checkpoint.init_from={tmp_path / 'imported'}"), steps=2)  # fmt: skip
+                  (*common, f"checkpoint.init_from={tmp_path / 'imported'}"), steps=2)
     assert "initialised from" in cont.stdout
     first = {}
     for key, out in (("fresh", tmp_path / "fresh"), ("cont", tmp_path / "cont")):
@@ -208,7 +208,7 @@ def test_lm_eval_runs_on_an_export(tmp_path, data_dir):
 
     run = tmp_path / "run"
     _run(_tiny(run, "training.steps=3", "training.eval_every=0", "data.seq_len=128",
-               f"data.datasets=[{data_dir}]"))  # fmt: skip
+               f"data.datasets=[{data_dir}]"))
     assert (
         _export("--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "hf")).returncode
         == 0
@@ -217,10 +217,10 @@ def test_lm_eval_runs_on_an_export(tmp_path, data_dir):
     cmd = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
            f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32",
            "--tasks", TASK, "--include_path", str(tmp_path / "task"), "--device", "cpu",
-           "--batch_size", "4", "--output_path", str(tmp_path / "out")]  # fmt: skip
+           "--batch_size", "4", "--output_path", str(tmp_path / "out")]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     scores = results["results"][TASK]

@@ -76,7 +76,7 @@ def broken_code(tmp_path, monkeypatch) -> Path:
 def test_export_passes_its_check_and_records_it(tmp_path, ckpt):
     out = tmp_path / "hf"
     args = ["--checkpoint", str(ckpt), "--out", str(out), "--no-progress", "--dtype", "bf16",
-            "--verify-tokens", "128"]  # fmt: skip
+            "--verify-tokens", "128"]
     ran = _export(args)
     assert ran.code == 0, ran.text[-3000:]
     said = ran.out

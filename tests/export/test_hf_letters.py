@@ -93,13 +93,13 @@ def test_hf_letter_equals_plait(code, name, seed):
         parts.append(step.logits)
         for t in range(mid, T):
             step = model(tokens[:, t : t + 1], past_key_values=step.past_key_values,
-                         use_cache=True)  # fmt: skip
+                         use_cache=True)
             parts.append(step.logits)
         assert_rel_close(torch.cat(parts, 1), out, 1e-5, f"{name}: HF decode vs forward")
 
         # generate() equals plait's greedy decode
         gen = model.generate(tokens[:, :prompt], max_new_tokens=new, do_sample=False,
-                             attention_mask=torch.ones(2, prompt, dtype=torch.long))  # fmt: skip
+                             attention_mask=torch.ones(2, prompt, dtype=torch.long))
         assert torch.equal(gen[:, prompt:], greedy), f"{name}: generate() != plait greedy"
 
         # a left-padded batch: each row as if alone
@@ -115,5 +115,5 @@ def test_hf_letter_equals_plait(code, name, seed):
         gen = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
         alone_ids = tokens[:1, prompt - short : prompt]
         gen_alone = model.generate(alone_ids, attention_mask=torch.ones_like(alone_ids),
-                                   max_new_tokens=new, do_sample=False)  # fmt: skip
+                                   max_new_tokens=new, do_sample=False)
         assert torch.equal(gen[0, prompt:], gen_alone[0, short:]), f"{name}: padded generate"

@@ -32,31 +32,31 @@ def test_a_run_without_a_preset_exports_evaluates_and_reimports(tmp_path):
     )
     _ok(run_module("plait.launcher.train", ["--config", str(cfg)], cwd=tmp_path))
     saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step3/meta.json"))
-                       .read_text())  # fmt: skip
+                       .read_text())
     assert saved["config"]["model"]["preset"] == ""
 
     evaluate = ["--lengths", "1", "--batches", "1", "--passkey-samples", "0"]
     _ok(run_module("plait.launcher.export", ["--checkpoint", "run/checkpoints", "--out", "hf",
-                                             "--no-progress"], cwd=tmp_path))  # fmt: skip
+                                             "--no-progress"], cwd=tmp_path))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["plait"]["verified"]
     _ok(run_module("plait.launcher.evaluate", ["--checkpoint", "run/checkpoints", "--out",
                                                "eval_run", *evaluate], cwd=tmp_path))
     assert (tmp_path / "eval_run" / "eval.json").is_file()
 
     out = _ok(run_module("plait.launcher.export", ["--from-hf", "hf", "--out", "imported"],
-                         cwd=tmp_path))  # fmt: skip
+                         cwd=tmp_path))
     assert "imported hf -> imported/step0" in out
     assert (tmp_path / "imported" / "step0" / "tokenizer.model").is_file()
     _ok(run_module("plait.launcher.evaluate", ["--checkpoint", "imported", "--out",
                                                "eval_import", "--set",
                                                "data.datasets=[run/data]", "--set",
                                                "training.micro_batch_size=4", *evaluate],
-                   cwd=tmp_path))  # fmt: skip
+                   cwd=tmp_path))
     a = json.loads((tmp_path / "eval_run" / "eval.json").read_text())["positions"][0]["mean"]
     b = json.loads((tmp_path / "eval_import" / "eval.json").read_text())["positions"][0]["mean"]
     assert abs(a - b) < 1e-4, (a, b)  # the same weights evaluated the same way
     _ok(run_module("plait.launcher.export", ["--checkpoint", "imported", "--out", "hf2",
-                                             "--no-progress"], cwd=tmp_path))  # fmt: skip
+                                             "--no-progress"], cwd=tmp_path))
     first = json.loads((tmp_path / "hf" / "config.json").read_text())
     second = json.loads((tmp_path / "hf2" / "config.json").read_text())
     for key in ("pattern", "hidden_size", "num_heads", "vocab_size", "max_position_embeddings"):

@@ -16,7 +16,7 @@ from plait.launcher.convert import hf_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpus" / "devils_dictionary.jsonl"
 HARD = ["  two  spaces\tand tab\nnewline ", "naïve café 12345 ½ 𝔘nicode 😀", " lead", "",
-        "ﬁ ligature Ｆｕｌｌ", "   ", "a\n\n b  ", "x" * 50]  # fmt: skip
+        "ﬁ ligature Ｆｕｌｌ", "   ", "a\n\n b  ", "x" * 50]
 
 
 @pytest.mark.parametrize("kind,symbols", [("bpe", ()), ("unigram", ())])

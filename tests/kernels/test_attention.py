@@ -53,7 +53,7 @@ def test_segments_match_dense_mask_reference(seed, layout):
         lambda q, k, v: causal_attention(q, k, v, doc_ids=docs, backend="segments"),
         lambda q, k, v: causal_attention_naive(q, k, v, docs),
         (q, k, v), do, "qkv", TOL,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -124,7 +124,7 @@ def test_varlen_packing_with_a_cpu_stand_in(seed, monkeypatch):
         lambda q, k, v: causal_attention(q, k, v, doc_ids=docs, backend="varlen"),
         lambda q, k, v: causal_attention_naive(q, k, v, docs),
         (q, k, v), do, "qkv", TOL,
-    )  # fmt: skip
+    )
 
 
 def test_bad_arguments_are_named():

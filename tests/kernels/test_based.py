@@ -49,7 +49,7 @@ def _compare(backend, seed, T, f, E, docs, device="cpu", B=2, H=2, block=64):
         ),
         lambda q, k, v: based_attention_naive(q, k, v, doc_ids, eps=0.0),
         (q, k, v), do, "qkv", TOL, device,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -30,7 +30,7 @@ def _short(backend, seed, T, K, docs, device="cpu", B=2, C=24):
         lambda x, w, b: short_conv(x, w, b, doc_ids=dev_docs, backend=backend),
         lambda x, w, b: short_conv_naive(x, w, b, doc_ids),
         (x, w, b), dy, ["x", "w", "bias"], TOL, device,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -26,7 +26,7 @@ def rows():
     out = subprocess.run(
         [sys.executable, "-m", "plait.kernels.aot", "--quick"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert rows, out.stderr[-3000:]

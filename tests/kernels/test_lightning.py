@@ -39,7 +39,7 @@ def _compare(backend, seed, T, decay, D, E, docs, block, device="cpu", B=2):
     out, state = lightning_attention(
         *leaves[:3], slopes.to(device), doc_ids=None if doc_ids is None else doc_ids.to(device),
         initial_state=leaves[3], return_state=True, block=block, backend=backend,
-    )  # fmt: skip
+    )
     ((out * do.to(device)).sum() + (state * ds.to(device)).sum()).backward()
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, s0)]
     ref, ref_state = lightning_attention_naive(
@@ -109,7 +109,7 @@ def test_packed_documents_equal_documents_one_by_one(backend):
     packed = lightning_attention(
         q.to(device), k.to(device), v.to(device), slopes.to(device), cu_seqlens=cu.to(device),
         block=16, backend=backend,
-    ).cpu()  # fmt: skip
+    ).cpu()
     start = 0
     for n in lengths:
         sl = slice(start, start + n)
@@ -215,7 +215,7 @@ def test_triton_bf16(D, E, docs):
     out, state = lightning_attention(
         *leaves, slopes.to(device), doc_ids=None if doc_ids is None else doc_ids.to(device),
         initial_state=s0_leaf, return_state=True, block=16, backend="triton",
-    )  # fmt: skip
+    )
     assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
     ((out.float() * do.float().to(device)).sum() + (state * ds.float().to(device)).sum()).backward()
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, s0)]

@@ -21,7 +21,7 @@ def _compare(backend, seed, T, window, D, E, docs, device="cpu", B=2, H=2, block
         lambda q, k, v: swa(q, k, v, window, doc_ids=dev_docs, backend=backend, block=block),
         lambda q, k, v: swa_naive(q, k, v, window, doc_ids),
         (q, k, v), do, "qkv", TOL, device,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _cfg(tp=1, dp=1, zero=1, cp=1, optimizer="lamb", ckpt="") -> Config:
     cfg = Config()
     cfg.model = ModelConfig(pattern="LA", num_layers=2, hidden_size=32, num_heads=4,
-                            ffn_hidden_size=64, lightning_block=8)  # fmt: skip
+                            ffn_hidden_size=64, lightning_block=8)
     cfg.parallel = ParallelConfig(tensor_parallel=tp, context_parallel=cp, zero_stage=zero)
     o = cfg.optimizer
     o.name, o.lr, o.min_lr, o.warmup_steps, o.decay_steps = optimizer, 2e-2, 2e-3, 2, 8
@@ -110,7 +110,7 @@ def _job(rt, cfg: Config, mode: str, n: int):
     out["losses"] = _train(engine, rt, sp, n, loader)
     if mode == "save":
         checkpoint.save(Path(cfg.checkpoint.dir), engine.global_steps, engine, scheduler,
-                        loader, cfg, rt, identity)  # fmt: skip
+                        loader, cfg, rt, identity)
     if mode == "save_async":
         out.update(_save_async_and_train_on(engine, scheduler, loader, cfg, rt, identity, sp))
     if cfg.parallel.zero_stage == 3:
@@ -212,7 +212,7 @@ def _failing_async_save(rt, cfg: Config):
     if rt.rank == 0:
         checkpoint._Finish.run = disk_full
     saver = checkpoint.Saver(Path(cfg.checkpoint.dir), cfg, rt,
-                             checkpoint.run_identity(cfg, "t"), asynchronous=True)  # fmt: skip
+                             checkpoint.run_identity(cfg, "t"), asynchronous=True)
     saver.save(1, engine, scheduler, _Loader())
     while rt.rank == 0 and not saver.failed():  # polled at each step boundary in a run
         time.sleep(0.01)
@@ -253,7 +253,7 @@ class _Tokens:
     def sample(self, i: int) -> dict:
         rng = np.random.default_rng(i)
         return {"tokens": rng.integers(0, VOCAB, T + 1), "doc_ids": np.zeros(T, np.int64),
-                "positions": np.arange(T)}  # fmt: skip
+                "positions": np.arange(T)}
 
 
 def _loop_job(rt, cfg: Config, env: dict):
@@ -281,7 +281,7 @@ def test_loss_spike_is_skipped_on_every_rank(tmp_path):
     cfg.logging.progress_bar = False
     runs = {}
     for kind, env in (("spike", {"PLAIT_TEST_SPIKE_AT": "4:1"}),
-                      ("nan", {"PLAIT_TEST_NAN_AT": "4:1"})):  # fmt: skip
+                      ("nan", {"PLAIT_TEST_NAN_AT": "4:1"})):
         cfg.out_dir = str(tmp_path / kind)
         runs[kind] = run_distributed(_loop_job, 2, cfg, env, parallel=cfg.parallel)[0]
     spike, nan = runs["spike"]["rows"], runs["nan"]["rows"]
@@ -364,7 +364,7 @@ def test_resharding_without_optimizer_state_would_differ(tmp_path):
         t = load_file(str(saved / shard))
         save_file({k: (v.zero_() if "::" in k else v) for k, v in t.items()}, str(saved / shard))
         meta["files"][shard] = {"bytes": (saved / shard).stat().st_size,
-                                "sha256": checkpoint._sha256(saved / shard)}  # fmt: skip
+                                "sha256": checkpoint._sha256(saved / shard)}
     (saved / "meta.json").write_text(json.dumps(meta))
     (saved / "COMPLETE").write_text(checkpoint._sha256(saved / "meta.json"))
     out = _run(_cfg(tp=1, dp=4, zero=1, ckpt=str(tmp_path)), "resume", 2, 4)
@@ -402,14 +402,14 @@ def _cli(out: Path, *sets: str, env=None, nproc=0, check=True):
     cmd = [sys.executable, "-m", "plait.launcher.train"]
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "plait.launcher.train"]  # fmt: skip
+               f"--nproc_per_node={nproc}", "-m", "plait.launcher.train"]
     base = ["out_dir=" + str(out), "logging.progress_bar=false", "training.eval_every=0",
             "model.num_layers=2", "model.pattern=LA", "optimizer.warmup_steps=2",
-            "optimizer.decay_steps=40"]  # fmt: skip
+            "optimizer.decay_steps=40"]
     args = ["--config", "configs/tiny.yaml"] + [a for s in base + list(sets) for a in ("--set", s)]
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(cmd + args, cwd=REPO, env=e, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+                          timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -430,11 +430,11 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     import shutil
 
     for point, expect in (("shards", "step4"), ("meta", "step4"), ("complete", "step4"),
-                          ("rename", "step6")):  # fmt: skip
+                          ("rename", "step6")):
         run = tmp_path / point
         shutil.copytree(base, run)
         proc = _cli(run, "training.steps=6", env={"PLAIT_TEST_KILL_IN_SAVE": point},
-                    check=False)  # fmt: skip
+                    check=False)
         assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-2000:])
         found, problems = checkpoint.find_resumable(run / "checkpoints")
         assert found.name == expect, (point, found, problems)
@@ -461,17 +461,17 @@ def test_kill_9_of_either_rank_during_async_saves_of_a_torchrun_job(tmp_path):
     points = ["shards:1", "rng:1", "meta:0", "rename:0"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={len(points) - 1}", "-m", "plait.launcher.train",
-           "--config", "configs/tiny.yaml"]  # fmt: skip
+           "--config", "configs/tiny.yaml"]
     sets = ["out_dir=" + str(out), "logging.progress_bar=false", "training.eval_every=0",
             "model.num_layers=2", "model.pattern=LA", "parallel.zero_stage=1",
             "training.micro_batch_size=4", "training.steps=3", "checkpoint.save_every=2",
-            "checkpoint.async_save=true"]  # fmt: skip
+            "checkpoint.async_save=true"]
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: torchrun's shared store keeps the previous
     # attempt's keys, and a restarted gloo group may connect to a dead rank (pytorch#135712).
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
-               PLAIT_TEST_KILL_IN_SAVE=";".join(f"{p}@3" for p in points))  # fmt: skip
+               PLAIT_TEST_KILL_IN_SAVE=";".join(f"{p}@3" for p in points))
     proc = subprocess.run(cmd + [a for x in sets for a in ("--set", x)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0  # the last attempt was killed too
     assert log.count("(exitcode: -9)") == len(points), log[-4000:]  # one SIGKILL an attempt
@@ -517,13 +517,13 @@ def test_sigusr1_saves_agrees_and_exits_for_requeue(tmp_path):
     out = tmp_path / "pre"
     sets = ["parallel.zero_stage=1", "training.micro_batch_size=4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "plait.launcher.train", "--config", "configs/tiny.yaml"]  # fmt: skip
+           "-m", "plait.launcher.train", "--config", "configs/tiny.yaml"]
     base = ["out_dir=" + str(out), "logging.progress_bar=false", "training.eval_every=0",
             "model.num_layers=2", "model.pattern=LA", "optimizer.warmup_steps=2",
-            "optimizer.decay_steps=40", "training.steps=40", *sets]  # fmt: skip
+            "optimizer.decay_steps=40", "training.steps=40", *sets]
     args = [a for s in base for a in ("--set", s)]
     proc = subprocess.Popen(cmd + args, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(out, 3, proc)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     pids = sorted(int(p) for p in workers.stdout.split())
@@ -545,7 +545,7 @@ def test_sigusr1_saves_agrees_and_exits_for_requeue(tmp_path):
 def test_time_limit_saves_and_exits_75(tmp_path):
     out = tmp_path / "tl"
     proc = _cli(out, "training.steps=1000", "training.time_limit=1", "training.exit_margin=0",
-                check=False)  # fmt: skip
+                check=False)
     assert proc.returncode == 75, proc.stderr[-2000:]
     stop = json.loads((out / "stop.json").read_text())
     assert stop["reason"] == "time limit"
@@ -559,7 +559,7 @@ def test_nonfinite_steps_are_skipped_on_every_rank(tmp_path, zero, tp):
     with a checkpoint. ZeRO-0 with TP=2 (plait's guard: ranks hold different shards) and
     ZeRO-1 with DP=2 (DeepSpeed's overflow check)."""
     sets = [f"parallel.zero_stage={zero}", f"parallel.tensor_parallel={tp}",
-            "training.micro_batch_size=4"]  # fmt: skip
+            "training.micro_batch_size=4"]
     out = tmp_path / "once"
     _cli(out, *sets, "training.steps=6", nproc=2, env={"PLAIT_TEST_NAN_AT": "3:1"})
     rows = _losses(out)
@@ -567,7 +567,7 @@ def test_nonfinite_steps_are_skipped_on_every_rank(tmp_path, zero, tp):
     assert all(rows[s]["loss"] == rows[s]["loss"] for s in (4, 5, 6))  # finite again
     out = tmp_path / "thrice"
     proc = _cli(out, *sets, "training.steps=10", nproc=2, env={"PLAIT_TEST_NAN_AT": "3,4,5:1"},
-                check=False)  # fmt: skip
+                check=False)
     assert proc.returncode != 0
     assert "3 steps in a row had a non-finite gradient norm" in proc.stderr
     stop = json.loads((out / "stop.json").read_text())

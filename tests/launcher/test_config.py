@@ -109,7 +109,7 @@ def test_cli_reports_config_error(tmp_path, capsys):
 
 def test_preset_then_fields_beside_it(tmp_path):
     p = _write(tmp_path, "model:\n  hidden_size: 32\n  preset: h3-tiny\n  num_layers: 2\n"
-               "  pattern: HA\n")  # fmt: skip
+               "  pattern: HA\n")
     cfg = load_config(p)
     assert cfg.model.preset == "h3-tiny" and cfg.model.mlp == "gelu"  # from the preset
     assert cfg.model.pattern == "HA" and cfg.model.num_layers == 2  # given beside it

@@ -30,7 +30,7 @@ VOCAB, EOS = 96, 2
 
 def _cfg() -> ModelConfig:
     cfg = ModelConfig(pattern="LAWM", num_layers=4, hidden_size=32, num_heads=4,
-                      ffn_hidden_size=64, lightning_block=8)  # fmt: skip
+                      ffn_hidden_size=64, lightning_block=8)
     cfg.based.window, cfg.moh.shared_heads = 6, 2
     return cfg
 
@@ -56,7 +56,7 @@ def _job(rt, full, masking: bool):
     res = position_loss(model, _source(), 64, 2, 3, rt, sp, masking)
     # the mean validation loss as the training loop computes it, over the same batches
     loader = SequenceLoader(PackedSequences(_source(), 64, 0, shuffle=False), 2, rt.dp,
-                            rt.dp_rank)  # fmt: skip
+                            rt.dp_rank)
     means = []
     if rt.cp == 1:
         with torch.no_grad():
@@ -113,7 +113,7 @@ def test_answers_right_scores_teacher_forced_argmax():
         return _answers_right(model, seq, mask, rt, sp)
 
     for world, layout in ((1, ParallelConfig()), (2, ParallelConfig(tensor_parallel=2)),
-                          (2, ParallelConfig(context_parallel=2))):  # fmt: skip
+                          (2, ParallelConfig(context_parallel=2))):
         right = run_distributed(job, world, parallel=layout)[0]
         assert right.tolist() == [1.0, 0.0, 0.0], layout
 
@@ -125,7 +125,7 @@ def test_cli_writes_results_plots_and_tensorboard(tmp_path):
     cmd = [sys.executable, "-m", "plait.launcher.evaluate", "--checkpoint",
            str(run / "checkpoints"), "--lengths", "1,2", "--batches", "1",
            "--passkey-samples", "2", "--passkey-depths", "0,1", "--mqar-pairs", "4",
-           "--tensorboard", str(run)]  # fmt: skip
+           "--tensorboard", str(run)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = run / "eval" / "step3"
@@ -137,7 +137,7 @@ def test_cli_writes_results_plots_and_tensorboard(tmp_path):
     assert len(list((run / "tensorboard").glob("events.*"))) >= 2  # training's and ours
     assert "passkey accuracy" in proc.stdout
     bad = subprocess.run([*cmd[:4], str(tmp_path / "none")], cwd=REPO, env=env,
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
 
 
@@ -153,6 +153,6 @@ def test_training_chunks_continue_positions_without_document_masking():
             return torch.arange(T // 2, T)
 
     b = {"tokens": torch.zeros(1, 8, dtype=torch.long),
-         "positions": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])}  # fmt: skip
+         "positions": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])}
     assert _local(b, SecondOfTwo(), masking=False)["positions"].tolist() == [[4, 5, 6, 7]]
     assert _local(b, SecondOfTwo(), masking=True)["positions"].tolist() == [[1, 0, 1, 2]]

@@ -60,7 +60,7 @@ def _rehash(ckpt: Path) -> None:
 
 def _train_args(out: Path, *sets: str) -> list[str]:
     args = ["--config", TINY, "--set", f"out_dir={out}", "--set", "logging.progress_bar=false",
-            "--set", "training.eval_every=0"]  # fmt: skip
+            "--set", "training.eval_every=0"]
     for s in sets:
         args += ["--set", s]
     return args
@@ -95,7 +95,7 @@ def planted(tmp_path_factory):
     (hf / "config.json").write_text(json.dumps({"model_type": "plait"}))
     _plant(hf / "pytorch_model.bin", marker)
     return {"root": root, "run": run, "zero3": zero3, "swapped": swapped, "hf": hf,
-            "marker": marker}  # fmt: skip
+            "marker": marker}
 
 
 def _refused(ran, *words: str) -> None:
@@ -114,7 +114,7 @@ def test_a_planted_pickle_never_runs(planted, which, tmp_path):
     run_dir = ckpt.parent.parent
     # resume, automatic: the run's own checkpoint directory holds it
     ran = run_module("plait.launcher.train", _train_args(run_dir, "training.steps=4"),
-                     cwd=tmp_path)  # fmt: skip
+                     cwd=tmp_path)
     if which == "zero3":
         _refused(ran, str(ckpt), why)
     else:  # an unreadable file is a damaged checkpoint: reported, skipped, the run starts over
@@ -123,10 +123,10 @@ def test_a_planted_pickle_never_runs(planted, which, tmp_path):
     fresh = tmp_path / "fresh"
     _refused(run_module("plait.launcher.train",
                         _train_args(fresh, f"checkpoint.resume={ckpt}"), cwd=tmp_path),
-             "checkpoint.resume", why)  # fmt: skip
+             "checkpoint.resume", why)
     _refused(run_module("plait.launcher.train",
                         _train_args(fresh, f"checkpoint.init_from={ckpt}"), cwd=tmp_path),
-             "checkpoint.init_from", why)  # fmt: skip
+             "checkpoint.init_from", why)
     _refused(run_module("plait.launcher.export", ["--checkpoint", str(ckpt), "--out",
                                                   str(tmp_path / "hf")], cwd=tmp_path), why)
     _refused(run_module("plait.launcher.evaluate", ["--checkpoint", str(ckpt), "--out",

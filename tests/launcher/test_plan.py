@@ -39,7 +39,7 @@ def test_balance_is_optimal(seed):
         bounds = balance(costs, stages, last_extra=extra)
         assert bounds[0][0] == 0 and bounds[-1][1] == len(costs) and len(bounds) == stages
         assert all(a < b for a, b in bounds) and all(
-            x[1] == y[0] for x, y in zip(bounds, bounds[1:]))  # fmt: skip
+            x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
         got = max(sum(costs[a:b]) + (extra if b == len(costs) else 0) for a, b in bounds)
         assert got == pytest.approx(_brute(costs, stages, extra))
     with pytest.raises(ValueError, match="stages"):
@@ -53,7 +53,7 @@ def test_bubble_and_rank_order():
     # tp fastest, then cp, dp, pp (megatron-core's default order)
     assert [rank_coords(r, 2, 1, 2) for r in range(8)] == [
         (0, 0, 0, 0), (1, 0, 0, 0), (0, 0, 0, 1), (1, 0, 0, 1),
-        (0, 1, 0, 0), (1, 1, 0, 0), (0, 1, 0, 1), (1, 1, 0, 1)]  # fmt: skip
+        (0, 1, 0, 0), (1, 1, 0, 0), (0, 1, 0, 1), (1, 1, 0, 1)]
 
 
 ONE_B = sorted(f.one_b for f in families().values() if f.one_b)
@@ -62,7 +62,7 @@ ONE_B = sorted(f.one_b for f in families().values() if f.one_b)
 @pytest.mark.parametrize("preset", ONE_B)
 def test_every_1b_preset_balances_at_pp4(preset):
     cfg = load_config("configs/train_1b.yaml",
-                      [f"model.preset={preset}", "parallel.pipeline_parallel=4"])  # fmt: skip
+                      [f"model.preset={preset}", "parallel.pipeline_parallel=4"])
     res = plan(cfg, 32)
     assert res["dp"] == 8 and len(res["stages"]) == 4
     assert res["imbalance"] <= 1.25 + 1e-9, (preset, res["imbalance"])
@@ -92,7 +92,7 @@ def test_cli_prints_the_layout_and_training_refuses_pp():
     proc = subprocess.run([sys.executable, "-m", "plait.launcher.plan", "--config",
                            "configs/train_1b.yaml", "--set", "parallel.pipeline_parallel=2",
                            "--set", "parallel.tensor_parallel=2", "--world", "8"],
-                          cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+                          cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "world 8 = tp 2 x pp 2 x cp 1 x dp 2" in proc.stdout
     assert "pipeline bubble" in proc.stdout and "balance:" in proc.stdout
@@ -100,7 +100,7 @@ def test_cli_prints_the_layout_and_training_refuses_pp():
     proc = subprocess.run([sys.executable, "-m", "plait.launcher.train", "--config",
                            "configs/tiny.yaml", "--set", "parallel.pipeline_parallel=2",
                            "--set", "parallel.zero_stage=3"],
-                          cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+                          cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "zero_stage" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     # the other refusals, checked in-process (the CLI prints them the same way)
@@ -111,6 +111,6 @@ def test_cli_prints_the_layout_and_training_refuses_pp():
                        (["parallel.pipeline_parallel=8"], "pipeline_parallel"),
                        (["model.pattern=L|A|L|A", "parallel.pipeline_parallel=2"], "pattern"),
                        (["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2",
-                         "training.grad_accum=3"], "training.grad_accum")):  # fmt: skip
+                         "training.grad_accum=3"], "training.grad_accum")):
         with pytest.raises(ConfigError, match=field):
             check_run(load_config("configs/tiny.yaml", bad))

@@ -37,7 +37,7 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 def _write_lock(out: Path, **fields) -> None:
     out.mkdir(parents=True, exist_ok=True)
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": "", "slurm_job": "",
-              "since": time.time(), "slurm_restart": 0, **fields}  # fmt: skip
+              "since": time.time(), "slurm_restart": 0, **fields}
     (out / LOCK_NAME).write_text(json.dumps(holder))
 
 
@@ -70,7 +70,7 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, monkeypatch):
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id "
-                                 "specified' >&2\nexit 1\n")  # fmt: skip
+                                 "specified' >&2\nexit 1\n")
     (fake / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     _write_lock(tmp_path / "c", host="elsewhere", pid=1, slurm_job="55")
@@ -87,7 +87,7 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, monkeypatch):
 def _train_cmd(out: Path, steps: int, *sets: str) -> list[str]:
     args = ["--config", TINY, "--set", f"out_dir={out}", "--set", "logging.progress_bar=false",
             "--set", f"training.steps={steps}", "--set", "training.eval_every=0",
-            "--set", "data.seq_len=64", "--set", "training.micro_batch_size=2"]  # fmt: skip
+            "--set", "data.seq_len=64", "--set", "training.micro_batch_size=2"]
     for s in sets:
         args += ["--set", s]
     return args
@@ -110,7 +110,7 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-m", "plait.launcher.train", *args], cwd=REPO,
-                                env=env, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+                                env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
 def _wait_for(what, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
@@ -129,7 +129,7 @@ def test_two_jobs_on_one_run_directory(tmp_path):
         first.send_signal(signal.SIGSTOP)  # holds the lock, trains nothing while we look
         t0 = time.time()
         second = run_module("plait.launcher.train", _train_cmd(out, steps, "training.seed=7"),
-                            cwd=REPO)  # fmt: skip
+                            cwd=REPO)
         assert time.time() - t0 < 15
         assert second.code == 2 and "Traceback" not in second.text, second.text[-3000:]
         (line,) = [x for x in second.err.splitlines() if x.strip()]
@@ -138,10 +138,10 @@ def test_two_jobs_on_one_run_directory(tmp_path):
         logs = tmp_path / "torchrun-logs"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "--redirects=3", f"--log-dir={logs}", "-m",
-               "plait.launcher.train", *_train_cmd(out, steps)]  # fmt: skip
+               "plait.launcher.train", *_train_cmd(out, steps)]
         env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+                              timeout=300)
         assert proc.returncode != 0  # torchrun's own code for a failed worker is 1
         err = {r: next(logs.rglob(f"attempt_0/{r}/stderr.log")).read_text() for r in (0, 1)}
         assert err[1].strip() == "", err[1]

@@ -171,14 +171,14 @@ def test_blended_prepared_datasets_with_seq_len_warmup(tmp_path):
     for name, part in (("a", lines[:500]), ("b", lines[500:])):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(part) + "\n")
     prepare_corpus(PrepareConfig(source=str(tmp_path / "a.jsonl"), out=str(tmp_path / "A"),
-                                 vocab_size=1024, show_progress=False))  # fmt: skip
+                                 vocab_size=1024, show_progress=False))
     prepare_corpus(PrepareConfig(source=str(tmp_path / "b.jsonl"), out=str(tmp_path / "B"),
                                  tokenizer=str(tmp_path / "A" / "tokenizer.model"),
-                                 show_progress=False))  # fmt: skip
+                                 show_progress=False))
     out = tmp_path / "run"
     _run(_tiny(out, f"data.datasets=[{tmp_path / 'A'}, {tmp_path / 'B'}]", "data.weights=[3, 1]",
                "data.warmup_seq_len=32", "data.warmup_seq_len_steps=4", "training.steps=6",
-               "training.eval_every=3"))  # fmt: skip
+               "training.eval_every=3"))
     assert sorted(_metrics(out)) == list(range(1, 7)) and sorted(_metrics(out, "val")) == [3, 6]
     assert not (out / "data").exists()  # nothing prepared: the given datasets were used
 
@@ -189,7 +189,7 @@ def test_context_parallel_run_matches_single_process(tmp_path, masking):
     follows the single-process run step for step, with documents masked and without (then
     the rotary positions of the second rank's chunk continue the first's)."""
     common = ("training.steps=5", "training.eval_every=0", "model.num_layers=2",
-              "model.pattern=LA", f"data.document_masking={str(masking).lower()}")  # fmt: skip
+              "model.pattern=LA", f"data.document_masking={str(masking).lower()}")
     _run(_tiny(tmp_path / "one", *common))
     proc = _run(_tiny(tmp_path / "cp2", *common, "parallel.context_parallel=2"), nproc=2)
     assert "world 2 (tp 1 cp 2 dp 1)" in proc.stdout
@@ -205,7 +205,7 @@ def test_every_letter_trains_under_context_parallel(tmp_path):
     loss and SeqBoat's active fraction are logged apart."""
     common = ("training.steps=3", "training.eval_every=0", "model.num_layers=8",
               "model.pattern=LABWCHSM", "model.moh.shared_heads=1", "model.moh.top_k=2",
-              "model.h3.state_size=16", "model.seqboat.window=16")  # fmt: skip
+              "model.h3.state_size=16", "model.seqboat.window=16")
     _run(_tiny(tmp_path / "one", *common))
     proc = _run(_tiny(tmp_path / "cp2", *common, "parallel.context_parallel=2"), nproc=2)
     assert "world 2 (tp 1 cp 2 dp 1)" in proc.stdout

@@ -28,7 +28,7 @@ def letter_config(pattern: str) -> ModelConfig:
     """Small sizes with every state boundary inside a 40-token sequence."""
     cfg = ModelConfig(pattern=pattern, num_layers=len(pattern), hidden_size=32, num_heads=4,
                       ffn_hidden_size=64, lrpe="first", lightning_norm="full",
-                      lightning_block=8)  # fmt: skip
+                      lightning_block=8)
     cfg.h3.state_size = 8
     cfg.seqboat.zdim, cfg.seqboat.window, cfg.seqboat.ema_truncation = 8, 6, 12
     cfg.moh.shared_heads = 2

@@ -17,7 +17,7 @@ def _check(rt, pattern):
         cfg = ModelConfig(
             pattern=pattern, num_layers=len(pattern), hidden_size=32, num_heads=2,
             ffn_hidden_size=64, lightning_block=8,
-        )  # fmt: skip
+        )
     model = build_model(cfg, 1, vocab_size=100)
     g = torch.Generator().manual_seed(0)
     lengths = [11, 1, 20]

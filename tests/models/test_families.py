@@ -5,7 +5,7 @@ memorisation of a small batch; every preset's parameter count: built model == co
 import pytest
 import torch
 
-from plait.models.common import build_model, param_count
+from plait.models.common import build_model, family, param_count
 from plait.models.presets import get_preset, one_b, presets
 from plait.models.registry import SHIPPED
 from plait.parallel.config import ParallelConfig
@@ -30,7 +30,7 @@ def _mixed():
     cfg = ModelConfig(
         pattern="LABWCHSM", num_layers=8, hidden_size=32, num_heads=4, ffn_hidden_size=64,
         lrpe="all", lightning_norm="full", lightning_block=8,
-    )  # fmt: skip
+    )
     cfg.based.window, cfg.h3.state_size, cfg.seqboat.zdim, cfg.seqboat.window = 6, 8, 8, 4
     cfg.moh.shared_heads, cfg.moh.top_k = 2, 1
     return cfg
@@ -178,7 +178,7 @@ def test_every_family_has_tiny_published_and_1b_presets():
         assert one_b()[fam.name] in fam.presets
         assert len(fam.presets) >= 3
         for preset in fam.presets:
-            get_preset(preset).validate()
+            get_preset(preset).validate(family.catalogue())
 
 
 def test_parameter_table_in_docs_is_current_and_explained():

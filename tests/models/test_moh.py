@@ -98,7 +98,7 @@ def _dense_selected(q, k, v, sel, docs, scale):
     if docs is not None:
         allowed = allowed & (docs[:, :, None] == docs[:, None, :])
     o = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None],
-                                       attn_mask=allowed[:, None], scale=scale)[:, 0]  # fmt: skip
+                                       attn_mask=allowed[:, None], scale=scale)[:, 0]
     return o * sel[..., None]
 
 

@@ -18,7 +18,7 @@ TINY = [f"{f.name}-tiny" for f in SHIPPED if f.letters and f.presets]
 
 def _mixed() -> ModelConfig:
     cfg = ModelConfig(pattern="LABWCHSM", num_layers=8, hidden_size=32, num_heads=4,
-                      ffn_hidden_size=64, lrpe="first", lightning_norm="full")  # fmt: skip
+                      ffn_hidden_size=64, lrpe="first", lightning_norm="full")
     cfg.h3.state_size, cfg.seqboat.zdim, cfg.moh.shared_heads = 8, 8, 2
     return cfg
 
@@ -68,7 +68,7 @@ def test_fused_projections_are_relaid_out():
     w = torch.arange(H * 4 * d, dtype=torch.float32)[:, None].expand(-1, h).clone()
     state = {f"blocks.{i}.mixer.proj.in_proj.weight": w for i in range(cfg.num_layers)}
     state.update({f"blocks.{i}.mixer.proj.out_proj.weight": torch.zeros(h, h)
-                  for i in range(cfg.num_layers)})  # fmt: skip
+                  for i in range(cfg.num_layers)})
     state["blocks.0.mixer.lrpe.theta"] = torch.zeros(H, 1, d)
     hf = to_hf(state, cfg)
     q, k, v, u = hf["model.layers.0.mixer.qkvu_proj.weight"][:, 0].view(4, H, d).unbind(0)

@@ -147,7 +147,7 @@ def test_recompute_under_tp_and_cp(tp, cp, pattern, softmax, zigzag):
     outs = run_distributed(
         _run, tp * cp, state, pattern, softmax, zigzag, ("none", "full", "selective"),
         parallel=ParallelConfig(tensor_parallel=tp, context_parallel=cp), seed=3,
-    )  # fmt: skip
+    )
     for out in outs:
         ref = out["none"]
         for mode in ("full", "selective"):

@@ -166,17 +166,17 @@ def test_toy_family_trains_through_the_cli_with_tp2(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "plait.launcher.train", "--config", "configs/tiny.yaml",
-    ]  # fmt: skip
+    ]
     sets = [
         f"out_dir={out}", "logging.progress_bar=false", "training.steps=30",
         "training.eval_every=0", "model.families=[tests.models.toy_family]",
         "model.pattern=XAXA", "model.toy.kernel=3", "parallel.tensor_parallel=2",
-    ]  # fmt: skip
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         cmd + [a for s in sets for a in ("--set", s)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
@@ -203,7 +203,7 @@ def test_toy_family_trains_through_the_cli_with_tp2(tmp_path):
     (tmp_path / "gen.py").write_text(TOY_GENERATES)
     proc = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "gen.py"), site, str(hf)],
                           cwd=tmp_path, env=dict(env, HF_HUB_OFFLINE="1"), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+                          text=True, timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 

@@ -30,7 +30,7 @@ from tests.helpers import assert_rel_close
 
 T, D, Z, N = 37, 32, 8, 4  # T: not a multiple of any window below
 ATTENTION = ("w_z", "b_z", "qk_gamma", "qk_beta", "w_v.weight", "w_v.bias", "w_r.weight",
-             "w_r.bias", "w_h.weight", "w_h.bias")  # fmt: skip
+             "w_r.bias", "w_h.weight", "w_h.bias")
 TN_STD = 0.8796  # std of a unit normal cut at +-2
 
 
@@ -170,7 +170,7 @@ def _fwd_bwd(m, fn, x, pos, docs):
     y = fn(xi, pos, docs)
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
-             for n, p in m.named_parameters()}  # fmt: skip
+             for n, p in m.named_parameters()}
     return y.detach(), xi.grad.clone(), grads
 
 
@@ -332,7 +332,7 @@ def test_inits_are_the_released_ones():
     m = run_distributed(_state, 1, cfg, None)[0]
     std = cfg.init_std
     for name in ("w_router", "w_z", "qk_gamma", "w_v.weight", "w_r.weight", "w_hx.weight",
-                 "w_h.weight"):  # fmt: skip
+                 "w_h.weight"):
         w = m[name]
         assert w.abs().max() <= 2 * std, name
         if w.numel() > 5000:
@@ -414,7 +414,7 @@ def test_half_rotation_is_the_interleaved_rotation_of_permuted_channels():
     torch.testing.assert_close(plait_scores, released_scores, rtol=1e-5, atol=1e-4)
     # a plain (unpermuted) reading of plait's channels as interleaved pairs is another function
     assert not torch.allclose(apply_rotary(q[None, None], cos, sin)[0, 0],
-                              rope_interleaved(q, pos, 1e4), atol=1e-3)  # fmt: skip
+                              rope_interleaved(q, pos, 1e4), atol=1e-3)
 
 
 # Options, router edge cases.
@@ -466,9 +466,9 @@ def test_enwik8_preset_is_the_released_script():
     o = cfg.seqboat
     assert (cfg.pattern, cfg.hidden_size, cfg.mlp, cfg.norm, cfg.norm_eps) == (
         "S" * 14, 616, "none", "layernorm", 1e-5
-    )  # fmt: skip
+    )
     assert cfg.embed_scale and cfg.tie_embeddings and cfg.vocab_size == 256
     assert (o.value_dim(616), o.zdim, o.ema_dim, o.window, o.ema_truncation) == (
         1232, 128, 16, 1025, 2048
-    )  # fmt: skip
+    )
     assert (o.router_temperature, o.bias, o.router) == (1.0, True, "learned")

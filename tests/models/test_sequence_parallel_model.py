@@ -21,7 +21,7 @@ def _cfg(pattern="LALA"):
     cfg = ModelConfig(
         pattern=pattern, num_layers=len(pattern), hidden_size=64, num_heads=4, ffn_hidden_size=96,
         lightning_block=16, lightning_norm="full", lrpe="first",
-    )  # fmt: skip
+    )
     # windows and kernels that cross the rank borders (12 tokens per rank at CP=4)
     cfg.based.window, cfg.based.feature_dim, cfg.h3.state_size = 9, 8, 10
     cfg.moh.shared_heads, cfg.moh.top_k = 1, 2
@@ -90,7 +90,7 @@ def test_sequence_parallel_model_equals_single_process(tp, cp, pattern, softmax,
     outs = run_distributed(
         _run, tp * cp, ref["state"], pattern, softmax, zigzag,
         parallel=ParallelConfig(tensor_parallel=tp, context_parallel=cp), seed=3,
-    )  # fmt: skip
+    )
     for out in outs:
         assert abs(out["loss"] - ref["loss"]) < 1e-5, (out["loss"], ref["loss"])
         for name, g in ref["grads"].items():

@@ -100,7 +100,7 @@ def test_released_h3_presets_place_attention_as_the_checkpoints():
 def _blocks(rt, norm, mlp):
     torch.manual_seed(0)
     cfg = ModelConfig(pattern="AA", num_layers=2, hidden_size=HID, num_heads=HEADS, norm=norm,
-                      mlp=mlp, norm_eps=1e-5, vocab_size=64, vocab_multiple=8)  # fmt: skip
+                      mlp=mlp, norm_eps=1e-5, vocab_size=64, vocab_multiple=8)
     model = build_model(cfg, 1)
     with torch.no_grad():
         for p in model.parameters():

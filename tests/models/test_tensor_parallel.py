@@ -62,7 +62,7 @@ def _options_cfg() -> ModelConfig:
     TP), attention with biases and partial rotary, H3 with head_dim 2 (per-channel shift
     SSM), LayerNorm and the GELU MLP."""
     cfg = ModelConfig(pattern="MAH", num_layers=3, hidden_size=64, num_heads=4,
-                      ffn_hidden_size=96, norm="layernorm", mlp="gelu")  # fmt: skip
+                      ffn_hidden_size=96, norm="layernorm", mlp="gelu")
     cfg.moh.router, cfg.moh.shared_heads, cfg.moh.top_k = "query_norm", 2, 1
     cfg.softmax.bias, cfg.softmax.rotary_dim = True, 8
     cfg.h3.head_dim, cfg.h3.state_size = 2, 8

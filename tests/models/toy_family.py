@@ -61,7 +61,7 @@ class TokenShift(nn.Module):
         self.w_o = RowParallelLinear(
             h, h, config=mp, bias=False, input_is_parallel=True, skip_bias_add=False,
             init_method=output_init(cfg),
-        )  # fmt: skip
+        )
         rank, tp = tp_rank_and_size()
         c = h // tp
         w = torch.randn(h, K) / K  # drawn whole, then this rank's channels
@@ -140,7 +140,7 @@ X = Letter(
 
 def _tiny():
     return ModelConfig(pattern="XAXA", num_layers=4, hidden_size=32, num_heads=4,
-                       ffn_hidden_size=64, options={"toy": ToyOptions(kernel=3)})  # fmt: skip
+                       ffn_hidden_size=64, options={"toy": ToyOptions(kernel=3)})
 
 
 FAMILY = register(

@@ -127,7 +127,7 @@ def _pipeline_canary(rt, patched: bool):
     fb = get_forward_backward_func()
     try:
         fb(forward_step_func=step, data_iterator=iter([torch.ones(1, 3, 4)]), model=chunk,
-           num_microbatches=1, seq_length=3, micro_batch_size=1)  # fmt: skip
+           num_microbatches=1, seq_length=3, micro_batch_size=1)
         return "no error"
     except Exception as e:
         return f"{type(e).__name__}: {e}"

@@ -37,7 +37,7 @@ def _cfg(optimizer: str, zero: int, tp: int, dp: int, hidden: int, bf16: bool) -
     cfg = Config()
     cfg.model = ModelConfig(pattern="LL" if hidden % 2 else "LA", num_layers=2, hidden_size=hidden,
                             num_heads=3 if hidden % 2 else 4, ffn_hidden_size=2 * hidden,
-                            lightning_block=8)  # fmt: skip
+                            lightning_block=8)
     cfg.parallel = ParallelConfig(tensor_parallel=tp, zero_stage=zero)
     o = cfg.optimizer
     # A constant LR: the schedule is the checkpoint's business (launcher/checkpoint/), the
@@ -86,7 +86,7 @@ def _job(rt, cfg: Config, start: int, n: int, load: dict | None, persist: bool, 
         def no_persistence(c, r):
             ds = base(c, r)
             ds["zero_optimization"] = {**ds["zero_optimization"],
-                                       "stage3_param_persistence_threshold": 0}  # fmt: skip
+                                       "stage3_param_persistence_threshold": 0}
             return ds
 
         engine_mod.deepspeed_config = no_persistence
@@ -119,7 +119,7 @@ def _job(rt, cfg: Config, start: int, n: int, load: dict | None, persist: bool, 
 
 def _run(optimizer: str, zero: int, tp: int = 1, persist: bool = False, hidden: int = 33,
          source: tuple = (), warm: int = 0, seed: int = 7, dp: int = 0,
-         bf16: bool = False) -> dict:  # fmt: skip
+         bf16: bool = False) -> dict:
     """A straight run (no ``source``): STEPS steps from the initial weights, on TP x DP ranks
     (DP 2 // TP unless given). A resumed run: the snapshot ``source`` = (``_run``'s keyword
     arguments of the run that made it, step) loaded, then the steps after it. Made once per
@@ -138,7 +138,7 @@ def _cached_run(optimizer, zero, tp, persist, hidden, source, warm, seed, dp, bf
         args, start = source
         load, n = _run(**dict(args))["states"][start], STEPS - start
     return run_distributed(_job, tp * dp, cfg, start, n, load, persist, warm,
-                           parallel=cfg.parallel, seed=seed)[0]  # fmt: skip
+                           parallel=cfg.parallel, seed=seed)[0]
 
 
 def _assert_states_close(got: dict, want: dict, rtol: float, what: str) -> None:
@@ -152,7 +152,7 @@ def _assert_states_close(got: dict, want: dict, rtol: float, what: str) -> None:
             assert g.dtype == torch.float32 and g.shape == w.shape, (what, name, k)
             scale = w.abs().max().item()
             torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale,
-                                       msg=f"{what}: {name}[{k!r}]")  # fmt: skip
+                                       msg=f"{what}: {name}[{k!r}]")
 
 
 def _assert_states_equal(got: dict, want: dict, what: str) -> None:
@@ -224,10 +224,10 @@ def test_cross_layout_continues(optimizer, src, dst):
     next step continues the uninterrupted run of the target layout within fp32 rounding."""
     resumed = _run(optimizer, dst, source=(dict(optimizer=optimizer, zero=src), RESUME_AT))
     _assert_states_equal(resumed["states"][RESUME_AT], _run(optimizer, src)["states"][RESUME_AT],
-                         "loaded")  # fmt: skip
+                         "loaded")
     target = _run(optimizer, dst)
     torch.testing.assert_close(resumed["losses"], target["losses"][RESUME_AT:],
-                               rtol=LOSS_RTOL, atol=0)  # fmt: skip
+                               rtol=LOSS_RTOL, atol=0)
     _assert_states_close(resumed["states"][STEPS], target["states"][STEPS], RTOL, "continued")
 
 
@@ -259,9 +259,9 @@ def test_tp2_zero3():
         _assert_states_equal(resumed["states"][RESUME_AT], loaded, f"{what} loaded")
         target = _run("lamb", 3, tp=dst, hidden=32)
         torch.testing.assert_close(resumed["losses"], target["losses"][RESUME_AT:],
-                                   rtol=LOSS_RTOL, atol=0)  # fmt: skip
+                                   rtol=LOSS_RTOL, atol=0)
         _assert_states_close(resumed["states"][STEPS], target["states"][STEPS], RTOL,
-                             f"{what} continued")  # fmt: skip
+                             f"{what} continued")
 
 
 def test_tp2_dp2_zero3():
@@ -277,6 +277,6 @@ def test_tp2_dp2_zero3():
     loaded = _run(**saved)["states"][RESUME_AT]
     _assert_states_equal(resumed["states"][RESUME_AT], loaded, "loaded")
     torch.testing.assert_close(resumed["losses"], straight["losses"][RESUME_AT:],
-                               rtol=LOSS_RTOL, atol=0)  # fmt: skip
+                               rtol=LOSS_RTOL, atol=0)
     _assert_states_close(resumed["states"][STEPS], straight["states"][STEPS], RTOL,
-                         "continued")  # fmt: skip
+                         "continued")

@@ -17,7 +17,7 @@ SHAPES = [(7, 5), (13,), (3, 4, 2), (1,), (9, 3)]
 GAPS = [3, 0, 2, 1, 0]  # zeros after each tensor (DeepSpeed's per-parameter alignment)
 TAIL = 5  # padding that makes the buffer divisible by the ranks
 HYPER = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, min_trust=0.01,
-             max_trust=10.0)  # fmt: skip
+             max_trust=10.0)
 STEPS = 3
 
 
@@ -26,7 +26,7 @@ def _tensors(seed: int):
     weights = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
     weights[3].zero_()  # ||w|| = 0: trust 1
     grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
-             for _ in range(STEPS)]  # fmt: skip
+             for _ in range(STEPS)]
     return weights, grads
 
 

@@ -26,10 +26,10 @@ def _run(rt, op, seed, T, W, slopes):
     leaves = [x[:, :, sl].clone().requires_grad_() for x in (q, k, v)]
     if op == "lasp2":
         out = lightning_attention_lasp2(*leaves, slopes, group, doc_ids=docs[:, sl], block=16,
-                                        backend="triton")  # fmt: skip
+                                        backend="triton")
     else:
         out = based_attention_lasp2(*leaves, group, doc_ids=docs[:, sl], block=16, eps=0.0,
-                                    backend="triton")  # fmt: skip
+                                    backend="triton")
     (out * do[:, :, sl]).sum().backward()
     return out.detach(), [x.grad for x in leaves]
 

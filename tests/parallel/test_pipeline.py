@@ -46,21 +46,21 @@ class FakeLoader:
         second = pos >= cut
         b = {"tokens": tok[:, :-1], "labels": tok[:, 1:],
              "positions": torch.where(second, pos - cut, pos),
-             "doc_ids": second.long() + 2 * torch.arange(rows)[:, None]}  # fmt: skip
+             "doc_ids": second.long() + 2 * torch.arange(rows)[:, None]}
         sl = slice(self.dp_rank * self.micro, (self.dp_rank + 1) * self.micro)
         return {k: v[sl] for k, v in b.items()}
 
 
 def _cfg(pattern: str, opt: str, tied: bool, pp=1, tp=1, cp=1, vp=1, zero=0, micro=2,
-         accum=4) -> Config:  # fmt: skip
+         accum=4) -> Config:
     cfg = Config()
     heads = 8 if "M" in pattern else 4
     layers = len(pattern.replace("|", ""))
     cfg.model = ModelConfig(pattern=pattern, num_layers=layers, hidden_size=32, num_heads=heads,
                             ffn_hidden_size=64, lightning_block=8, tie_embeddings=tied,
-                            vocab_multiple=32)  # fmt: skip
+                            vocab_multiple=32)
     cfg.parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp,
-                                  virtual_pipeline=vp, zero_stage=zero)  # fmt: skip
+                                  virtual_pipeline=vp, zero_stage=zero)
     o = cfg.optimizer
     o.name, o.lr, o.min_lr, o.warmup_steps = opt, 1e-2, 1e-3, 2
     o.weight_decay, o.grad_clip = 0.1, 1.0
@@ -97,7 +97,7 @@ def _train(rt, cfg: Config):
     steps = [loop.step() for _ in range(STEPS)]
     return {"losses": [s.loss for s in steps], "parts": [s.parts for s in steps],
             "grad_norms": [s.grad_norm for s in steps], "initial": initial,
-            "weights": gather_full(model)}  # fmt: skip
+            "weights": gather_full(model)}
 
 
 _REFERENCES: dict[tuple, dict] = {}
@@ -130,7 +130,7 @@ def _merged(results: list[dict]) -> dict:
     for r in results:  # every rank reports the last stage's loss and the global norm
         assert r["losses"] == results[0]["losses"] and r["parts"] == results[0]["parts"]
     return {**results[0], "initial": _merge(results, "initial"),
-            "weights": _merge(results, "weights")}  # fmt: skip
+            "weights": _merge(results, "weights")}
 
 
 def _check(res: dict, ref: dict, tol: float) -> dict:

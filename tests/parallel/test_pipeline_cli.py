@@ -21,14 +21,14 @@ GOLDEN = json.loads((REPO / "tests/launcher/golden_losses.json").read_text())["l
 def _run(out: Path, *sets: str, nproc: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-              f"--nproc_per_node={nproc}"] if nproc else [sys.executable]  # fmt: skip
+              f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
     args = ["--config", "configs/tiny.yaml", "--set", f"out_dir={out}",
             "--set", "training.micro_batch_size=2", "--set", "training.grad_accum=4",
-            "--set", "training.eval_every=4"]  # fmt: skip
+            "--set", "training.eval_every=4"]
     for s in sets:
         args += ["--set", s]
     proc = subprocess.run(launch + ["-m", "plait.launcher.train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 

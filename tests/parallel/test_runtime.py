@@ -138,7 +138,7 @@ def test_cpu_allocator_keep_and_release():
         pytest.skip("glibc < 2.33: no mallinfo2")
     env = {k: v for k, v in os.environ.items() if k not in GLIBC_MALLOC_ENV}
     proc = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.splitlines()[-1])
     assert got["release"] and got["keep"]

@@ -181,7 +181,7 @@ def _run_swa(rt, seed, T, window, use_docs):
     sl = slice(r * C, (r + 1) * C)
     leaves = [x[:, :, sl].clone().requires_grad_() for x in (q, k, v)]
     out = swa_sp(*leaves, window, torch.distributed.group.WORLD,
-                 doc_ids=None if docs is None else docs[:, sl])  # fmt: skip
+                 doc_ids=None if docs is None else docs[:, sl])
     (out * do[:, :, sl]).sum().backward()
     return out.detach(), [x.grad for x in leaves]
 

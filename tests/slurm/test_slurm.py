@@ -47,12 +47,12 @@ SCRIPT = REPO / "slurm" / "train_1b.sh"
 STEPS = 100  # one process: 10-40 ms a step, so a signal sent after step 3 lands mid-run
 TWO_RANK_STEPS = 40
 TINY = ("model.num_layers=2 model.pattern=LA training.eval_every=0 data.seq_len=64 "
-        "training.micro_batch_size=4")  # fmt: skip
+        "training.micro_batch_size=4")
 # sbatch options override the script's GPU-sized #SBATCH header for this CPU node.
 CPU_SIZED = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 CLUSTER_PREFIX = "plait-slurm-"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}  # fmt: skip
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -67,7 +67,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def _plait_env(out: Path, steps: int) -> dict[str, str]:
     return {"PLAIT_CONFIG": "configs/tiny.yaml", "PLAIT_PRESET": "hybrid-tiny",
             "PLAIT_OUT": str(out), "PLAIT_PYTHON": sys.executable,
-            "PLAIT_SET": f"{TINY} training.steps={steps}"}  # fmt: skip
+            "PLAIT_SET": f"{TINY} training.steps={steps}"}
 
 
 def _train_rows(out: Path) -> list[dict]:
@@ -161,7 +161,7 @@ def _stop_processes(root: Path, grace: float = 5.0) -> None:
     by pid (the pid files' daemons first)."""
     pids = []
     for f in (*[p.name for p in root.glob("slurmd*.pid")], "slurmctld.pid",
-              "munge/munged.pid"):  # fmt: skip
+              "munge/munged.pid"):
         try:
             pids.append(int((root / f).read_text().split()[0]))
         except (OSError, ValueError, IndexError):
@@ -209,7 +209,7 @@ class Cluster:
 
     def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         proc = subprocess.run(cmd, env=kw.pop("env", self.env), capture_output=True, text=True,
-                              timeout=60, **kw)  # fmt: skip
+                              timeout=60, **kw)
         if check and proc.returncode:
             raise AssertionError(f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stderr}")
         return proc
@@ -224,7 +224,7 @@ class Cluster:
         self.sock = f"{r}/munge/sock"
         self.run(_which("munged"), f"--socket={self.sock}", f"--key-file={r}/munge/key",
                  f"--log-file={r}/munge/munged.log", f"--pid-file={r}/munge/munged.pid",
-                 f"--seed-file={r}/munge/seed")  # fmt: skip
+                 f"--seed-file={r}/munge/seed")
         cred = self.run("munge", "-n", "-S", self.sock).stdout
         self.run("unmunge", "-S", self.sock, input=cred)
 
@@ -266,7 +266,7 @@ SlurmdLogFile={r}/log/slurmd.%n.log
                 ports.add(port)
                 node_lines += (f"NodeName=n{i} NodeHostname={self.node} NodeAddr=127.0.0.1 "
                                f"Port={port} CPUs=2 RealMemory={mem_mb // self.nodes} "
-                               "State=UNKNOWN\n")  # fmt: skip
+                               "State=UNKNOWN\n")
                 (r / "spool" / f"n{i}").mkdir()
             names = ",".join(f"n{i}" for i in range(1, self.nodes + 1))
             node_lines += f"PartitionName=test Nodes={names} Default=YES MaxTime=INFINITE State=UP"
@@ -336,14 +336,14 @@ SlurmctldLogFile={r}/log/slurmctld.log
         keys = ("JobState", "Reason", "ExitCode", "Restarts", "RunTime")
         return (" ".join(f"{k}={info.get(k)}" for k in keys) + "\n--- stdout\n"
                 + self.output(job)[-4000:] + "\n--- stderr\n" + self.output(job, err=True)[-3000:]
-                + "\n" + self.logs())  # fmt: skip
+                + "\n" + self.logs())
 
     def sbatch(self, out: Path, steps: int = STEPS, tasks: int = 1) -> int:
         """Submit the real template from ``out``'s parent (not the repository: the script
         finds the repository through Slurm), CPU-sized by command-line options."""
         cmd = ["sbatch", "--parsable", *CPU_SIZED, f"--ntasks-per-node={tasks}",
                f"--output={out.parent}/%x-%j.out", f"--error={out.parent}/%x-%j.err",
-               str(SCRIPT)]  # fmt: skip
+               str(SCRIPT)]
         env = {**self.env, **_plait_env(out, steps)}
         proc = self.run(*cmd, env=env, cwd=out.parent)
         return int(proc.stdout.strip().split(";")[0])
@@ -362,7 +362,7 @@ SlurmctldLogFile={r}/log/slurmctld.log
                 break
             time.sleep(0.3)
         raise AssertionError(f"job {job}: waited {time.time() - t0:.0f} s for {what}\n"
-                             + self.explain(job))  # fmt: skip
+                             + self.explain(job))
 
     def wait_done(self, job: int, timeout: float = 300) -> dict[str, str]:
         return self.wait(job, lambda i: i.get("JobState") in FINAL_STATES, "the end", timeout)
@@ -396,7 +396,7 @@ def cluster(tmp_path_factory):
         # The daemons' logs outlive the cluster in pytest's kept temporary directories.
         if (c.root / "log").is_dir():
             shutil.copytree(c.root / "log", tmp_path_factory.mktemp("slurm-logs"),
-                            dirs_exist_ok=True)  # fmt: skip
+                            dirs_exist_ok=True)
         c.stop()
 
 
@@ -410,7 +410,7 @@ def _without_slurm(
     log_file = out.parent / "log.txt"
     with open(log_file, "w") as f:  # a session of its own: a failure kills script and trainer
         proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=out.parent, env=env, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         if stop_after:
             deadline = time.time() + 300
@@ -641,14 +641,14 @@ def test_pipeline_prepare_train_export_eval(cluster, tmp_path):
     data, out, logs = tmp_path / "data", tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
     sizing = " ".join([*CPU_SIZED, "--mem=2G", f"--output={logs}/%x-%j.out",
-                       f"--error={logs}/%x-%j.err"])  # fmt: skip
+                       f"--error={logs}/%x-%j.err"])
     env = {**cluster.env, **_plait_env(out, 20), "PLAIT_DATA": str(data),
            "PLAIT_SOURCE": str(REPO / "data" / "corpus" / "devils_dictionary.jsonl"),
            "PLAIT_PREPARE_ARGS": "--vocab-size 1024", "PLAIT_SBATCH_ARGS": sizing,
            "PLAIT_TRAIN_SBATCH": "--ntasks-per-node=1", "PLAIT_DTYPE": "fp32",
            "PLAIT_EVAL_DEVICE": "cpu", "PLAIT_EVAL_DOCS": "16",
            "PLAIT_EVAL_LONG_ARGS": "--batches 1 --passkey-samples 2 --lengths 1,2",
-           "PLAIT_EVAL_BATCH": "4"}  # fmt: skip
+           "PLAIT_EVAL_BATCH": "4"}
     proc = cluster.run("bash", str(REPO / "slurm" / "pipeline.sh"), env=env, cwd=tmp_path)
     jobs = [int(x.split()[-1]) for x in proc.stdout.splitlines()[:4]]
     assert len(jobs) == 4 and int(proc.stdout.split()[-1]) == jobs[-1], proc.stdout
@@ -686,7 +686,7 @@ def two_nodes(cluster, tmp_path_factory):
     finally:
         if (c.root / "log").is_dir():
             shutil.copytree(c.root / "log", tmp_path_factory.mktemp("slurm-2node-logs"),
-                            dirs_exist_ok=True)  # fmt: skip
+                            dirs_exist_ok=True)
         c.stop()
 
 
@@ -698,10 +698,10 @@ def test_two_node_job_trains_dp2_tp2_like_one_process(two_nodes, reference, tmp_
     steps = 8
     env = {**two_nodes.env, **_plait_env(out, steps)}
     env["PLAIT_SET"] += (f" training.micro_batch_size=2 parallel.tensor_parallel=2"
-                         f" optimizer.decay_steps={STEPS}")  # fmt: skip
+                         f" optimizer.decay_steps={STEPS}")
     cmd = ["sbatch", "--parsable", *CPU_SIZED, "--nodes=2", "--ntasks-per-node=2",
            f"--output={out.parent}/%x-%j.out", f"--error={out.parent}/%x-%j.err",
-           str(SCRIPT)]  # fmt: skip
+           str(SCRIPT)]
     job = int(two_nodes.run(*cmd, env=env, cwd=out.parent).stdout.strip().split(";")[0])
     info = two_nodes.wait_done(job, timeout=600)
     log = two_nodes.output(job)
