@@ -225,12 +225,23 @@ def initialize(
         # the other processes of the machine (tests and benchmarks start many at once).
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     elif not dist.is_initialized():
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-        )
+        try:
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                rank=env.rank,
+                world_size=env.world_size,
+            )
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e):
+                raise
+            from plait.errors import UserError
+
+            raise UserError(
+                f"MASTER_PORT: the rendezvous port {env.master_port} on {env.master_addr} is "
+                "taken by another process; set MASTER_PORT to a free port (under Slurm plait "
+                "derives it from the job id: 20000 + id % 20000)"
+            ) from None
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_parallel,

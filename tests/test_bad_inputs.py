@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,8 @@ CASES = [
          ["data.corpus", "nope.jsonl"]),
     Case("train-garbage-tokenizer", TRAIN, _train("data.prepare.tokenizer={files}/bad.jsonl"),
          ["data.prepare.tokenizer", "not a sentencepiece model"]),
+    Case("train-rendezvous-port-taken", TRAIN, _train(), ["MASTER_PORT", "{port}"],
+         env={**_ranks(2), "MASTER_PORT": "{port}"}),
     # the run directory
     Case("train-out-dir-is-a-file", TRAIN, _train(out="{files}/afile"), ["out_dir", "afile"],
          watch=["{files}/afile"]),
@@ -213,8 +216,13 @@ def world(tmp_path_factory):
     _forge_wrong_shape(run / "checkpoints" / "step2", forged_meta, in_meta_too=True)
     imported = root / "imported"
     _weights_only(run / "checkpoints" / "step2", imported)
-    return {"root": root, "files": files, "run": run, "locked": locked, "forged": forged,
-            "forged_meta": forged_meta, "imported": imported / "step0"}
+    held = socket.socket()  # a port some other process listens on
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    yield {"root": root, "files": files, "run": run, "locked": locked, "forged": forged,
+           "forged_meta": forged_meta, "imported": imported / "step0",
+           "port": held.getsockname()[1]}
+    held.close()
 
 
 def _forge_wrong_shape(src: Path, dst: Path, in_meta_too: bool = False) -> None:
@@ -264,7 +272,8 @@ def _check(case: Case, world: dict, tmp: Path):
     args = [_fill(a, world, tmp) for a in case.args]
     watched = [Path(_fill(w, world, tmp)) for w in case.watch]
     before = {w: snapshot(w) for w in watched}
-    ran = run_module(case.module, args, cwd=tmp, env=case.env)
+    env = {k: _fill(v, world, tmp) for k, v in case.env.items()}
+    ran = run_module(case.module, args, cwd=tmp, env=env)
     assert ran.code == 2, f"exit {ran.code}\n{ran.text[-4000:]}"
     assert "Traceback" not in ran.out and "Traceback" not in ran.err, ran.text[-4000:]
     lines = [x for x in ran.err.splitlines() if x.strip()]

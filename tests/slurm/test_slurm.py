@@ -229,13 +229,16 @@ class Cluster:
         self.run("unmunge", "-S", self.sock, input=cred)
 
         # Ports: two free ones for the daemons; job ids whose derived rendezvous ports
-        # (plait: 20000 + id % 20000) are free too.
+        # (plait: 20000 + id % 20000) are free too, and stay free: below the kernel's
+        # ephemeral range (32768 up: any outgoing connection may take a port there; a job's
+        # rendezvous once failed with EADDRINUSE on 35244) and above the blocks the forked-rank
+        # tests of two pytest-xdist workers use (20000-21999, plait.parallel.local).
         ctld = _free_port(set())
         slurmd = _free_port({ctld})
         while True:
             self.first_job = random.randrange(10_000, 1_000_000)
             base = 20000 + self.first_job % 20000
-            if base + 10 < 40000 and all(_port_free(base + i) for i in range(10)):
+            if 22000 <= base and base + 10 < 32768 and all(_port_free(base + i) for i in range(10)):
                 break
         cpus = os.cpu_count() or 1
         try:
