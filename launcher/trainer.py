@@ -112,7 +112,10 @@ class _Preemption:
 
 
 class Trainer:
-    """One training run of ``cfg`` (see the module docstring for the order of its steps)."""
+    """One training run of ``cfg`` (see the module docstring for the order of its steps). It
+    owns what the run builds: the runtime (``rt``), the model, the training loop (``loop``:
+    engine, schedule, loader, spike detector, validation data), the checkpoint writer
+    (``saver``) and the step-boundary counters (``step_end``)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -120,6 +123,11 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.out / "checkpoints")
         self.stage = self.out / STAGED_DATA
         self.staged = False  # this process prepared data into ``stage`` (not yet committed)
+        self.rt = None
+        self.model = None
+        self.loop: Loop | None = None
+        self.saver: checkpoint.Saver | None = None
+        self.step_end: _StepEnd | None = None
 
     def run(self) -> Outcome:
         start = time.time()
@@ -127,10 +135,10 @@ class Trainer:
         check_run(cfg, runtime.read_launch_env().world_size)
         preemption = _Preemption()
         lock = RunLock(self.out)
-        rt, saver, done = None, None, False
+        done = False
         try:
-            rt = runtime.initialize(cfg.parallel, cfg.training.seed,
-                                    keep_cpu_heap=cfg.training.keeps_cpu_heap)
+            self.rt = rt = runtime.initialize(cfg.parallel, cfg.training.seed,
+                                              keep_cpu_heap=cfg.training.keeps_cpu_heap)
             took_over = runtime.on_main(lock.acquire)
             if rt.is_main and took_over:
                 print(f"train: {took_over}", flush=True)
@@ -141,23 +149,23 @@ class Trainer:
             if rt.is_main:
                 for line in pre.problems:
                     print(f"checkpoint: {line}", flush=True)
-            outcome, saver = self._train(rt, pre, preemption, start)
+            outcome = self._train(rt, pre, preemption, start)
             done = True
             return outcome
         except UserError:
-            if rt is not None and rt.is_main and self.staged:
+            if self.rt is not None and self.rt.is_main and self.staged:
                 shutil.rmtree(self.stage, ignore_errors=True)
             raise
         finally:
-            if saver is not None:
-                saver.close()  # after an error: let rank 0's writer finish, no collective
+            if self.saver is not None:
+                self.saver.close()  # after an error: let rank 0's writer finish, no collective
             if done:
                 preemption.finished()
             else:
                 preemption.restore()
-            if rt is not None and rt.is_main:
+            if self.rt is not None and self.rt.is_main:
                 lock.release()
-            if rt is not None:
+            if self.rt is not None:
                 runtime.shutdown()
 
     # ------------------------------------------------------------------ preflight (rank 0)
@@ -351,7 +359,8 @@ class Trainer:
                 print(f"resumed from {pre.resume} at step {engine.global_steps}{how}", flush=True)
         spikes = SpikeDetector(cfg.training.spike_zscore, cfg.training.spike_window)
         spikes.load_state_dict((meta or {}).get("loop", {}).get("spikes", {}))
-        saver = checkpoint.Saver(self.ckpt_dir, cfg, rt, identity)
+        self.model = model
+        self.saver = saver = checkpoint.Saver(self.ckpt_dir, cfg, rt, identity)
 
         self._commit_data(rt)
         if rt.is_main:
@@ -370,11 +379,11 @@ class Trainer:
             )
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-        step_end = _StepEnd(cfg, rt, preemption, saver, spikes, engine, scheduler, loader,
-                            _deadline(cfg, start))
-        loop = Loop(cfg, rt, engine, scheduler, loader, sp=sp, pipe=pipe, spikes=spikes,
-                    val=val_set, tokenizer=tok)
-        history = loop.run(on_step=step_end)
+        self.step_end = step_end = _StepEnd(cfg, rt, preemption, saver, spikes, engine,
+                                            scheduler, loader, _deadline(cfg, start))
+        self.loop = Loop(cfg, rt, engine, scheduler, loader, sp=sp, pipe=pipe, spikes=spikes,
+                         val=val_set, tokenizer=tok)
+        history = self.loop.run(on_step=step_end)
         saver.wait()  # the last checkpoint is complete before the run says it stopped
         why = step_end.why
         if rt.is_main and why:
@@ -382,7 +391,7 @@ class Trainer:
             code = EXIT_NONFINITE if why in SKIPPED_STOPS else EXIT_REQUEUE
             stop = {"reason": why, "step": engine.global_steps, "exit_code": code}
             (self.out / "stop.json").write_text(json.dumps(stop) + "\n")
-        return Outcome(history, why), saver
+        return Outcome(history, why)
 
 
 class _StepEnd:
