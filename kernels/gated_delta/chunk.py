@@ -1,0 +1,95 @@
+"""Chunked gated delta rule in PyTorch: the WY / UT form (Yang et al., 2024), the CPU path.
+
+Per chunk of C tokens with in-chunk cumulative log-decay G_i = g_1 + ... + g_i:
+  * D[i, j] = exp(G_i - G_j) for j <= i in the same document, else 0;
+  * A = strictly-lower((beta k) k^T * D), and the UT transform T = (I + A)^-1 (one
+    unit-triangular solve) turns the chunk's C sequential delta-rule writes into matmuls:
+    U = T (beta v) (the values to write, before the old state's prediction is removed) and
+    W = T (beta k * exp(G) * carry) (how the old state S enters them);
+  * V' = U - W S, the chunk's corrected values;
+  * O = (q * exp(G) * carry) S + ((q k^T) * D) V';
+  * S <- exp(G_C) [the chunk continues its first document] S + (k * exp(G_C - G_j) * last)^T V'.
+``carry`` marks the tokens of the document the previous chunk ended in (row start: the
+initial state's), ``last`` those of the chunk's last document: documents cut the state inside
+a chunk exactly as they do in the recurrence. The sequential part is one [K, V] state update
+per chunk; everything else is batched over chunks. The last chunk is padded with tokens that
+write nothing (k = 0, g = 0) and belong to the last document, so the final state is exact.
+
+This follows the release's ``torch_chunk_gated_delta_rule`` (transformers' qwen3_5), with
+documents and the initial state's carry added; its gradients are autograd's through these
+operations (a hand-written backward that keeps only chunk-start states, as kernels/lightning
+does, is not written yet: autograd keeps the per-chunk [C, C] and [C, K] intermediates).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gated_delta_chunk(
+    q_BHTK: torch.Tensor,
+    k_BHTK: torch.Tensor,
+    v_BHTV: torch.Tensor,
+    g_BHT: torch.Tensor,
+    beta_BHT: torch.Tensor,
+    doc_ids_BT: torch.Tensor | None = None,
+    initial_state_BHKV: torch.Tensor | None = None,
+    return_state: bool = False,
+    scale: float | None = None,
+    block: int = 64,
+):
+    """The chunked form; same arguments and results as ``gated_delta_recurrent``."""
+    acc = torch.promote_types(q_BHTK.dtype, torch.float32)
+    B, H, T, K = q_BHTK.shape
+    V = v_BHTV.shape[-1]
+    C = block
+    scale = K**-0.5 if scale is None else scale
+    q, k, v, g, beta = (x.to(acc) for x in (q_BHTK, k_BHTK, v_BHTV, g_BHT, beta_BHT))
+    q = q * scale
+    pad = (-T) % C
+    if doc_ids_BT is None:
+        doc = torch.zeros(B, T + pad, dtype=torch.int64, device=q.device)
+    else:
+        doc = F.pad(doc_ids_BT.to(torch.int64), (0, pad), mode="replicate") if pad else doc_ids_BT
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    N = (T + pad) // C
+    q, k, v = (x.reshape(B, H, N, C, -1) for x in (q, k, v))
+    g, beta = (x.reshape(B, H, N, C) for x in (g, beta))
+    doc = doc.reshape(B, N, C)
+    # The document each chunk's state belongs to: the previous chunk's last (the row's first
+    # document for chunk 0, which continues the initial state).
+    prev = torch.cat([doc[:, :1, 0], doc[:, :-1, -1]], dim=1)  # [B, N]
+    carry = (doc == prev[..., None]).to(acc)[:, None]  # [B, 1, N, C]
+    last = (doc == doc[..., -1:]).to(acc)[:, None]
+    G = g.cumsum(-1)  # [B, H, N, C]
+    tri = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    same = (doc[..., :, None] == doc[..., None, :]) & tri  # [B, N, C, C]
+    expo = (G[..., :, None] - G[..., None, :]).masked_fill(~same[:, None], float("-inf"))
+    Dm = expo.exp()  # [B, H, N, C, C]
+    kb = k * beta[..., None]
+    A = ((kb @ k.transpose(-1, -2)) * Dm).tril(-1)
+    eye = torch.eye(C, dtype=acc, device=q.device)
+    Tm = eye + A
+    eG = G.exp()[..., None]
+    U = torch.linalg.solve_triangular(Tm, v * beta[..., None], upper=False, unitriangular=True)
+    W = torch.linalg.solve_triangular(Tm, kb * eG * carry[..., None], upper=False,
+                                      unitriangular=True)
+    attn = (q @ k.transpose(-1, -2)) * Dm
+    q_state = q * eG * carry[..., None]
+    k_upd = k * (G[..., -1:] - G).exp()[..., None] * last[..., None]
+    chunk_decay = (G[..., -1].exp() * carry[..., -1])[..., None, None]  # [B, H, N, 1, 1]
+    S = (
+        initial_state_BHKV.to(acc)
+        if initial_state_BHKV is not None
+        else q.new_zeros(B, H, K, V)
+    )
+    outs = []
+    for n in range(N):
+        v_new = U[:, :, n] - W[:, :, n] @ S
+        outs.append(q_state[:, :, n] @ S + attn[:, :, n] @ v_new)
+        S = S * chunk_decay[:, :, n] + k_upd[:, :, n].transpose(-1, -2) @ v_new
+    out = torch.stack(outs, dim=2).reshape(B, H, N * C, V)[:, :, :T].to(q_BHTK.dtype)
+    return (out, S) if return_state else out
