@@ -8,7 +8,7 @@ docs/models.md, "Adding a family"), and one line below. Families kept outside pl
 from plait.models.common.family import register
 from plait.models.common.mixers import SOFTMAX
 
-from . import based, h3, hybrid, moh, seqboat, transnormer
+from . import based, gdn, h3, hybrid, moh, seqboat, transnormer
 
 SHIPPED = (
     SOFTMAX,
@@ -17,6 +17,7 @@ SHIPPED = (
     h3.FAMILY,
     seqboat.FAMILY,
     moh.FAMILY,
+    gdn.FAMILY,
     hybrid.FAMILY,
 )
 """plait's own families, in the order docs/models.md lists them."""

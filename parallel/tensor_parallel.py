@@ -101,6 +101,18 @@ def sum_over_tp(x: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(x, ps.get_tensor_model_parallel_group())
 
 
+def shared_over_tp(w: torch.Tensor) -> torch.Tensor:
+    """A replicated parameter that each TP rank applies to its own heads only (a per-head
+    norm's weight shared by the heads): identity forward, gradient summed over the TP ranks
+    backward (megatron-core's ``copy_to_tensor_model_parallel_region``), so every rank holds
+    the whole gradient the single process computes. Identity at TP=1."""
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return w
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    return copy_to_tensor_model_parallel_region(w)
+
+
 def mark_tp_sharded(p: torch.Tensor, dim: int) -> torch.Tensor:
     """Mark a parameter that a layer splits itself (a depthwise conv over its channels, per-head
     scales) as TP-sharded along ``dim``, the way megatron marks its own layers' weights, so
