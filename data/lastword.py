@@ -27,10 +27,10 @@ TASK = "plait_lastword"
 def examples(data_dir: str | Path, docs: int, max_words: int = 64) -> list[dict[str, str]]:
     """Up to ``docs`` examples from the validation split of ``data_dir``, in order."""
     from .loader import ShardedTokens  # torch: imported only when there is work (--help)
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, tokenizer_in
 
     data_dir = Path(data_dir)
-    tok = Tokenizer(data_dir / "tokenizer.model")
+    tok = Tokenizer(tokenizer_in(data_dir))
     val = ShardedTokens(data_dir, "val", tok.sha256)
     starts = list(val.starts) + [len(val)]
     out = []

@@ -3,8 +3,10 @@
     python -m plait.data.prepare --source docs/ --out runs/data/c --vocab-size 32000 --workers 8
 
 Writes ``<out>/tokenizer.model`` (trained on the first ``tokenizer_sample_docs`` non-empty
-documents, unless an existing model is given), ``<out>/train/shard-NNNNN.bin`` and
-``<out>/val/shard-NNNNN.bin`` (see shards.py), and ``<out>/manifest.json``.
+documents), or the given tokenizer (``--tokenizer``: a sentencepiece model, or an HF
+tokenizer.json such as a released checkpoint's, kept as ``<out>/tokenizer.json``),
+``<out>/train/shard-NNNNN.bin`` and ``<out>/val/shard-NNNNN.bin`` (see shards.py), and
+``<out>/manifest.json``.
 
 Determinism and resume: the input is read in chunks of ``docs_per_shard`` records; chunk c
 becomes shard c of each split, every document going to validation by a draw seeded with
@@ -38,7 +40,15 @@ from .config import DataConfigError, PrepareOptions
 from .corpus import CorpusError
 from .ingest import IngestStats, fingerprint, iter_documents
 from .shards import Shard, ShardError, token_dtype, write_shard
-from .tokenizer import Tokenizer, TokenizerError, train_tokenizer, training_pieces
+from .tokenizer import (
+    FILES,
+    Tokenizer,
+    TokenizerError,
+    batch_encoder,
+    tokenizer_in,
+    train_tokenizer,
+    training_pieces,
+)
 
 MANIFEST = "manifest.json"
 
@@ -92,10 +102,13 @@ def _tokenizer_spec(cfg: PrepareConfig) -> dict:
 
 def _tokenizer(cfg: PrepareConfig, out: Path) -> Tokenizer:
     if cfg.tokenizer:
-        src = _given_tokenizer(cfg).path
-        dst = out / "tokenizer.model"
-        if not dst.exists() or dst.read_bytes() != src.read_bytes():
-            shutil.copyfile(src, dst)
+        given = _given_tokenizer(cfg)
+        dst = out / given.file_name
+        if not dst.exists() or dst.read_bytes() != given.path.read_bytes():
+            shutil.copyfile(given.path, dst)
+        for other in FILES:  # a directory holds one tokenizer
+            if other != dst.name:
+                (out / other).unlink(missing_ok=True)
         return Tokenizer(dst)
     path = out / "tokenizer.model"
     spec = _tokenizer_spec(cfg)
@@ -130,7 +143,7 @@ def reusable(cfg: PrepareConfig) -> dict | None:
     complete (what ``prepare_corpus`` would return without writing anything); else None.
     Reads only: a run checks with it, before writing, whether its data would be rebuilt."""
     out = Path(cfg.out)
-    manifest_path, path = out / MANIFEST, out / "tokenizer.model"
+    manifest_path, path = out / MANIFEST, tokenizer_in(out)
     if not manifest_path.is_file() or not path.is_file():
         return None
     if cfg.tokenizer:
@@ -149,21 +162,17 @@ def reusable(cfg: PrepareConfig) -> dict | None:
 
 
 _WORKER_SP = None
-_WORKER_THREADS = -1
 
 
 def _init_worker(model_bytes: bytes, threads: int = -1) -> None:
     """sentencepiece's batch encoder is itself multi-threaded (all cores by default): a single
     worker keeps that; several worker processes run one thread each, not cores x workers."""
-    import sentencepiece as spm
-
-    global _WORKER_SP, _WORKER_THREADS
-    _WORKER_SP = spm.SentencePieceProcessor(model_proto=model_bytes)
-    _WORKER_THREADS = threads
+    global _WORKER_SP
+    _WORKER_SP = batch_encoder(model_bytes, threads)
 
 
 def _tokenize(texts: list[str], eos: int, dtype: str) -> list[np.ndarray]:
-    ids = _WORKER_SP.encode(texts, num_threads=_WORKER_THREADS)
+    ids = _WORKER_SP(texts)
     return [np.asarray([*x, eos], dtype=dtype) for x in ids]
 
 
@@ -225,7 +234,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
             "complete": False,
         }
     manifest.update(
-        tokenizer="tokenizer.model", tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size,
+        tokenizer=tok.path.name, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size,
         eos_id=tok.eos_id,
     )
     manifest["chunks"] = _verified_prefix(out, manifest["chunks"], tok.sha256)

@@ -1,11 +1,18 @@
-"""sentencepiece tokenizers: train on a corpus sample, or load an existing model."""
+"""Tokenizers: sentencepiece models (trained on a corpus sample, or given) and HF
+``tokenizers`` files (tokenizer.json, as released checkpoints ship them: Qwen3.5's).
+
+A prepared dataset keeps its tokenizer as ``tokenizer.model`` (sentencepiece) or
+``tokenizer.json`` (HF); ``tokenizer_in`` finds it. Both kinds are known by their content,
+not their name, and both end every document with one end-of-document token: sentencepiece's
+eos, or in a tokenizer.json the first of ``DOCUMENT_SEPARATORS`` it defines (Qwen's
+pretraining separator is ``<|endoftext|>``)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import sentencepiece as spm
@@ -22,8 +29,29 @@ class TokenizerError(UserError):
     the message names the file (callers add the field that named it)."""
 
 
+FILES = ("tokenizer.model", "tokenizer.json")
+"""The names a prepared dataset (or an imported checkpoint) keeps its tokenizer under."""
+
+DOCUMENT_SEPARATORS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+"""The tokens a tokenizer.json's documents end with, the first one it defines."""
+
+
+def tokenizer_in(directory: str | Path) -> Path:
+    """The tokenizer file of a prepared dataset or checkpoint directory (``tokenizer.model``
+    when neither exists, so that the error names the usual file)."""
+    for name in FILES:
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return Path(directory) / FILES[0]
+
+
+def is_json(blob: bytes) -> bool:
+    return blob.lstrip()[:1] == b"{"
+
+
 class Tokenizer:
-    """A thin wrapper that also knows its file's hash (stored beside the tokens it made)."""
+    """A thin wrapper over either kind that also knows its file's hash (stored beside the
+    tokens it made)."""
 
     def __init__(self, model_path: str | Path):
         self.path = Path(model_path)
@@ -31,6 +59,10 @@ class Tokenizer:
             raise TokenizerError(f"{self.path}: no such tokenizer file")
         blob = self.path.read_bytes()
         self.sha256 = hashlib.sha256(blob).hexdigest()
+        self.sp = self.hf = None
+        if is_json(blob):
+            self.hf, self._eos = _load_json(blob, self.path)
+            return
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(blob)
@@ -38,20 +70,72 @@ class Tokenizer:
             raise TokenizerError(f"{self.path}: not a sentencepiece model ({e})") from None
         if self.sp.eos_id() < 0:
             raise TokenizerError(f"{self.path} defines no end-of-document (eos) token")
+        self._eos = self.sp.eos_id()
+
+    @property
+    def kind(self) -> str:
+        """"sentencepiece" or "tokenizers"."""
+        return "tokenizers" if self.hf is not None else "sentencepiece"
+
+    @property
+    def file_name(self) -> str:
+        """What a prepared dataset calls this tokenizer's file."""
+        return FILES[1] if self.hf is not None else FILES[0]
 
     @property
     def vocab_size(self) -> int:
+        if self.hf is not None:
+            return self.hf.get_vocab_size(with_added_tokens=True)
         return self.sp.get_piece_size()
 
     @property
     def eos_id(self) -> int:
-        return self.sp.eos_id()
+        return self._eos
+
+    @property
+    def eos_token(self) -> str:
+        return self.hf.id_to_token(self._eos) if self.hf is not None else self.sp.id_to_piece(
+            self._eos)
 
     def encode(self, text: str) -> list[int]:
+        if self.hf is not None:
+            return self.hf.encode(text, add_special_tokens=False).ids
         return self.sp.encode(text)
 
     def decode(self, ids: list[int]) -> str:
+        if self.hf is not None:
+            return self.hf.decode(ids, skip_special_tokens=False)
         return self.sp.decode(ids)
+
+
+def _load_json(blob: bytes, where: Path):
+    """An HF tokenizers file and its document separator's id."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        tk = HFTokenizer.from_str(blob.decode())
+    except Exception as e:  # tokenizers raises its own Exception for a malformed file
+        raise TokenizerError(f"{where}: not a tokenizer.json ({e})") from None
+    for token in DOCUMENT_SEPARATORS:
+        tid = tk.token_to_id(token)
+        if tid is not None:
+            return tk, tid
+    raise TokenizerError(
+        f"{where} defines no end-of-document token (looked for {', '.join(DOCUMENT_SEPARATORS)})"
+    )
+
+
+def batch_encoder(blob: bytes, threads: int = -1) -> Callable[[list[str]], list[list[int]]]:
+    """A function encoding a batch of texts with the tokenizer file's bytes ``blob`` (for the
+    preparation's worker processes): sentencepiece's own batch encoder on ``threads`` threads
+    (-1: all), or tokenizers' ``encode_batch`` (its thread pool; one worker process keeps it)."""
+    if is_json(blob):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tk = HFTokenizer.from_str(blob.decode())
+        return lambda texts: [e.ids for e in tk.encode_batch(texts, add_special_tokens=False)]
+    sp = spm.SentencePieceProcessor(model_proto=blob)
+    return lambda texts: sp.encode(texts, num_threads=threads)
 
 
 def train_tokenizer(

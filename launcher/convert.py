@@ -19,9 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from plait.data.tokenizer import FILES as TOKENIZER_FILES
+from plait.data.tokenizer import Tokenizer as PlaitTokenizer
+from plait.data.tokenizer import TokenizerError
 from plait.errors import UserError
-from plait.models.common import ModelConfig, hf_code
-from plait.models.common.hf_export import from_hf, to_hf
+from plait.models.common import ModelConfig, family, hf_code
+from plait.models.common.config import ModelConfigError
+from plait.models.common.hf_export import NativeLayout, from_hf, to_hf
 
 from . import checkpoint, export_check
 from .config import ConfigError, config_from_dict
@@ -83,16 +87,19 @@ def model_config(meta: dict, where: Path) -> tuple[ModelConfig, dict]:
 
 
 def _tokenizer_path(run: dict, meta: dict, override: str, ckpt: Path) -> Path:
-    """The run's sentencepiece model, checked against the checkpoint's fingerprint: the one
-    ``--tokenizer`` names, the one an import keeps beside its weights, or the run's data's."""
+    """The run's tokenizer (a sentencepiece model or a tokenizer.json), checked against the
+    checkpoint's fingerprint: the one ``--tokenizer`` names, the one an import keeps beside
+    its weights, or the run's data's."""
+    from plait.data.tokenizer import tokenizer_in
+
     if override:
         path = Path(override)
-    elif (ckpt / "tokenizer.model").is_file():
-        path = ckpt / "tokenizer.model"
+    elif any((ckpt / name).is_file() for name in TOKENIZER_FILES):
+        path = tokenizer_in(ckpt)
     else:
         datasets = run["data"]["datasets"]
         data_dir = Path(datasets[0]) if datasets else Path(run["out_dir"]) / "data"
-        path = data_dir / "tokenizer.model"
+        path = tokenizer_in(data_dir)
     if not path.is_file():
         raise ExportError(
             f"tokenizer: {path} does not exist (the run's data directory moved?); give "
@@ -106,13 +113,23 @@ def _tokenizer_path(run: dict, meta: dict, override: str, ckpt: Path) -> Path:
 
 
 def hf_tokenizer(spm_path: Path):
-    """The sentencepiece model as a ``tokenizers`` tokenizer that encodes and decodes
-    exactly as sentencepiece does (tested on the bundled corpus): NFKC by the model's own
-    precompiled map, extra whitespace removed, the dummy prefix, byte fallback."""
+    """The run's tokenizer for transformers. A tokenizer.json (an imported release's) as it
+    is, with its document separator as eos and pad. A sentencepiece model as a
+    ``tokenizers`` tokenizer that encodes and decodes exactly as sentencepiece does (tested
+    on the bundled corpus): NFKC by the model's own precompiled map, extra whitespace
+    removed, the dummy prefix, byte fallback."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        own = PlaitTokenizer(spm_path)
+    except TokenizerError as e:
+        raise ExportError(f"tokenizer: {e}") from None
+    if own.kind == "tokenizers":
+        return PreTrainedTokenizerFast(tokenizer_object=own.hf, eos_token=own.eos_token,
+                                       pad_token=own.eos_token)
     from sentencepiece import sentencepiece_model_pb2 as pb
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
     from tokenizers.models import Unigram
-    from transformers import PreTrainedTokenizerFast
 
     proto = pb.ModelProto()
     proto.ParseFromString(spm_path.read_bytes())
@@ -179,10 +196,23 @@ class _TmpDir:
 # ----------------------------------------------------------------------------- export
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int, run: dict, tok) -> dict:
-    """config.json: plait's model fields under their own names, each family's options as a
-    dict, and what transformers needs to find the code."""
-    fields = model_fields(cfg, vocab_size)
+def native_layout(cfg: ModelConfig) -> NativeLayout | None:
+    """The transformers class a model exports to natively: the one of the family owning
+    its letters, when that class can express the model (``NativeLayout.fits``); else None
+    (plait's own layout and code)."""
+    owners = {family.family_of(c) for c in cfg.pattern}
+    if len(owners) != 1:
+        return None
+    native = next(iter(owners)).native
+    return native if native is not None and not native.fits(cfg) else None
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, run: dict, tok,
+              native: NativeLayout | None = None) -> dict:
+    """config.json: the native class's fields (``native``), or plait's model fields under
+    their own names with each family's options as a dict and what transformers needs to
+    find the code; the token ids and training length either way."""
+    fields = native.config_to_hf(cfg, vocab_size) if native else model_fields(cfg, vocab_size)
     fields.update(
         max_position_embeddings=int(run["data"]["seq_len"]),
         bos_token_id=tok.bos_token_id,
@@ -276,8 +306,9 @@ def export(
     cfg, run = model_config(meta, path)
     spm_path = _tokenizer_path(run, meta, tokenizer, path)
     tok = hf_tokenizer(spm_path)
+    native = native_layout(cfg)
     try:
-        hf = to_hf(state, cfg)
+        hf = native.to_hf(state, cfg) if native else to_hf(state, cfg)
     except KeyError as e:  # an unknown family or a tensor no letter maps
         raise ExportError(f"{path}: cannot map to the HF layout: {e.args[0]}") from None
     hf = {k: v.to(DTYPES[dtype]) for k, v in hf.items()}
@@ -289,10 +320,11 @@ def export(
         write_weights(hf, tmp, _parse_size(max_shard_size), progress)
         params = sum(v.numel() for v in hf.values())
         del hf  # the check holds a model of its own; not this copy as well
-        config = hf_config(cfg, vocab, run, tok)
+        config = hf_config(cfg, vocab, run, tok, native)
         config["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
         config["plait"] = {"checkpoint": str(path), "step": meta["step"],
-                           "layout": meta.get("layout"), "source": meta.get("source")}
+                           "layout": meta.get("layout"), "source": meta.get("source"),
+                           "pattern": cfg.pattern}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {
             "bos_token_id": config["bos_token_id"],
@@ -301,13 +333,16 @@ def export(
         }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tok.save_pretrained(str(tmp))
-        shutil.copy(spm_path, tmp / "tokenizer.model")
-        hf_code.write_code(tmp, cfg.pattern)  # plait's and each family's modeling code
+        if spm_path.suffix != ".json":
+            shutil.copy(spm_path, tmp / "tokenizer.model")
+        if native is None:
+            hf_code.write_code(tmp, cfg.pattern)  # plait's and each family's modeling code
         result = None
         if verify:
             try:
                 result = export_check.verify(
-                    tmp, state, cfg, DTYPES[dtype], spm_path, out, verify_tokens
+                    tmp, state, cfg, DTYPES[dtype], spm_path, out, verify_tokens,
+                    remote_code=native is None,
                 )
             except export_check.CheckFailed as e:
                 raise ExportError(str(e)) from None
@@ -336,9 +371,11 @@ def read_hf(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
         config = json.loads(cfg_file.read_text())
     except ValueError as e:
         raise ExportError(f"--from-hf {cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("model_type") != "plait":
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise ExportError(f"--from-hf {directory}: model_type {kind!r}, not a plait export")
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind != "plait" and native_for(kind) is None:
+        known = ", ".join(["plait", *native_types()])
+        raise ExportError(f"--from-hf {directory}: model_type {kind!r} is not one plait "
+                          f"imports ({known})")
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ExportError(f"--from-hf {directory}: no safetensors weights")
@@ -351,6 +388,18 @@ def read_hf(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
         except Exception as e:  # safetensors' own error type for a malformed file
             raise ExportError(f"--from-hf {f}: not a safetensors file ({e})") from None
     return hf, config
+
+
+def native_types() -> list[str]:
+    return [t for f in family.families().values() if f.native for t in f.native.model_types]
+
+
+def native_for(model_type: str | None) -> NativeLayout | None:
+    """The native layout that imports config.json's ``model_type`` (None: none does)."""
+    for fam in family.families().values():
+        if fam.native is not None and model_type in fam.native.model_types:
+            return fam.native
+    return None
 
 
 def plait_model_config(config: dict, where: str = "config.json") -> ModelConfig:
@@ -378,15 +427,33 @@ def import_hf(directory: Path, out: Path) -> Path:
     directory, out = Path(directory), Path(out)
     check_out(out, export=False)
     hf, config = read_hf(directory)
-    cfg = plait_model_config(config, str(directory / "config.json"))
+    where = str(directory / "config.json")
+    native = native_for(config.get("model_type"))
+    if native is None:
+        cfg = plait_model_config(config, where)
+    else:
+        try:
+            cfg = native.config_from_hf(config, where)
+            cfg.validate(family.catalogue())
+        except ModelConfigError as e:
+            raise ExportError(f"--from-hf {e}" if str(e).startswith(where) else
+                              f"--from-hf {where}: {e}") from None
     if cfg.tie_embeddings and "lm_head.weight" in hf:
         del hf["lm_head.weight"]  # transformers may write the tied copy
     try:
-        state = from_hf({k: v.float() for k, v in hf.items()}, cfg)
+        hf = {k: v.float() for k, v in hf.items()}
+        state = native.from_hf(hf, cfg) if native else from_hf(hf, cfg)
     except KeyError as e:
         raise ExportError(f"--from-hf {directory}: missing tensor {e.args[0]}") from None
-    tok = directory / "tokenizer.model"
-    extra = {"tokenizer.model": tok} if tok.is_file() else {}
+    extra = {}
+    for name in TOKENIZER_FILES:  # the export's or the release's own tokenizer
+        if (directory / name).is_file():
+            try:
+                PlaitTokenizer(directory / name)
+            except TokenizerError as e:
+                raise ExportError(f"--from-hf {e}") from None
+            extra = {name: directory / name}
+            break
     seq_len = config.get("max_position_embeddings")
     return checkpoint.write_weights_only(out, state, cfg, source=str(directory), files=extra,
                                          seq_len=seq_len)

@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel import (
 from plait.data.loader import PackedSequences, SequenceLoader, ShardedTokens
 from plait.data.mqar import mqar_batch
 from plait.data.passkey import passkey_batch
-from plait.data.tokenizer import Tokenizer, TokenizerError
+from plait.data.tokenizer import Tokenizer, TokenizerError, tokenizer_in
 from plait.models.common import build_model
 from plait.parallel import runtime
 from plait.parallel.tensor_parallel import tp_rank_and_size
@@ -219,7 +219,7 @@ def _val_source(cfg: Config) -> tuple[Tokenizer, ShardedTokens]:
     data_dir = Path(cfg.data.datasets[0]) if given else Path(cfg.out_dir) / "data"
     field = "data.datasets[0]" if given else "the run's data (out_dir/data)"
     try:
-        tok = Tokenizer(data_dir / "tokenizer.model")
+        tok = Tokenizer(tokenizer_in(data_dir))
     except TokenizerError as e:
         raise ConfigError(f"{field}: {e}; give the data to evaluate on with "
                           "--set data.datasets=[DIR]") from None

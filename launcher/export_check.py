@@ -275,7 +275,7 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def verify(
     directory: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype,
-    spm_path: Path, out: Path, tokens: int = TOKENS,
+    spm_path: Path, out: Path, tokens: int = TOKENS, remote_code: bool = True,
 ) -> CheckResult:
     """Check the export in ``directory`` (``out``'s temporary twin) against plait's model
     on ``state``; raises CheckFailed with one line when it does not compute the same."""
@@ -295,8 +295,9 @@ def verify(
     print("export check: the same in transformers, in a process without plait ...", flush=True)
     work = Path(tempfile.mkdtemp(prefix="plait-export-check-"))
     try:
-        hf = run_hf(directory, {"tokens": ids, "prompt": prompt, "new": new, "texts": texts},
-                    work)
+        job = {"tokens": ids, "prompt": prompt, "new": new, "texts": texts,
+               "remote_code": remote_code}
+        hf = run_hf(directory, job, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result, problems = compare(ref, hf, spm_ids, prompt, source, time.perf_counter() - t0)
@@ -324,7 +325,9 @@ def record(directory: Path, result: CheckResult | None, dtype: str, params: int)
 def model_card(config: dict, result: CheckResult | None, dtype: str, params: int) -> str:
     """README.md: what the export is, where it came from, how it was verified, how to load."""
     src = config["plait"]
-    kinds = "; ".join(f"{c}: {letter(c).description}" for c in dict.fromkeys(config["pattern"]))
+    pattern = src["pattern"]
+    native = "auto_map" not in config  # a class transformers ships: no remote code
+    kinds = "; ".join(f"{c}: {letter(c).description}" for c in dict.fromkeys(pattern))
     if result is None:
         checked = ("Not verified: exported with `--no-verify` (`plait.verified` is false in "
                    "config.json).")
@@ -349,21 +352,28 @@ def model_card(config: dict, result: CheckResult | None, dtype: str, params: int
             f"{result.greedy_new} tokens after a {result.greedy_prompt}-token prompt against "
             f"plait's greedy decode: {greedy}.{tok} ({result.seconds:.1f} s)"
         )
-    heads, length = config["num_heads"], config["max_position_embeddings"]
+    heads = config.get("num_heads", config.get("num_attention_heads"))
+    length = config["max_position_embeddings"]
+    remote = "False" if native else "True"
+    if native:
+        code = (f"The layout is transformers' own `{config['architectures'][0]}`: it loads "
+                "without remote code.")
+    else:
+        code = ("The modeling code is in this directory (`modeling_plait.py`, plain PyTorch, "
+                "no plait needed), so loading needs `trust_remote_code=True`.")
+    tags = "- plait" if native else "- plait\n- custom_code"
     return f"""---
 library_name: transformers
 tags:
-- plait
-- custom_code
+{tags}
 ---
 
-# plait {config["pattern"]} ({params / 1e6:.1f}M parameters)
+# plait {pattern} ({params / 1e6:.1f}M parameters)
 
 A hybrid language model trained with plait and exported for HuggingFace transformers: layer
-pattern `{config["pattern"]}` ({kinds}), hidden size {config["hidden_size"]}, {heads} heads,
+pattern `{pattern}` ({kinds}), hidden size {config["hidden_size"]}, {heads} heads,
 vocabulary {config["vocab_size"]}, trained on sequences of {length} tokens. Weights in {dtype}.
-The modeling code is in this directory (`modeling_plait.py`, plain PyTorch, no plait
-needed), so loading needs `trust_remote_code=True`.
+{code}
 
 - source: `{src["checkpoint"]}`, step {src["step"]}
 
@@ -376,8 +386,8 @@ needed), so loading needs `trust_remote_code=True`.
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tok = AutoTokenizer.from_pretrained("path/to/this/directory", trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained("path/to/this/directory", trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained("path/to/this/directory", trust_remote_code={remote})
+model = AutoModelForCausalLM.from_pretrained("path/to/this/directory", trust_remote_code={remote})
 ids = tok("ABSURDITY, n.", return_tensors="pt")
 print(tok.decode(model.generate(**ids, max_new_tokens=40, do_sample=False)[0]))
 ```

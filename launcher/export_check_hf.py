@@ -53,10 +53,13 @@ def main() -> None:
     directory = job["directory"]
     # trust_remote_code: without it AutoTokenizer asks on stdin whether to run the auto_map
     # code that config.json names (the tokenizer itself is plain tokenizer.json)
-    tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    # A native export (a class transformers ships) loads without remote code, as its users
+    # load it: job["remote_code"] is false for those.
+    remote = job.get("remote_code", True)
+    tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=remote)
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in job["texts"]]
     model = AutoModelForCausalLM.from_pretrained(
-        directory, trust_remote_code=True, dtype=torch.float32
+        directory, trust_remote_code=remote, dtype=torch.float32
     )
     model.eval()
     model.generation_config.eos_token_id = None  # compared with plait's greedy, which never stops

@@ -44,7 +44,7 @@ import torch
 from plait.data.corpus import resolve_corpus
 from plait.data.loader import BlendedSequences, PackedSequences, SequenceLoader, ShardedTokens
 from plait.data.prepare import MANIFEST, PrepareConfig, prepare_corpus, reusable
-from plait.data.tokenizer import Tokenizer, TokenizerError
+from plait.data.tokenizer import Tokenizer, TokenizerError, tokenizer_in
 from plait.errors import UserError
 from plait.models.common import build_model, param_count
 from plait.parallel import runtime
@@ -250,7 +250,7 @@ class Trainer:
             raise ConfigError(f"{where}: {path} is not a directory (prepare one with "
                               "python -m plait.data.prepare)")
         try:
-            return Tokenizer(Path(path) / "tokenizer.model")
+            return Tokenizer(tokenizer_in(path))
         except TokenizerError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -281,7 +281,7 @@ class Trainer:
             runtime.on_main(self._stage_corpus)
             dirs = [str(self.stage)]
             self.staged = True
-        tok = Tokenizer(Path(dirs[0]) / "tokenizer.model")
+        tok = Tokenizer(tokenizer_in(dirs[0]))
         weights = list(d.weights) or [1.0] * len(dirs)
 
         def split(name: str, shuffle: bool):

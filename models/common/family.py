@@ -26,7 +26,7 @@ from plait.errors import UserError
 if TYPE_CHECKING:
 
     from .config import ModelConfig
-    from .hf_export import LetterExport
+    from .hf_export import LetterExport, NativeLayout
     from .presets import Preset
     from .tp_plan import Split
 
@@ -139,6 +139,9 @@ class Family:
     its class in ``hf_export.hf_class``. Required when the family has letters."""
     one_b: str = ""
     """The family's 1B-class preset (what the Slurm templates train); empty: none."""
+    native: NativeLayout | None = None
+    """A transformers class whose released checkpoints this family imports and exports
+    natively (models/common/hf_export.py); None: plait's own layout only."""
 
 
 @dataclass

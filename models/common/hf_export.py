@@ -181,3 +181,28 @@ def rename(pairs: dict[str, str], hf_class: str) -> LetterExport:
         return {back[k]: v for k, v in s.items()}
 
     return LetterExport(fwd, inv, hf_class=hf_class)
+
+
+@dataclass(frozen=True)
+class NativeLayout:
+    """A released model class in transformers that a family's checkpoints also export to and
+    import from (``Family.native``): config.json and tensor names of that class, loaded by
+    ``AutoModelForCausalLM`` without remote code. An export uses it when ``fits`` says the
+    class can express the model (else plait's own layout and code); an import picks it by
+    config.json's ``model_type``."""
+
+    architecture: str
+    """The transformers class, e.g. ``Qwen3_5ForCausalLM``."""
+    model_types: tuple[str, ...]
+    """config.json ``model_type`` values it imports (the first is what it writes)."""
+    fits: Callable[[ModelConfig], str]
+    """"" when the class can express the model config, else why not (one line)."""
+    config_to_hf: Callable[[ModelConfig, int], dict]
+    """(cfg, vocab rows) -> config.json fields (no token ids; the export adds them)."""
+    config_from_hf: Callable[[dict, str], ModelConfig]
+    """(config.json, where it came from) -> the model config; a ModelConfigError naming the
+    field for what plait cannot take."""
+    to_hf: Callable[[State, ModelConfig], State]
+    """Full plait state -> the class's tensors (every tensor mapped once)."""
+    from_hf: Callable[[State, ModelConfig], State]
+    """The inverse."""

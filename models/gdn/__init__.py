@@ -11,6 +11,7 @@ from .config import GdnOptions
 from .hf_export import EXPORTS
 from .mixer import GatedAttention, GatedDeltaNet
 from .presets import PRESETS
+from .qwen35 import NATIVE
 from .tp_plan import PLAN
 
 RELEASE = "transformers 5.x models/qwen3_5/modeling_qwen3_5.py"
@@ -90,4 +91,5 @@ FAMILY = Family(
     hf_code=Path(__file__).with_name("hf_mixer.py"),
     presets=PRESETS,
     one_b="gdn-1b",
+    native=NATIVE,
 )
