@@ -25,6 +25,10 @@ class GdnOptions:
     """G: taps of the causal depthwise convolution on q, k and v (``linear_conv_kernel_dim``)."""
     chunk: int = 64
     """G: chunk length of the chunked (WY / UT) kernel; the release's is 64."""
+    a_init_max: float = 16.0
+    """G: A = exp(A_log) starts uniform in [0.01, a_init_max] per value head (the release's
+    16; flash-linear-attention's layer draws from [1, 16]). Heads with a large A forget their
+    state within a token at init, so their A_log gets almost no gradient."""
     attn_heads: int = 0
     """Q: query heads (``num_attention_heads``); 0 means ``model.num_heads``."""
     attn_kv_heads: int = 0
@@ -46,6 +50,8 @@ class GdnOptions:
                 f"gdn.value_heads: {self.value_heads} is not a multiple of key_heads "
                 f"{self.key_heads}"
             )
+        if self.a_init_max <= 0.01:
+            raise ModelConfigError(f"gdn.a_init_max: must be > 0.01, got {self.a_init_max}")
         if not 0.0 <= self.partial_rotary <= 1.0:
             raise ModelConfigError(
                 f"gdn.partial_rotary: must be in [0, 1], got {self.partial_rotary}"

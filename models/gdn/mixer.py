@@ -118,7 +118,7 @@ class GatedDeltaNet(nn.Module):
             w = w[first * dim : (first + local) * dim].clone()
             setattr(self, name, mark_tp_sharded(nn.Parameter(w), 0))
         # The release's init: A uniform in [0.01, 16] (log kept), dt_bias ones.
-        A = torch.empty(o.value_heads).uniform_(0.01, 16)[first_v : first_v + self.hv]
+        A = torch.empty(o.value_heads).uniform_(0.01, o.a_init_max)[first_v : first_v + self.hv]
         self.A_log = mark_tp_sharded(nn.Parameter(A.log()), 0)
         self.dt_bias = mark_tp_sharded(nn.Parameter(torch.ones(self.hv)), 0)
         self.norm = GatedRMSNorm(o.value_dim, cfg.norm_eps)

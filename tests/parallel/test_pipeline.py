@@ -2,7 +2,8 @@
 process: per-step losses and every weight after 4 optimizer steps, through the launcher's own
 code (``build_stages``, ``build_engine``, ``train_step``), fp32, 4 gloo ranks.
 
-Layouts: (PP=2, TP=2), (PP=2, CP=2: LASP-2 and LASP-2H), (PP=2, DP=2, ZeRO-1) and PP=4 with
+Layouts: (PP=2, TP=2), (PP=2, CP=2: LASP-2 and LASP-2H), (PP=2, DP=2, ZeRO-1), (TP=2, CP=2)
+and (PP=2, CP=2) with Gated DeltaNet layers, and PP=4 with
 two virtual stages per rank (interleaved 1F1B), with tied and untied embeddings, AdamW and
 LAMB, more micro-batches than stages, a pattern with lightning, softmax and Based layers.
 Tolerance: 1e-6 relative for losses and weights (fp32 summation order differs between the
@@ -59,6 +60,11 @@ def _cfg(pattern: str, opt: str, tied: bool, pp=1, tp=1, cp=1, vp=1, zero=0, mic
     cfg.model = ModelConfig(pattern=pattern, num_layers=layers, hidden_size=32, num_heads=heads,
                             ffn_hidden_size=64, lightning_block=8, tie_embeddings=tied,
                             vocab_multiple=32)
+    # A head whose A starts large forgets its state within a token: its A_log gradient is
+    # rounding noise, which Adam's normalisation turns into full-size updates of either sign
+    # (measured 4e-4 and 3.5e-3 relative in A_log under TP=2 / CP=2 with losses equal to the
+    # last bit). Decays in [0.01, 1] keep every head's gradient real.
+    cfg.model.gdn.a_init_max = 1.0
     cfg.parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp,
                                   virtual_pipeline=vp, zero_stage=zero)
     o = cfg.optimizer
@@ -166,7 +172,17 @@ LAYOUTS = {
     # MoH layers on both stages (8 heads: 2 shared, top 2 of 6 routed, so the balance loss
     # has a gradient): it counts once per layer, logged and trained
     "pp2_tp2_moh_untied_adamw": ("MLAM", "adamw", False, dict(pp=2, tp=2), dict(tp=2)),
+    # Gated DeltaNet (state passing and the conv halo over CP, key/value heads over TP) beside
+    # plait's and Qwen3.5's softmax attention
+    "tp2_cp2_gdn_lamb": ("GAQG", "lamb", False, dict(tp=2, cp=2), {}),
+    "pp2_cp2_gdn_tied_lamb": ("GQ|GA", "lamb", True, dict(pp=2, cp=2), {}),
 }
+
+
+TOLERANCE = {"pp2_cp2_gdn_tied_lamb": 5e-6}
+"""Layouts compared looser than TOL: the delta rule's unit-triangular solves and the
+state-passing combine round differently from the single process (measured 1.5e-6 in
+``b_proj`` after 4 steps; TP=2 x CP=2 without stages: 3.7e-7)."""
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -182,7 +198,7 @@ def test_pipeline_equals_single_process(name):
     cfg = _cfg(pattern, opt, tied, **kw)
     res = _merged(run_distributed(_train, 4, cfg, parallel=cfg.parallel))
     single = _reference(pattern, opt, tied, accum=accum)
-    errs = _check(res, single, LOOSE if base else TOL)
+    errs = _check(res, single, LOOSE if base else TOLERANCE.get(name, TOL))
     line = f"{name}: vs single process loss {errs['loss']:.1e} weights {errs['weights']:.1e}"
     if base:
         errs = _check(res, _reference(pattern, opt, tied, accum=accum, **base), TOL)
