@@ -200,10 +200,10 @@ def native_layout(cfg: ModelConfig) -> NativeLayout | None:
     """The transformers class a model exports to natively: the one of the family owning
     its letters, when that class can express the model (``NativeLayout.fits``); else None
     (plait's own layout and code)."""
-    owners = {family.family_of(c) for c in cfg.pattern}
+    owners = {family.family_of(c).name for c in cfg.pattern}
     if len(owners) != 1:
         return None
-    native = next(iter(owners)).native
+    native = family.families()[owners.pop()].native
     return native if native is not None and not native.fits(cfg) else None
 
 
