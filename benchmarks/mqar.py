@@ -39,6 +39,8 @@ PATTERNS = {
     "HA": "hybrid: H3 + softmax",
     "CS": "hybrid: gated conv + SeqBoat",
     "CM": "hybrid: gated conv + MoH (2 shared + top-1 of 2 routed)",
+    "GG": "pure linear (Gated DeltaNet, its q/k/v short convs)",
+    "GQ": "hybrid: Gated DeltaNet + Qwen3.5's gated attention",
 }
 
 
@@ -51,6 +53,9 @@ def config(pattern: str) -> ModelConfig:
     cfg.h3.state_size = 16
     cfg.seqboat.zdim, cfg.seqboat.window = 32, 16
     cfg.moh.shared_heads, cfg.moh.top_k = 2, 1
+    # Gated DeltaNet at the others' head width (4 heads of 16), chunks of 16 tokens
+    cfg.gdn.key_dim = cfg.gdn.value_dim = WIDTH // HEADS
+    cfg.gdn.chunk = 16
     return cfg
 
 

@@ -8,6 +8,8 @@ dim, C = T / W tokens per rank, 4-byte floats):
   LASP-2 (lightning):  2 (W-1) B H d^2             (state all-gather + its reduce-scatter)
   LASP-2H (softmax):   4 (W-1) B H C d             (K, V all-gathers + their reduce-scatters)
   Ring (softmax):      2 (W-1) B H C d + 4 W B H C d   (K, V forward; K, V, dK, dV backward)
+  Gated DeltaNet:      2 (W-1) B H d (d + d)       (the [K, V + K] pair all-gather + its
+                                                    reduce-scatter; parallel/gated_delta.py)
 (ring also passes the int64 positions of each block; they are counted too). Measured with
 H = 1 so that 16K-token rings fit the 2-core machine's time; all three scale linearly in H.
 Time: forward + backward on gloo at W = 2 and 4 (T = 4096, H = 4, d = 64), next to the
@@ -30,7 +32,9 @@ D = 64
 
 
 def _layer(rt, scheme: str, T: int, H: int, measure: str):
+    from plait.kernels.gated_delta import l2_normalize
     from plait.parallel.collectives import CommCounter
+    from plait.parallel.gated_delta import gated_delta_sp
     from plait.parallel.lasp2 import lightning_attention_lasp2
     from plait.parallel.lasp2h import attention_lasp2h
     from plait.parallel.ring import layout_index, ring_attention
@@ -42,9 +46,13 @@ def _layer(rt, scheme: str, T: int, H: int, measure: str):
     q, k, v = (torch.randn(1, H, C, D, requires_grad=True) for _ in range(3))
     slopes = torch.full((H,), 0.05)
     index = layout_index(T, W, r, zigzag=False)
+    g = (-0.3 * torch.rand(1, H, C)).requires_grad_()
+    beta = torch.rand(1, H, C).requires_grad_()
 
     def step():
-        if scheme == "lasp2":
+        if scheme == "gdn":
+            out = gated_delta_sp(l2_normalize(q), l2_normalize(k), v, g, beta, group)
+        elif scheme == "lasp2":
             out = lightning_attention_lasp2(q, k, v, slopes, group)
         elif scheme == "lasp2h":
             out = attention_lasp2h(q, k, v, group)
@@ -71,6 +79,8 @@ def formula(scheme: str, T: int, W: int, H: int) -> int:
         return 2 * (W - 1) * H * D * D * 4
     if scheme == "lasp2h":
         return 4 * (W - 1) * H * C * D * 4
+    if scheme == "gdn":
+        return 2 * (W - 1) * H * D * (D + D) * 4
     return (2 * (W - 1) + 4 * W) * H * C * D * 4 + (2 * W - 1) * C * 8
 
 
@@ -92,6 +102,7 @@ def main() -> None:
         "lasp2": "LASP-2 (lightning)",
         "lasp2h": "LASP-2H (softmax)",
         "ring": "Ring (softmax)",
+        "gdn": "Gated DeltaNet (G)",
     }
     rows = []
     for W in (2, 4):
@@ -108,30 +119,36 @@ def main() -> None:
         "Shapes: batch 1, 1 head (bytes scale linearly in heads), head dim 64, fp32; contiguous "
         "layout. Formula in parentheses (module docstring).",
         "",
-        "| W | T | " + " | ".join(schemes.values()) + " | ring / LASP-2 |",
-        "|---|---|---|---|---|---|",
+        "| W | T | " + " | ".join(schemes.values()) + " | ring / LASP-2 | K,V gather / G |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for W, T, got in rows:
         cells = [f"{got[s]:,} ({formula(s, T, W, 1):,})" for s in schemes]
         lines.append(
             f"| {W} | {T // 1024}K | "
             + " | ".join(cells)
-            + f" | {got['ring'] / got['lasp2']:.0f}x |"
+            + f" | {got['ring'] / got['lasp2']:.0f}x | {got['lasp2h'] / got['gdn']:.1f}x |"
         )
     w4 = {T: g for W, T, g in rows if W == 4}
     ratio = w4[16384]["ring"] / w4[16384]["lasp2"]
     grows = w4[1024]["lasp2"] == w4[16384]["lasp2"]
+    g_grows = w4[1024]["gdn"] == w4[16384]["gdn"]
     lines += [
         "",
         f"- LASP-2's bytes do not grow with the sequence length: "
         f"{'met' if grows else 'NOT met'} ({w4[1024]['lasp2']:,} bytes at 1K and at 16K, W=4)",
         f"- at 16K tokens and W=4 Ring Attention moves **{ratio:.0f}x** the bytes of LASP-2 "
         f"(target >= 50x): {'met' if ratio >= 50 else 'NOT met'}",
+        f"- Gated DeltaNet's state passing does not grow with the sequence either: "
+        f"{'met' if g_grows else 'NOT met'} ({w4[16384]['gdn']:,} bytes at W=4, twice "
+        f"LASP-2's: the [K, K] transition travels beside the [K, V] state); at 16K and W=4 an "
+        f"all-gather of K and V (LASP-2H's) moves "
+        f"**{w4[16384]['lasp2h'] / w4[16384]['gdn']:.0f}x** its bytes",
         "",
         "### Time, forward + backward of one layer (T = 4096, 4 heads, gloo, ranks share 2 cores)",
         "",
         "| W | " + " | ".join(schemes.values()) + " |",
-        "|---|---|---|---|",
+        "|---|---|---|---|---|",
     ]
     for W in (2, 4):
         t = {s: run_distributed(_layer, W, s, 4096, 4, "time")[0] for s in schemes}

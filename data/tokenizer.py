@@ -67,7 +67,9 @@ class Tokenizer:
         try:
             self.sp.LoadFromSerializedProto(blob)
         except (RuntimeError, OSError) as e:
-            raise TokenizerError(f"{self.path}: not a sentencepiece model ({e})") from None
+            raise TokenizerError(
+                f"{self.path}: not a sentencepiece model ({e}), nor a tokenizer.json"
+            ) from None
         if self.sp.eos_id() < 0:
             raise TokenizerError(f"{self.path} defines no end-of-document (eos) token")
         self._eos = self.sp.eos_id()
@@ -115,7 +117,9 @@ def _load_json(blob: bytes, where: Path):
     try:
         tk = HFTokenizer.from_str(blob.decode())
     except Exception as e:  # tokenizers raises its own Exception for a malformed file
-        raise TokenizerError(f"{where}: not a tokenizer.json ({e})") from None
+        raise TokenizerError(
+            f"{where}: not a sentencepiece model, nor a valid tokenizer.json ({e})"
+        ) from None
     for token in DOCUMENT_SEPARATORS:
         tid = tk.token_to_id(token)
         if tid is not None:

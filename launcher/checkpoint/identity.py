@@ -29,7 +29,10 @@ class RunIdentity:
         side (not known yet: the data is not prepared) is not compared."""
         out: dict[str, list[str]] = {}
         for part in ("model", "data"):
-            a, b = _flat(getattr(self, part)), _flat(getattr(saved, part))
+            a, b = getattr(self, part), getattr(saved, part)
+            if part == "model":
+                a, b = _used_sections(a), _used_sections(b)
+            a, b = _flat(a), _flat(b)
             keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             if keys:
                 out[part] = [f"{part}.{k}: {_show(b.get(k))} -> {_show(a.get(k))}" for k in keys]
@@ -41,6 +44,23 @@ class RunIdentity:
                 f"{self.tokenizer_sha256[:12]}..."
             )
         return out
+
+
+def _used_sections(model: dict) -> dict:
+    """The model fields without the options sections of families whose letters the pattern
+    does not use: they do not change the model, and a family registered after a checkpoint
+    was written (its section absent there, at defaults here) must not refuse the resume."""
+    from plait.models.common import family
+
+    used = set()
+    for c in model.get("pattern", ""):
+        try:
+            used.add(family.family_of(c).name)
+        except KeyError:  # a letter of a family not registered here: the pattern differs
+            pass
+    sections = {name for name, fam in family.families().items() if fam.options is not None}
+    return {k: v for k, v in model.items()
+            if not (k in sections and isinstance(v, dict) and k not in used)}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

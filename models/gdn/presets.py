@@ -65,8 +65,9 @@ PRESETS = {
         None, "benchmarks/train_step.py",
     ),
     "gdn-1b": Preset(
-        lambda: gdn(2048, 16, 6144, (8, 2, 256), (16, 16, 128, 128), vocab=32000, tie=False),
-        None, "the 1B-class preset: Qwen3.5-2B's layer shapes, 16 layers, plait's 32K vocab",
+        lambda: gdn(2048, 20, 6144, (8, 2, 256), (16, 16, 128, 128), vocab=32000, tie=False),
+        None, "the 1B-class preset: Qwen3.5-2B's layer shapes, 20 layers (5 x GGGQ: PP=4 "
+        "balances within 1.2x), plait's 32K vocabulary",
     ),
     "qwen3.5-0.8b": Preset(
         lambda: gdn(1024, 24, 3584, (8, 2, 256), (16, 16, 128, 128)),

@@ -175,3 +175,37 @@ def test_long_documents_train_the_tokenizer(tmp_path):
     tok = Tokenizer(tmp_path / "prep" / "tokenizer.model")
     assert tok.sp.piece_to_id("ord") != tok.sp.unk_id()  # a merge learnt from the long line
     assert m["counters"]["documents"]["train"] == 1
+
+
+def test_an_hf_tokenizer_json_prepares_like_sentencepiece(tmp_path):
+    """A released checkpoint's tokenizer.json (here a small byte-level BPE with Qwen's special
+    tokens): the prepared directory keeps it as tokenizer.json, every document ends with its
+    <|endoftext|>, the tokens decode back to the documents, and it is reused unchanged; a
+    tokenizer.json without an end-of-document token is refused in one line."""
+    from plait.data.tokenizer import Tokenizer, TokenizerError, tokenizer_in
+    from tests.export.test_qwen35_cli import qwen_like_tokenizer
+
+    src = _corpus(tmp_path)
+    tj = qwen_like_tokenizer(tmp_path / "tokenizer.json", vocab=300)
+    m = prepare_corpus(_cfg(tmp_path, src, tokenizer=str(tj), workers=2))
+    out = tmp_path / "prep"
+    tok = Tokenizer(tokenizer_in(out))
+    assert tokenizer_in(out).name == m["tokenizer"] == "tokenizer.json"
+    assert tok.kind == "tokenizers" and m["eos_id"] == tok.eos_id == 0
+    train = ShardedTokens(out, "train", tok.sha256)
+    stream = train.read(0, len(train)).tolist()
+    first = stream[: train.starts[1] if len(train.starts) > 1 else len(stream)]
+    assert first[-1] == tok.eos_id
+    assert tok.decode(first[:-1]).startswith("document ")
+    texts = [json.loads(x)["text"] for x in src.read_text().splitlines()]
+    assert tok.decode(first[:-1]) in texts
+    before = (out / "manifest.json").stat().st_mtime_ns
+    prepare_corpus(_cfg(tmp_path, src, tokenizer=str(tj)))
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+
+    bare = json.loads(tj.read_text())
+    bare["added_tokens"] = []
+    bare["model"]["vocab"] = {k: v for k, v in bare["model"]["vocab"].items() if "<|" not in k}
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    with pytest.raises(TokenizerError, match="no end-of-document token"):
+        Tokenizer(tmp_path / "bare.json")

@@ -85,3 +85,28 @@ def test_a_checkpoint_of_2026_12_resumes_at_its_step(tmp_path, monkeypatch):
         if "::" not in key:
             assert torch.equal(got[f"module:{key}"], t), key
             assert got[f"step:{key}"].item() == 2, key
+
+
+def test_identity_compares_only_the_options_of_families_the_pattern_uses():
+    """A family registered after a checkpoint was written adds an options section (at its
+    defaults) to every run's identity: a model that uses none of its letters resumes; a change
+    to a used family's options is still refused."""
+    from plait.launcher.checkpoint.identity import RunIdentity
+    from plait.models.common import ModelConfig
+
+    def identity(cfg: ModelConfig) -> RunIdentity:
+        return RunIdentity(cfg.to_dict(), "lamb", {}, "")
+
+    cfg = ModelConfig(pattern="LALA")
+    old = cfg.to_dict()
+    del old["gdn"]  # written before the family existed
+    assert identity(cfg).differences(RunIdentity(old, "lamb", {}, "")) == {}
+    other = ModelConfig(pattern="LALA")
+    other.moh.top_k = 3  # M is not in the pattern
+    assert identity(other).differences(identity(cfg)) == {}
+    used = ModelConfig(pattern="GAGA")
+    changed = ModelConfig(pattern="GAGA")
+    changed.gdn.key_heads = 2
+    assert identity(changed).differences(identity(used)) == {
+        "model": ["model.gdn.key_heads: 4 -> 2"]
+    }

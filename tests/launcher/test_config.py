@@ -43,8 +43,8 @@ def test_overrides_are_typed():
     "text,needle",
     [
         (
-            "model:\n  pattern: LAQL\n",
-            "model.pattern: 'LAQL' has unknown letter(s) ['Q']; allowed: A (causal softmax",
+            "model:\n  pattern: LAZL\n",
+            "model.pattern: 'LAZL' has unknown letter(s) ['Z']; allowed: A (causal softmax",
         ),
         ("model:\n  pattern: LAL\n", "model.pattern: 'LAL' has 3 letters but num_layers is 4"),
         ("model:\n  hiden_size: 64\n", "unknown field 'model.hiden_size'"),
@@ -83,9 +83,9 @@ def test_errors_name_file_and_field(tmp_path, text, needle):
 
 def test_override_errors_name_the_override():
     with pytest.raises(
-        ConfigError, match=r"with --set overrides\): model.pattern: 'LQ' has unknown letter"
+        ConfigError, match=r"with --set overrides\): model.pattern: 'LZ' has unknown letter"
     ):
-        load_config(REPO / "configs" / "tiny.yaml", ["model.pattern=LQ", "model.num_layers=2"])
+        load_config(REPO / "configs" / "tiny.yaml", ["model.pattern=LZ", "model.num_layers=2"])
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         parse_override("training.steps")
     with pytest.raises(ConfigError, match="unknown field 'training.stepz'"):
