@@ -8,11 +8,14 @@ Per chunk of C tokens with in-chunk cumulative log-decay G_i = g_1 + ... + g_i:
     W = T (beta k * exp(G) * carry) (how the old state S enters them);
   * V' = U - W S, the chunk's corrected values;
   * O = (q * exp(G) * carry) S + ((q k^T) * D) V';
-  * S <- exp(G_C) [the chunk continues its first document] S + (k * exp(G_C - G_j) * last)^T V'.
+  * S <- exp(G_C) [the chunk continues its first document] S + (k * exp(G_C - G_j) * last)^T V',
+    i.e. S <- P S + M with P = exp(G_C)[...] I - k_end^T W and M = k_end^T U (k_end the
+    decayed keys of the last document).
 ``carry`` marks the tokens of the document the previous chunk ended in (row start: the
 initial state's), ``last`` those of the chunk's last document: documents cut the state inside
-a chunk exactly as they do in the recurrence. The sequential part is one [K, V] state update
-per chunk; everything else is batched over chunks. The last chunk is padded with tokens that
+a chunk exactly as they do in the recurrence. P and M are formed for all chunks at once, so
+the sequential part is one [K, K] @ [K, V] product per chunk; the outputs are batched over
+chunks again once the chunk-start states are known. The last chunk is padded with tokens that
 write nothing (k = 0, g = 0) and belong to the last document, so the final state is exact.
 
 This follows the release's ``torch_chunk_gated_delta_rule`` (transformers' qwen3_5), with
@@ -74,22 +77,30 @@ def gated_delta_chunk(
     eye = torch.eye(C, dtype=acc, device=q.device)
     Tm = eye + A
     eG = G.exp()[..., None]
-    U = torch.linalg.solve_triangular(Tm, v * beta[..., None], upper=False, unitriangular=True)
-    W = torch.linalg.solve_triangular(Tm, kb * eG * carry[..., None], upper=False,
-                                      unitriangular=True)
+    rhs = torch.cat([v * beta[..., None], kb * eG * carry[..., None]], dim=-1)
+    U, W = torch.linalg.solve_triangular(Tm, rhs, upper=False, unitriangular=True).split(
+        [V, K], dim=-1
+    )  # one solve for both right-hand sides
     attn = (q @ k.transpose(-1, -2)) * Dm
     q_state = q * eG * carry[..., None]
     k_upd = k * (G[..., -1:] - G).exp()[..., None] * last[..., None]
     chunk_decay = (G[..., -1].exp() * carry[..., -1])[..., None, None]  # [B, H, N, 1, 1]
+    # Each chunk's state map is affine, S' = P S + M: P = decay I - k_upd^T W, M = k_upd^T U,
+    # all chunks at once; the sequential part is one [K, K] @ [K, V] product per chunk.
+    k_upd_t = k_upd.transpose(-1, -2)
+    P = chunk_decay * torch.eye(K, dtype=acc, device=q.device) - k_upd_t @ W
+    M = k_upd_t @ U
     S = (
         initial_state_BHKV.to(acc)
         if initial_state_BHKV is not None
         else q.new_zeros(B, H, K, V)
     )
-    outs = []
-    for n in range(N):
-        v_new = U[:, :, n] - W[:, :, n] @ S
-        outs.append(q_state[:, :, n] @ S + attn[:, :, n] @ v_new)
-        S = S * chunk_decay[:, :, n] + k_upd[:, :, n].transpose(-1, -2) @ v_new
-    out = torch.stack(outs, dim=2).reshape(B, H, N * C, V)[:, :, :T].to(q_BHTK.dtype)
+    starts = []
+    # unbind, not P[:, :, n]: each indexing's backward would fill a zero tensor of all chunks
+    for P_n, M_n in zip(P.unbind(2), M.unbind(2), strict=True):
+        starts.append(S)
+        S = P_n @ S + M_n
+    S_in = torch.stack(starts, dim=2)  # [B, H, N, K, V]: the state entering each chunk
+    v_new = U - W @ S_in
+    out = (q_state @ S_in + attn @ v_new).reshape(B, H, N * C, V)[:, :, :T].to(q_BHTK.dtype)
     return (out, S) if return_state else out
