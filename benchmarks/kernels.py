@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import best_time, machine, write_section  # noqa: E402
 
 from plait.kernels.based import based_attention  # noqa: E402
+from plait.kernels.gated_delta import gated_delta_rule, l2_normalize  # noqa: E402
 from plait.kernels.lightning import lightning_attention  # noqa: E402
 from plait.kernels.longconv import long_conv  # noqa: E402
 from plait.kernels.shortconv import short_conv  # noqa: E402
@@ -44,8 +45,13 @@ def _ops(T: int, device: str, dtype: torch.dtype, backend: str):
     x = t(1, T, H * D)
     w4 = torch.randn(H * D, 4, device=device, dtype=dtype, requires_grad=True)
     klong = (torch.randn(H * D, T, device=device) / T).requires_grad_()
+    g = (-0.1 * torch.rand(1, H, T, device=device, dtype=dtype)).requires_grad_()
+    beta = torch.rand(1, H, T, device=device, dtype=dtype, requires_grad=True)
     return {
         "lightning": lambda: lightning_attention(q, k, v, slopes, backend=backend),
+        "gated delta (G)": lambda: gated_delta_rule(
+            l2_normalize(q).to(dtype), l2_normalize(k).to(dtype), v, g, beta
+        ),
         "based": lambda: based_attention(fq, fk, v, backend=backend),
         f"swa (w={WINDOW})": lambda: swa(q, k, v, WINDOW, backend=backend),
         "short conv (k=4)": lambda: short_conv(x, w4, backend=backend),
@@ -92,7 +98,8 @@ def run_cpu(lengths: list[int], reps: int) -> str:
             "Command: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/kernels.py`  ",
             f"Machine: {machine()}  ",
             f"Shapes: batch 1, {H} heads, head dim {D}, fp32; Based feature dim {FEAT}; "
-            f"convolutions over {H * D} channels. Best of {reps} runs (SDPA at >= 8K: 1 run). "
+            f"convolutions over {H * D} channels; gated delta: q and k L2-normalised, log-decays "
+            f"in [-0.1, 0], beta in [0, 1]. Best of {reps} runs (SDPA at >= 8K: 1 run). "
             "The process runs with the trainer's CPU allocator setting "
             "(`plait.parallel.runtime.tune_cpu_allocator`).",
             "",

@@ -61,7 +61,7 @@ _CARD = (
 PRESETS = {
     "gdn-tiny": Preset(_tiny, None, "CPU tests"),
     "gdn-25m": Preset(
-        lambda: gdn(512, 8, 1408, (4, 2, 128), (4, 8, 64, 64), vocab=0, tie=False),
+        lambda: gdn(512, 8, 1280, (4, 2, 128), (4, 8, 64, 64), vocab=0, tie=False),
         None, "benchmarks/train_step.py",
     ),
     "gdn-1b": Preset(
