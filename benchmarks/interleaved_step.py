@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", action="store_true", help="write the docs/benchmarks.md section")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a run-config override for every plait model")
+    ap.add_argument("--section", default="", help="the docs/benchmarks.md section to write "
+                    "(default: by length, train-step-interleaved[-16k])")
     args = ap.parse_args(argv)
     if args.smoke:
         names = ["Llama (transformers)", "plait LALA"]
@@ -144,11 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.write and not args.smoke:
         from common import write_section
 
-        if args.length == 8192:
+        if args.length == 8192 and not args.section:
             write_section(SECTION, "## Training-step ratios, models side by side (CPU)\n\n" + text)
         else:  # a section of its own per length
             title = f"## Training-step ratios at {args.length // 1024}K, models side by side (CPU)"
-            write_section(f"{SECTION}-{args.length // 1024}k", f"{title}\n\n{text}")
+            if args.section:  # a section beside the standard one: name its models
+                title += ": " + ", ".join(m["name"] for m in r["models"][1:])
+            name = args.section or f"{SECTION}-{args.length // 1024}k"
+            write_section(name, f"{title}\n\n{text}")
     return 0
 
 

@@ -159,6 +159,15 @@ SWA_SHAPES = {
     "head 256": 256,
 }
 SHORTCONV_TAPS = {"based (K=3)": 3, "K=4": 4}
+# gated delta rule's chunk scan (K, V): Qwen3.5's 128 x 128 heads (and 128 x 256 under context
+# parallelism, where the values carry K more columns), gdn-25m's 64 x 64, gdn-tiny's 16 x 16;
+# float32 whatever the model's dtype (the maps and states sum the whole prefix)
+GATED_DELTA_SHAPES = {
+    "qwen3.5": (128, 128),
+    "qwen3.5 under CP": (128, 256),
+    "gdn-25m": (64, 64),
+    "gdn-tiny": (16, 16),
+}
 ARCHS = (90, 80)
 
 
@@ -168,6 +177,7 @@ def matrix(quick: bool = False):
     only (the superset code path), except the main TransNormerLLM shape on sm_90."""
     import torch
 
+    from plait.kernels.gated_delta import triton as gd
     from plait.kernels.lightning import triton as lt
     from plait.kernels.shortconv import triton as sc
     from plait.kernels.swa import triton as sw
@@ -200,6 +210,16 @@ def matrix(quick: bool = False):
                     for case in sc.aot_cases(K, dt, docs):
                         label = dict(op="shortconv", shape=shape, dtype=dname,
                                      variant=f"docs={int(docs)}")
+                        yield label, case, arch
+            if dname != "fp32" and not (quick and arch != 90):
+                continue  # the scan is float32 at every model dtype: once per arch
+            for shape, (K, V) in GATED_DELTA_SHAPES.items():
+                if quick and shape not in ("qwen3.5", "gdn-tiny"):
+                    continue
+                for init in (True,) if quick else (False, True):
+                    for case in gd.aot_cases(K, V, init):
+                        label = dict(op="gated_delta", shape=f"{shape} {K}x{V}", dtype="fp32",
+                                     variant=f"init={int(init)}")
                         yield label, case, arch
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.cli import run_module, snapshot
 
@@ -177,6 +178,9 @@ CASES = [
          ["--from-hf", "config.json"]),
     Case("import-not-plait", EXPORT, ["--from-hf", "{files}/llama", "--out", "{tmp}/out"],
          ["--from-hf", "model_type 'llama'"]),
+    Case("import-qwen35-bad-layer-types", EXPORT,
+         ["--from-hf", "{files}/qwen35", "--out", "{tmp}/out"],
+         ["--from-hf", "config.json", "layer_types", "mamba"]),
 ]
 
 
@@ -201,6 +205,17 @@ def world(tmp_path_factory):
     (files / "afile").write_text("a file, not a directory\n")
     (files / "llama").mkdir()
     (files / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (files / "qwen35").mkdir()
+    (files / "qwen35" / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_5_text", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "linear_num_key_heads": 2,
+        "linear_num_value_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+        "layer_types": ["linear_attention", "mamba"],
+    }))
+    from safetensors.torch import save_file
+
+    save_file({"model.embed_tokens.weight": torch.zeros(64, 32)},
+              str(files / "qwen35" / "model.safetensors"))
     locked = root / "locked"
     locked.mkdir()
     (locked / ".plait.lock").write_text(json.dumps(

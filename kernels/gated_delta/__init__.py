@@ -3,10 +3,10 @@ forgotten by a per-token, per-head decay (Gated DeltaNet; Qwen3-Next and Qwen3.5
 layers).
 
 ``gated_delta_rule`` is the one entry point the models call. Paths: ``naive`` (the token
-recurrence, the reference), ``chunk`` (the WY / UT form in PyTorch, the default on every
-device). A GPU kernel of plait's own (Triton) is not written yet: on CUDA tensors the chunked
-PyTorch form runs as it is (correct; its speed is not a GPU kernel's). ``gated_delta_step``
-is the recurrent form for generation, continuing from a prefill's final state.
+recurrence, the reference), ``chunk`` (the WY / UT form in PyTorch, the CPU path) and
+``triton`` (the same form with its sequential chunk scan as one Triton kernel each way, the
+GPU path; ``auto`` takes it for CUDA tensors). ``gated_delta_step`` is the recurrent form for
+generation, continuing from a prefill's final state.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = [
     "l2_normalize",
 ]
 
-BACKENDS = ("auto", "naive", "chunk")
+BACKENDS = ("auto", "naive", "chunk", "triton")
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -85,9 +85,11 @@ def gated_delta_rule(
     if backend not in BACKENDS:
         raise ValueError(f"gated_delta_rule: backend {backend!r} not in {BACKENDS}")
     args = (q_BHTK, k_BHTK, v_BHTV, g_BHT, beta_BHT, docs, initial_state, return_state, scale)
+    if backend == "auto":
+        backend = "triton" if q_BHTK.is_cuda else "chunk"
     if backend == "naive":
         return gated_delta_recurrent(*args)
-    return gated_delta_chunk(*args, block=block)
+    return gated_delta_chunk(*args, block=block, scan="loop" if backend == "chunk" else "triton")
 
 
 def gated_delta_step(

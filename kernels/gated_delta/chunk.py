@@ -41,8 +41,11 @@ def gated_delta_chunk(
     return_state: bool = False,
     scale: float | None = None,
     block: int = 64,
+    scan: str = "loop",
 ):
-    """The chunked form; same arguments and results as ``gated_delta_recurrent``."""
+    """The chunked form; same arguments and results as ``gated_delta_recurrent``. ``scan``:
+    the sequential part as a Python loop ("loop", the CPU path) or as one Triton kernel each
+    way ("triton", the GPU path: kernels/gated_delta/triton.py)."""
     acc = torch.promote_types(q_BHTK.dtype, torch.float32)
     B, H, T, K = q_BHTK.shape
     V = v_BHTV.shape[-1]
@@ -95,12 +98,18 @@ def gated_delta_chunk(
         if initial_state_BHKV is not None
         else q.new_zeros(B, H, K, V)
     )
-    starts = []
-    # unbind, not P[:, :, n]: each indexing's backward would fill a zero tensor of all chunks
-    for P_n, M_n in zip(P.unbind(2), M.unbind(2), strict=True):
-        starts.append(S)
-        S = P_n @ S + M_n
-    S_in = torch.stack(starts, dim=2)  # [B, H, N, K, V]: the state entering each chunk
+    if scan == "triton":
+        from .triton import affine_scan_triton
+
+        S_in, S = affine_scan_triton(P, M, initial_state_BHKV.to(acc) if initial_state_BHKV
+                                     is not None else None)
+    else:
+        starts = []
+        # unbind, not P[:, :, n]: each indexing's backward would fill a zero tensor per chunk
+        for P_n, M_n in zip(P.unbind(2), M.unbind(2), strict=True):
+            starts.append(S)
+            S = P_n @ S + M_n
+        S_in = torch.stack(starts, dim=2)  # [B, H, N, K, V]: the state entering each chunk
     v_new = U - W @ S_in
     out = (q_state @ S_in + attn @ v_new).reshape(B, H, N * C, V)[:, :, :T].to(q_BHTK.dtype)
     return (out, S) if return_state else out

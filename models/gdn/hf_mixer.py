@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_plait import PlaitConfig
-from .plait_layers import RMSNorm, apply_rotary, attend_cached, cat_state, rotary_cos_sin, wide
+from .plait_layers import (
+    RMSNorm,
+    apply_rotary,
+    attend_cached,
+    kv_cache,
+    rotary_cos_sin,
+    wide,
+)
 
 
 def _gated_delta(q, k, v, g, beta, S, chunk: int = 64):
@@ -143,12 +150,7 @@ class GatedAttention(nn.Module):
         if self.rotary_dim:
             cos, sin = rotary_cos_sin(positions_BT, self.rotary_dim, self.theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        pad = pad_BT if pad_BT is not None else torch.zeros(B, T, dtype=torch.bool)
-        state = {
-            "k": cat_state(state, "k", k, 2),
-            "v": cat_state(state, "v", v, 2),
-            "pad": cat_state(state, "pad", pad.to(x_BTC.device), 1),
-        }
+        state = kv_cache(state, k, v, pad_BT)
         rep = self.heads // self.kv
         o = attend_cached(q, state["k"].repeat_interleave(rep, 1),
                           state["v"].repeat_interleave(rep, 1), state["pad"])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plait_layers import apply_rotary, attend_cached, cat_state, rotary_cos_sin, wide
+from .plait_layers import apply_rotary, attend_cached, kv_cache, rotary_cos_sin, wide
 
 
 class _MoHRouter(nn.Module):
@@ -120,12 +120,7 @@ class MoHAttention(nn.Module):
             gates_BTH = self.router(x_BTC)
         cos, sin = rotary_cos_sin(positions_BT, self.head_dim, self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        pad = pad_BT if pad_BT is not None else torch.zeros(B, T, dtype=torch.bool)
-        state = {
-            "k": cat_state(state, "k", k, 2),
-            "v": cat_state(state, "v", v, 2),
-            "pad": cat_state(state, "pad", pad.to(x_BTC.device), 1),
-        }
+        state = kv_cache(state, k, v, pad_BT)
         o = attend_cached(q, state["k"], state["v"], state["pad"])  # [B, H, T, D]
         o = o * gates_BTH.transpose(1, 2)[..., None].to(o.dtype)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state

@@ -1,4 +1,5 @@
-"""The gated delta rule: the chunked (WY / UT) path equals the float64 token recurrence
+"""The gated delta rule: the chunked (WY / UT) path, on CPU and with its chunk scan as Triton
+kernels (the GPU path, under the interpreter), equals the float64 token recurrence
 (outputs, final state, gradients of q, k, v, beta, g and the initial state), with documents,
 T not a multiple of the chunk, two seeds; the decode step continues a prefill exactly; and the
 recurrence equals the release's own (transformers' qwen3_5 ``torch_recurrent_gated_delta_rule``
@@ -18,7 +19,7 @@ from plait.kernels.gated_delta import (
     l2_normalize,
 )
 from tests.helpers import assert_rel_close
-from tests.kernels.conftest import random_doc_ids
+from tests.kernels.conftest import random_doc_ids, requires_triton, triton_device
 
 DECAYS = {"weak": 0.05, "strong": 3.0}
 
@@ -74,6 +75,27 @@ def test_chunk_equals_recurrence_in_float64(block):
     assert_rel_close(sa, sb, 1e-10, "state")
     for name, ga, gb in zip(["q", "k", "v", "g", "beta", "s0"], a, b):
         assert_rel_close(ga.grad, gb.grad, 1e-10, f"d{name}")
+
+
+@requires_triton
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("K,V", [(16, 8), (40, 48)])
+def test_triton_path_equals_float64_recurrence(seed, K, V):
+    """The GPU path (the chunk scan as Triton kernels; under the CPU interpreter in CI): K and
+    V not multiples of the 32-wide tiles (40 x 48: two blocks each, masked), documents, an
+    initial state, T not a multiple of the chunk."""
+    dev = triton_device()
+    x, do, ds = _inputs(seed, 2, 2, 70, K, V, 1.0)
+    doc_ids = random_doc_ids(2, 70, 0.05, seed)
+    leaves = [t.clone().to(dev).requires_grad_() for t in x]
+    out, state = _run(leaves, do.to(dev), ds.to(dev), doc_ids.to(dev), block=16,
+                      backend="triton")
+    ref_leaves = [t.double().requires_grad_() for t in x]
+    ref, ref_state = _run(ref_leaves, do.double(), ds.double(), doc_ids, backend="naive")
+    assert_rel_close(out.cpu(), ref, 1e-5, "output")
+    assert_rel_close(state.cpu(), ref_state, 1e-5, "final state")
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], leaves, ref_leaves):
+        assert_rel_close(a.grad.cpu(), b.grad, 1e-5, f"d{name}")
 
 
 def test_documents_restart_the_state():

@@ -83,6 +83,8 @@ def _run(rt, full_state, pattern="LALA", softmax="lasp2h", zigzag=False):
         (1, 2, "LS", "lasp2h", False),
         (1, 4, "SAS", "lasp2h", False),
         (2, 2, "SM", "lasp2h", False),
+        (1, 4, "GQG", "lasp2h", False),
+        (2, 2, "QG", "ring", False),
     ],
 )
 def test_sequence_parallel_model_equals_single_process(tp, cp, pattern, softmax, zigzag):

@@ -109,6 +109,19 @@ def cat_state(
     return out
 
 
+def kv_cache(state: dict | None, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor,
+             pad_BT: torch.Tensor | None) -> dict:
+    """A softmax layer's cache after this call: its keys, values and padding flags appended
+    (no padding given: none of the T new tokens is padding)."""
+    B, _, T, _ = k_BHTD.shape
+    pad = pad_BT if pad_BT is not None else torch.zeros(B, T, dtype=torch.bool)
+    return {
+        "k": cat_state(state, "k", k_BHTD, 2),
+        "v": cat_state(state, "v", v_BHTD, 2),
+        "pad": cat_state(state, "pad", pad.to(k_BHTD.device), 1),
+    }
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU (act = SiLU) or TransNormerLLM's SGLU (no act)."""
 
@@ -166,11 +179,6 @@ class SoftmaxAttention(nn.Module):
         if self.rotary_dim:
             cos, sin = rotary_cos_sin(positions_BT, self.rotary_dim, self.rope_theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        pad = pad_BT if pad_BT is not None else torch.zeros(B, T, dtype=torch.bool)
-        state = {
-            "k": cat_state(state, "k", k, 2),
-            "v": cat_state(state, "v", v, 2),
-            "pad": cat_state(state, "pad", pad.to(x_BTC.device), 1),
-        }
+        state = kv_cache(state, k, v, pad_BT)
         o = attend_cached(q, state["k"], state["v"], state["pad"])
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
