@@ -185,6 +185,7 @@ def kernel_cases(device: str, smoke: bool) -> list[dict]:
         sw = [dict(B=1, H=2, T=40, D=16, window=7, docs=True)]
         sc = [dict(B=1, T=40, C=24, K=3, docs=True)]
         cs = [dict(B=1, H=2, T=40, D=20, E=12, docs=True)]
+        gd = [dict(B=1, H=2, T=40, K=20, V=12, docs=True, init=True)]
     else:
         lt = [
             dict(B=2, H=4, T=1000, D=64, E=64, docs=False, init=False),
@@ -198,18 +199,22 @@ def kernel_cases(device: str, smoke: bool) -> list[dict]:
         sc = [dict(B=2, T=1000, C=512, K=3, docs=True), dict(B=2, T=1000, C=512, K=4, docs=False)]
         cs = [dict(B=2, H=4, T=1000, D=128, E=128, docs=True), dict(B=1, H=4, T=1000, D=153, E=65,
               docs=True)]
+        gd = [dict(B=2, H=4, T=1000, K=128, V=128, docs=True, init=True),  # Qwen3.5's heads
+              dict(B=1, H=4, T=1000, K=64, V=64, docs=False, init=False)]
     out = []
     for dt in DTYPES:
         out += [dict(kernel="lightning", dtype=dt, **c) for c in lt]
         out += [dict(kernel="lasp2 chunk state", dtype=dt, **c) for c in cs]
         out += [dict(kernel="swa", dtype=dt, **c) for c in sw]
         out += [dict(kernel="shortconv", dtype=dt, **c) for c in sc]
+        out += [dict(kernel="gated delta", dtype=dt, **c) for c in gd]
     return out
 
 
 def check_kernel(case: dict, device: str, seed: int = 0) -> dict:
     import torch
 
+    from plait.kernels.gated_delta import gated_delta_rule, l2_normalize
     from plait.kernels.lightning import lightning_attention, lightning_chunk_state
     from plait.kernels.shortconv import short_conv
     from plait.kernels.swa import swa
@@ -253,6 +258,26 @@ def check_kernel(case: dict, device: str, seed: int = 0) -> dict:
 
             def ref(x):
                 return [("state", lightning_chunk_state(x["k"], x["v"], slopes.double(), docs))]
+    elif kind == "gated delta":
+        B, H, T, K, V = (case[k] for k in "BHTKV")
+        qk = [l2_normalize(rnd(B, H, T, K)).to(dt) for _ in range(2)]
+        inputs = dict(q=qk[0], k=qk[1], v=rnd(B, H, T, V),
+                      g=(-0.3 * torch.rand(B, H, T, device=device)).to(dt),
+                      beta=torch.rand(B, H, T, device=device).to(dt))
+        if case["init"]:
+            inputs["init"] = torch.randn(B, H, K, V, device=device) * 0.1
+
+        def gd_call(x, backend):
+            o, s = gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], doc_ids=docs,
+                                    initial_state=x.get("init"), return_state=True,
+                                    backend=backend)
+            return [("o", o), ("state", s)]
+
+        def run(x):
+            return gd_call(x, "triton")  # the chunk path with its scan as Triton kernels
+
+        def ref(x):
+            return gd_call(x, "naive")
     elif kind == "swa":
         B, H, T, D = (case[k] for k in "BHTD")
         inputs = dict(q=rnd(B, H, T, D), k=rnd(B, H, T, D), v=rnd(B, H, T, D))

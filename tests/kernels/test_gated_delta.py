@@ -77,6 +77,27 @@ def test_chunk_equals_recurrence_in_float64(block):
         assert_rel_close(ga.grad, gb.grad, 1e-10, f"d{name}")
 
 
+@pytest.mark.parametrize("scan", ["loop", pytest.param("triton", marks=requires_triton)])
+def test_groups_of_chunks_carry_the_state(scan):
+    """Chunks in groups of 2 (7 chunks: 4 groups, the last of one), documents crossing group
+    edges, an initial state: equal to the float64 recurrence."""
+    from plait.kernels.gated_delta import gated_delta_chunk
+
+    dev = triton_device() if scan == "triton" else "cpu"
+    x, do, ds = _inputs(7, 2, 2, 100, 16, 8, 0.5)
+    doc_ids = torch.tensor([[0] * 31 + [1] * 40 + [2] * 29, [3] * 100])
+    leaves = [t.clone().to(dev).requires_grad_() for t in x]
+    out, state = gated_delta_chunk(*leaves[:5], doc_ids.to(dev), leaves[5], True, block=16,
+                                   scan=scan, group=32)
+    ((out * do.to(dev)).sum() + (state * ds.to(dev)).sum()).backward()
+    ref_leaves = [t.double().requires_grad_() for t in x]
+    ref, ref_state = _run(ref_leaves, do.double(), ds.double(), doc_ids, backend="naive")
+    assert_rel_close(out.cpu(), ref, 1e-5, "output")
+    assert_rel_close(state.cpu(), ref_state, 1e-5, "final state")
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], leaves, ref_leaves):
+        assert_rel_close(a.grad.cpu(), b.grad, 1e-5, f"d{name}")
+
+
 @requires_triton
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("K,V", [(16, 8), (40, 48)])
