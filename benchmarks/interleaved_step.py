@@ -88,6 +88,11 @@ def run(names: list[str], T: int, rounds: int, smoke: bool = False, sets=()) -> 
     return out
 
 
+def models_flag(names: list[str]) -> str:
+    """The ``--models`` part of the command line, when not the default."""
+    return "" if ",".join(names) == DEFAULT_MODELS else f' --models "{",".join(names)}"'
+
+
 def table(r: dict) -> str:
     import train_step as ts
     from common import machine
@@ -95,6 +100,7 @@ def table(r: dict) -> str:
     base = r["models"][0]["name"]
     lines = [
         f"`python benchmarks/interleaved_step.py --length {r['T']} --rounds {r['rounds']}"
+        + models_flag([m["name"] for m in r["models"]])
         + ts.set_flags(r.get("sets", []))
         + "`; "
         f"{machine()}; fp32, "

@@ -33,7 +33,7 @@ def test_smoke_mode_runs_every_section_and_writes_its_report(tmp_path):
     assert all(sec["status"] == "ok" for sec in s.values()), s
 
     rows = s["kernels"]["rows"]
-    kernels = {"lightning", "lasp2 chunk state", "swa", "shortconv"}
+    kernels = {"lightning", "lasp2 chunk state", "swa", "shortconv", "gated delta"}
     assert {(r["kernel"], r["dtype"]) for r in rows} == {
         (k, d) for k in kernels for d in ("fp32", "bf16")
     }
