@@ -5,9 +5,10 @@ chunk.py reduces every chunk n to an affine map of the state, S_{n+1} = P_n S_n 
 [K, K], M_n [K, V] per head, formed for all chunks at once). What is left sequential is this
 scan; run from Python it is N small launches forward and more backward (N = T / 64: 128
 chunks at 8K tokens, 1,024 at 64K), so on a GPU it is one program per (value block, head):
-  * ``_scan_fwd``: S <- S_0; for n: write S to S_IN[n]; S <- P_n S + M_n; write S_FINAL.
-  * ``_scan_bwd``: G <- dS_FINAL; for n from the last: write G to DM[n] (the gradient of
-    M_n is the gradient of S_{n+1}); G <- P_n^T G + dS_IN[n]; write G as dS_0.
+  * forward: S <- S_0; for n: write S to S_IN[n]; S <- P_n S + M_n; write S_FINAL.
+  * backward: G <- dS_FINAL; for n from the last: write G to DM[n] (the gradient of M_n is
+    the gradient of S_{n+1}); G <- P_n^T G + dS_IN[n]; write G as dS_0.
+Both are ``_scan``, one kernel with ``REVERSE`` a compile-time flag.
 The gradient of P_n, G_{n+1} S_n^T = DM[n] S_IN[n]^T, is one batched GEMM afterwards, so no
 program reduces over the value blocks (no atomics: the backward is deterministic).
 
@@ -41,70 +42,43 @@ def _put(ptr, x, offs_r, offs_c, R, C):
 
 
 @triton.jit
-def _scan_fwd(
-    P, M, S0, S_IN, S_FINAL, N, K, V,
-    HAS_INIT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def _scan(
+    P, BIAS, START, OUT, LAST, N, K, V,
+    HAS_START: tl.constexpr, REVERSE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
+    """Forward (REVERSE false): OUT[0] = START, OUT[n + 1] = P_n OUT[n] + BIAS[n], the last
+    into LAST. Backward (REVERSE true): OUT[N - 1] = START, OUT[n - 1] = P_n^T OUT[n] +
+    BIAS[n], the last (n = 0) into LAST. One program per (value block, head)."""
     pid_v, bh = tl.program_id(0), tl.program_id(1)
     bh64 = tl.cast(bh, tl.int64)
     offs_b = tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
-    p_ptr, m_ptr = P + bh64 * N * K * K, M + bh64 * N * K * V
-    s_ptr = S_IN + bh64 * N * K * V
-    # S_IN[0] = S_0: the state lives in global memory (L2), K rows in blocks of BK
+    p_ptr, b_ptr = P + bh64 * N * K * K, BIAS + bh64 * N * K * V
+    o_ptr = OUT + bh64 * N * K * V
+    first = N - 1 if REVERSE else 0
+    # the recurrence lives in global memory (L2), K rows in blocks of BK
     for i in range(0, K, BK):
-        s = tl.zeros((BK, BV), dtype=tl.float32)
-        if HAS_INIT:
-            s = _tile(S0 + bh64 * K * V, i + offs_b, offs_v, K, V)
-        _put(s_ptr, s, i + offs_b, offs_v, K, V)
-    for n in range(0, N):
-        n64 = tl.cast(n, tl.int64)
-        tl.debug_barrier()  # S_IN[n], written by every thread, is read whole below
-        src = s_ptr + n64 * K * V
-        dst = s_ptr + (n64 + 1) * K * V
-        if n == N - 1:
-            dst = S_FINAL + bh64 * K * V
-        for i in range(0, K, BK):
-            acc = _tile(m_ptr + n64 * K * V, i + offs_b, offs_v, K, V)
-            for j in range(0, K, BK):
-                p = _tile(p_ptr + n64 * K * K + i * K, offs_b, j + offs_b, K - i, K)
-                s = _tile(src, j + offs_b, offs_v, K, V)
-                acc += tl.dot(p, s, input_precision="ieee")
-            _put(dst, acc, i + offs_b, offs_v, K, V)
-
-
-@triton.jit
-def _scan_bwd(
-    P, DS_IN, DS_FINAL, DM, DS0, N, K, V,
-    HAS_DFINAL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):
-    pid_v, bh = tl.program_id(0), tl.program_id(1)
-    bh64 = tl.cast(bh, tl.int64)
-    offs_b = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    p_ptr = P + bh64 * N * K * K
-    ds_ptr, dm_ptr = DS_IN + bh64 * N * K * V, DM + bh64 * N * K * V
-    last = dm_ptr + tl.cast(N - 1, tl.int64) * K * V
-    # DM[N - 1] = dS_final; then DM[n - 1] = P_n^T DM[n] + dS_IN[n], and dS_0 from n = 0
-    for i in range(0, K, BK):
-        g = tl.zeros((BK, BV), dtype=tl.float32)
-        if HAS_DFINAL:
-            g = _tile(DS_FINAL + bh64 * K * V, i + offs_b, offs_v, K, V)
-        _put(last, g, i + offs_b, offs_v, K, V)
+        x = tl.zeros((BK, BV), dtype=tl.float32)
+        if HAS_START:
+            x = _tile(START + bh64 * K * V, i + offs_b, offs_v, K, V)
+        _put(o_ptr + tl.cast(first, tl.int64) * K * V, x, i + offs_b, offs_v, K, V)
     for step in range(0, N):
-        n64 = tl.cast(N - 1 - step, tl.int64)
-        tl.debug_barrier()  # DM[n], written by every thread, is read whole below
-        src = dm_ptr + n64 * K * V
-        dst = dm_ptr + (n64 - 1) * K * V
+        n64 = tl.cast(N - 1 - step if REVERSE else step, tl.int64)
+        tl.debug_barrier()  # OUT[n], written by every thread, is read whole below
+        src = o_ptr + n64 * K * V
+        dst = o_ptr + (n64 - 1 if REVERSE else n64 + 1) * K * V
         if step == N - 1:
-            dst = DS0 + bh64 * K * V
+            dst = LAST + bh64 * K * V
         for i in range(0, K, BK):
-            acc = _tile(ds_ptr + n64 * K * V, i + offs_b, offs_v, K, V)
+            acc = _tile(b_ptr + n64 * K * V, i + offs_b, offs_v, K, V)
             for j in range(0, K, BK):
-                # (P^T)[i-block, j-block] = P[j-block, i-block]^T
-                p = _tile(p_ptr + n64 * K * K + j * K, offs_b, i + offs_b, K - j, K)
-                g = _tile(src, j + offs_b, offs_v, K, V)
-                acc += tl.dot(tl.trans(p), g, input_precision="ieee")
+                if REVERSE:  # (P^T)[i-block, j-block] = P[j-block, i-block]^T
+                    p = tl.trans(_tile(p_ptr + n64 * K * K + j * K, offs_b, i + offs_b, K - j,
+                                       K))
+                else:
+                    p = _tile(p_ptr + n64 * K * K + i * K, offs_b, j + offs_b, K - i, K)
+                x = _tile(src, j + offs_b, offs_v, K, V)
+                acc += tl.dot(p, x, input_precision="ieee")
             _put(dst, acc, i + offs_b, offs_v, K, V)
 
 
@@ -130,9 +104,9 @@ class _AffineScan(torch.autograd.Function):
         S_in = torch.empty_like(M)
         final = M.new_empty(BH, K, V)
         with on_device(M):
-            _scan_fwd[(triton.cdiv(V, meta["BV"]), BH)](
-                P, M, init, S_in, final, N, K, V, HAS_INIT=has_init, BK=meta["BK"],
-                BV=meta["BV"], num_warps=meta["num_warps"], num_stages=1,
+            _scan[(triton.cdiv(V, meta["BV"]), BH)](
+                P, M, init, S_in, final, N, K, V, HAS_START=has_init, REVERSE=False,
+                BK=meta["BK"], BV=meta["BV"], num_warps=meta["num_warps"], num_stages=1,
             )
         ctx.save_for_backward(P, S_in)
         ctx.has_init = has_init
@@ -149,9 +123,9 @@ class _AffineScan(torch.autograd.Function):
         dM = torch.empty_like(S_in)
         dS0 = S_in.new_empty(BH, K, V)
         with on_device(S_in):
-            _scan_bwd[(triton.cdiv(V, meta["BV"]), BH)](
-                P, ds, df, dM, dS0, N, K, V, HAS_DFINAL=has_df, BK=meta["BK"],
-                BV=meta["BV"], num_warps=meta["num_warps"], num_stages=1,
+            _scan[(triton.cdiv(V, meta["BV"]), BH)](
+                P, ds, df, dM, dS0, N, K, V, HAS_START=has_df, REVERSE=True,
+                BK=meta["BK"], BV=meta["BV"], num_warps=meta["num_warps"], num_stages=1,
             )
         dP = dM @ S_in.transpose(-1, -2)
         return dP, dM, dS0 if ctx.has_init else None
@@ -168,16 +142,13 @@ def affine_scan_triton(P, M, S0=None):
 
 
 def aot_cases(K: int, V: int, has_init: bool):
-    """The two launches of a call at this shape, for kernels/aot.py."""
+    """The two launches of a call at this shape (the scan each way), for kernels/aot.py."""
     meta = plan(K, V)
     f32, i32 = "*fp32", "i32"
-    ints = dict(N=i32, K=i32, V=i32)
-    tiles = dict(BK=meta["BK"], BV=meta["BV"])
+    types = dict(P=f32, BIAS=f32, START=f32, OUT=f32, LAST=f32, N=i32, K=i32, V=i32)
     return [
-        dict(fn=_scan_fwd, types=dict(P=f32, M=f32, S0=f32, S_IN=f32, S_FINAL=f32, **ints),
-             constexprs=dict(HAS_INIT=has_init, **tiles), num_warps=meta["num_warps"],
-             num_stages=1),
-        dict(fn=_scan_bwd, types=dict(P=f32, DS_IN=f32, DS_FINAL=f32, DM=f32, DS0=f32, **ints),
-             constexprs=dict(HAS_DFINAL=has_init, **tiles), num_warps=meta["num_warps"],
-             num_stages=1),
+        dict(fn=_scan, types=types, num_warps=meta["num_warps"], num_stages=1,
+             constexprs=dict(HAS_START=has_init, REVERSE=reverse, BK=meta["BK"],
+                             BV=meta["BV"]))
+        for reverse in (False, True)
     ]

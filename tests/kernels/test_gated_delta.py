@@ -77,6 +77,17 @@ def test_chunk_equals_recurrence_in_float64(block):
         assert_rel_close(ga.grad, gb.grad, 1e-10, f"d{name}")
 
 
+def _assert_equals_reference(x, do, ds, doc_ids, out, state, leaves):
+    """``out``, ``state`` and the leaves' gradients (a float32 path on inputs ``x``) against
+    the float64 recurrence at rel 1e-5."""
+    ref_leaves = [t.double().requires_grad_() for t in x]
+    ref, ref_state = _run(ref_leaves, do.double(), ds.double(), doc_ids, backend="naive")
+    assert_rel_close(out.cpu(), ref, 1e-5, "output")
+    assert_rel_close(state.cpu(), ref_state, 1e-5, "final state")
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], leaves, ref_leaves):
+        assert_rel_close(a.grad.cpu(), b.grad, 1e-5, f"d{name}")
+
+
 @pytest.mark.parametrize("scan", ["loop", pytest.param("triton", marks=requires_triton)])
 def test_groups_of_chunks_carry_the_state(scan):
     """Chunks in groups of 2 (7 chunks: 4 groups, the last of one), documents crossing group
@@ -90,12 +101,7 @@ def test_groups_of_chunks_carry_the_state(scan):
     out, state = gated_delta_chunk(*leaves[:5], doc_ids.to(dev), leaves[5], True, block=16,
                                    scan=scan, group=32)
     ((out * do.to(dev)).sum() + (state * ds.to(dev)).sum()).backward()
-    ref_leaves = [t.double().requires_grad_() for t in x]
-    ref, ref_state = _run(ref_leaves, do.double(), ds.double(), doc_ids, backend="naive")
-    assert_rel_close(out.cpu(), ref, 1e-5, "output")
-    assert_rel_close(state.cpu(), ref_state, 1e-5, "final state")
-    for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], leaves, ref_leaves):
-        assert_rel_close(a.grad.cpu(), b.grad, 1e-5, f"d{name}")
+    _assert_equals_reference(x, do, ds, doc_ids, out, state, leaves)
 
 
 @requires_triton
@@ -111,12 +117,7 @@ def test_triton_path_equals_float64_recurrence(seed, K, V):
     leaves = [t.clone().to(dev).requires_grad_() for t in x]
     out, state = _run(leaves, do.to(dev), ds.to(dev), doc_ids.to(dev), block=16,
                       backend="triton")
-    ref_leaves = [t.double().requires_grad_() for t in x]
-    ref, ref_state = _run(ref_leaves, do.double(), ds.double(), doc_ids, backend="naive")
-    assert_rel_close(out.cpu(), ref, 1e-5, "output")
-    assert_rel_close(state.cpu(), ref_state, 1e-5, "final state")
-    for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], leaves, ref_leaves):
-        assert_rel_close(a.grad.cpu(), b.grad, 1e-5, f"d{name}")
+    _assert_equals_reference(x, do, ds, doc_ids, out, state, leaves)
 
 
 def test_documents_restart_the_state():
