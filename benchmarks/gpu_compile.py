@@ -3,10 +3,10 @@
 Every kernel launch at every preset shape (kernels/aot.py's matrix: lightning at
 TransNormerLLM's and Based's head dims, sliding window at Based's and the generic 128/256,
 the short convolution at K = 3, 4, the gated delta rule's chunk scan at Qwen3.5's 128 x 128
-heads (and 128 x 256 under context parallelism), gdn-25m's and gdn-tiny's), bf16 and fp32, with and without documents and initial
-state, compiled for sm_90 and sm_80 with Triton's own compiler and ptxas: shared memory,
-registers and spill bytes per thread. tests/kernels/test_gpu_compile.py asserts the limits on
-a quick subset.
+heads (and 128 x 256 under context parallelism), gdn-25m's and gdn-tiny's), bf16 and fp32,
+with and without documents and initial state, compiled for sm_90 and sm_80 with Triton's own
+compiler and ptxas: shared memory, registers and spill bytes per thread.
+tests/kernels/test_gpu_compile.py asserts the limits on a quick subset.
 
     .venv/bin/python benchmarks/gpu_compile.py     # about 7 minutes on 2 cores, cold cache
                                                    # (seconds warm: kernels/aot.py)

@@ -99,8 +99,9 @@ def table(r: dict) -> str:
 
     base = r["models"][0]["name"]
     lines = [
-        f"`python benchmarks/interleaved_step.py --length {r['T']} --rounds {r['rounds']}"
+        f"`python benchmarks/interleaved_step.py --length {r['T']}"
         + models_flag([m["name"] for m in r["models"]])
+        + f" --rounds {r['rounds']}"
         + ts.set_flags(r.get("sets", []))
         + "`; "
         f"{machine()}; fp32, "
