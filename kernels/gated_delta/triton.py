@@ -90,6 +90,18 @@ def plan(K: int, V: int) -> dict:
     return dict(BK=BK, BV=BV, num_warps=4)
 
 
+def _launch(P, bias, start, out, last, has_start: bool, reverse: bool) -> None:
+    """One ``_scan`` over [BH, N, K, V] (``out`` and ``bias``), one program per value block
+    and head."""
+    BH, N, K, V = out.shape
+    meta = plan(K, V)
+    with on_device(out):
+        _scan[(triton.cdiv(V, meta["BV"]), BH)](
+            P, bias, start, out, last, N, K, V, HAS_START=has_start, REVERSE=reverse,
+            BK=meta["BK"], BV=meta["BV"], num_warps=meta["num_warps"], num_stages=1,
+        )
+
+
 class _AffineScan(torch.autograd.Function):
     """(P [BH, N, K, K], M [BH, N, K, V], S0 [BH, K, V] or None) -> (the state entering
     every chunk [BH, N, K, V], the final state [BH, K, V]), float32."""
@@ -97,17 +109,12 @@ class _AffineScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, M, S0):
         BH, N, K, V = M.shape
-        meta = plan(K, V)
         P, M = P.float().contiguous(), M.float().contiguous()
         has_init = S0 is not None
         init = S0.float().contiguous() if has_init else M.new_zeros(1)
         S_in = torch.empty_like(M)
         final = M.new_empty(BH, K, V)
-        with on_device(M):
-            _scan[(triton.cdiv(V, meta["BV"]), BH)](
-                P, M, init, S_in, final, N, K, V, HAS_START=has_init, REVERSE=False,
-                BK=meta["BK"], BV=meta["BV"], num_warps=meta["num_warps"], num_stages=1,
-            )
+        _launch(P, M, init, S_in, final, has_init, reverse=False)
         ctx.save_for_backward(P, S_in)
         ctx.has_init = has_init
         return S_in, final
@@ -116,17 +123,12 @@ class _AffineScan(torch.autograd.Function):
     def backward(ctx, d_S_in, d_final):
         P, S_in = ctx.saved_tensors
         BH, N, K, V = S_in.shape
-        meta = plan(K, V)
         ds = d_S_in.float().contiguous() if d_S_in is not None else torch.zeros_like(S_in)
         has_df = d_final is not None
         df = d_final.float().contiguous() if has_df else S_in.new_zeros(1)
         dM = torch.empty_like(S_in)
         dS0 = S_in.new_empty(BH, K, V)
-        with on_device(S_in):
-            _scan[(triton.cdiv(V, meta["BV"]), BH)](
-                P, ds, df, dM, dS0, N, K, V, HAS_START=has_df, REVERSE=True,
-                BK=meta["BK"], BV=meta["BV"], num_warps=meta["num_warps"], num_stages=1,
-            )
+        _launch(P, ds, df, dM, dS0, has_df, reverse=True)
         dP = dM @ S_in.transpose(-1, -2)
         return dP, dM, dS0 if ctx.has_init else None
 

@@ -195,3 +195,20 @@ def test_native_export_loads_in_transformers_without_plait(tmp_path):
     assert (out["logits"] - logits).abs().max() < 1e-4
     assert torch.equal(out["cached"], out["uncached"])
     assert torch.equal(out["cached"][:, 20:], greedy)
+
+
+def test_only_g_and_q_patterns_export_natively():
+    """The export takes Qwen3_5ForCausalLM's layout when the class can express the model;
+    a hybrid with other families' letters keeps plait's own layout and modeling code."""
+    from plait.launcher.convert import native_layout
+    from plait.models.common import ModelConfig
+    from plait.models.presets import get_preset
+
+    assert native_layout(get_preset("gdn-tiny")) is qwen35.NATIVE
+    assert native_layout(get_preset("qwen3.5-0.8b")) is qwen35.NATIVE
+    mixed = ModelConfig(pattern="LGQA", num_layers=4)
+    assert native_layout(mixed) is None
+    assert "not Qwen3.5 layers" in qwen35.fits(mixed)
+    gelu = get_preset("gdn-tiny")
+    gelu.mlp = "gelu"
+    assert native_layout(gelu) is None
