@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 
@@ -72,3 +75,18 @@ def assert_tp_equal(out: dict, ref: dict, what: str = "") -> None:
     for k, g in ref["grads"].items():
         assert g.abs().sum() > 0, f"{what}: {k} got no gradient"
         torch.testing.assert_close(out["grads"][k], g, rtol=1e-5, atol=1e-6, msg=f"{what}: {k}")
+
+
+def train_rows(out: Path) -> list[dict]:
+    """The training rows of a run's metrics.jsonl so far (none before it exists; a line being
+    written is skipped): what tests watching a live run poll."""
+    f = Path(out) / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # being written
+            pass
+    return [r for r in rows if r["kind"] == "train"]

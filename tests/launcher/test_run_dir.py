@@ -29,6 +29,7 @@ import pytest
 from plait.launcher.rundir import LOCK_NAME, Holder, RunDirError, RunLock, stale_reason
 from tests.cli import run_module, snapshot
 from tests.distributed import _free_port
+from tests.helpers import train_rows
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -93,17 +94,6 @@ def _train_cmd(out: Path, steps: int, *sets: str) -> list[str]:
     return args
 
 
-def _rows(out: Path) -> list[dict]:
-    f = out / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    rows = []
-    for line in f.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-    return [r for r in rows if r["kind"] == "train"]
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -125,7 +115,7 @@ def test_two_jobs_on_one_run_directory(tmp_path):
     out, steps = tmp_path / "run", 30
     first = _start(_train_cmd(out, steps), tmp_path / "first.log")
     try:
-        _wait_for(lambda: len(_rows(out)) >= 2, first, tmp_path / "first.log")
+        _wait_for(lambda: len(train_rows(out)) >= 2, first, tmp_path / "first.log")
         first.send_signal(signal.SIGSTOP)  # holds the lock, trains nothing while we look
         t0 = time.time()
         second = run_module("plait.launcher.train", _train_cmd(out, steps, "training.seed=7"),
@@ -151,7 +141,7 @@ def test_two_jobs_on_one_run_directory(tmp_path):
     finally:
         first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    assert [r["step"] for r in _rows(out)] == list(range(1, steps + 1))  # one row per step
+    assert [r["step"] for r in train_rows(out)] == list(range(1, steps + 1))  # one row per step
     assert not (out / LOCK_NAME).exists()
 
     # the same command again: finished, nothing written
@@ -164,7 +154,7 @@ def test_two_jobs_on_one_run_directory(tmp_path):
     # a run killed with SIGKILL leaves its lock; the next one takes it over and resumes
     more = _train_cmd(out, 2 * steps, "checkpoint.save_every=5")
     killed = _start(more, tmp_path / "killed.log")
-    _wait_for(lambda: len(_rows(out)) >= steps + 6, killed, tmp_path / "killed.log")
+    _wait_for(lambda: len(train_rows(out)) >= steps + 6, killed, tmp_path / "killed.log")
     killed.kill()
     killed.wait()
     assert (out / LOCK_NAME).exists()

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import train_rows
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "train_1b.sh"
 STEPS = 100  # one process: 10-40 ms a step, so a signal sent after step 3 lands mid-run
@@ -70,17 +72,6 @@ def _plait_env(out: Path, steps: int) -> dict[str, str]:
             "PLAIT_SET": f"{TINY} training.steps={steps}"}
 
 
-def _train_rows(out: Path) -> list[dict]:
-    f = out / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    rows = []
-    for line in f.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # being written
-            pass
-    return [r for r in rows if r["kind"] == "train"]
 
 
 def _port_free(port: int) -> bool:
@@ -417,7 +408,7 @@ def _without_slurm(
     try:
         if stop_after:
             deadline = time.time() + 300
-            while len(_train_rows(out)) < stop_after and proc.poll() is None:
+            while len(train_rows(out)) < stop_after and proc.poll() is None:
                 assert time.time() < deadline, log_file.read_text()[-3000:]
                 time.sleep(0.1)
             assert proc.poll() is None, log_file.read_text()[-3000:]
@@ -447,7 +438,7 @@ def reference(tmp_path_factory):
 
 def _wait_rows(cluster: Cluster, job: int, out: Path, n: int) -> None:
     deadline = time.time() + 300
-    while len(_train_rows(out)) < n:
+    while len(train_rows(out)) < n:
         assert time.time() < deadline, cluster.output(job)
         assert cluster.job(job).get("JobState") not in FINAL_STATES, cluster.output(job)
         time.sleep(0.1)
@@ -477,7 +468,7 @@ def test_runs_without_slurm(reference):
     assert rc == 0, log[-3000:]
     assert "no Slurm allocation: one process" in log and "world 1 (tp 1 cp 1 dp 1)" in log
     assert f"done: step {STEPS}" in log
-    rows = _train_rows(out)
+    rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     (m,) = _summary(log)
     ckpt = out / "checkpoints" / f"step{STEPS}"
@@ -555,7 +546,7 @@ def test_two_task_job_trains_checkpoints_and_logs(cluster, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", cluster.explain(job)
     assert "world 2 (tp 1 cp 1 dp 2)" in log  # two srun tasks found each other
     assert f"done: step {TWO_RANK_STEPS}" in log
-    rows = _train_rows(out)
+    rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, TWO_RANK_STEPS + 1))
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
@@ -610,9 +601,9 @@ def test_preempted_job_requeues_and_matches_the_uninterrupted_run(cluster, refer
     assert (int(first[1]), first[4], first[5]) == (k, str(out / "checkpoints" / f"step{k}"), "75")
     assert (int(final[1]), final[5]) == (STEPS, "0")
 
-    rows = _train_rows(out)
+    rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step logged once
-    ref = {r["step"]: r["loss"] for r in _train_rows(reference[2])}
+    ref = {r["step"]: r["loss"] for r in train_rows(reference[2])}
     for r in rows:
         assert r["loss"] == ref[r["step"]], (r["step"], r["loss"], ref[r["step"]])
 
@@ -712,8 +703,8 @@ def test_two_node_job_trains_dp2_tp2_like_one_process(two_nodes, reference, tmp_
     assert "world 4 (tp 2 cp 1 dp 2)" in log, log[-3000:]
     assert "n[1-2]" in log or "n1,n2" in log, log[-3000:]
     _, _, ref_out = reference
-    ref = {r["step"]: r["loss"] for r in _train_rows(ref_out)}
-    got = {r["step"]: r["loss"] for r in _train_rows(out)}
+    ref = {r["step"]: r["loss"] for r in train_rows(ref_out)}
+    got = {r["step"]: r["loss"] for r in train_rows(out)}
     assert sorted(got) == list(range(1, steps + 1))
     for s in got:
         assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, got[s], ref[s])
