@@ -15,6 +15,11 @@ followed by the suffix combination -- nothing is scaled by the group size.
 Documents may start anywhere, including exactly at a rank border or inside a chunk; doc ids
 must be global (consistent across ranks), as the loader produces them.
 Bidirectional attention (``causal=False``, no decay, no documents) uses the total state.
+
+Per-token decays (``g``, Mamba-2): lambda^C becomes rank s's own total decay exp(sum over its
+tokens of g - s), and the first document's query factor exp(G_i) with G the rank's running sum.
+Each rank appends its log total decay to its M_r, so it travels in the same all-gather (and
+its gradient comes back through that gather's backward); without ``g`` nothing is appended.
 The forward overlaps the state all-gather with the local attention (an async collective
 attached to autograd afterwards); the backward's reduce-scatter is not overlapped yet.
 """
@@ -35,13 +40,15 @@ if TYPE_CHECKING:
     from .sequence import SequenceParallel
 
 
-def lightning(sp: SequenceParallel, q, k, v, slopes, doc_ids=None, block: int = 64):
+def lightning(sp: SequenceParallel, q, k, v, slopes, doc_ids=None, block: int = 64, g=None):
     """Lightning attention in the context ``sp``: the plain kernel on one rank, LASP-2 over
-    the context-parallel group otherwise (letter L)."""
+    the context-parallel group otherwise (letters L and M; ``g`` = per-token log-decays)."""
     sp.require_contiguous("LASP-2")
     if sp.world == 1:
-        return lightning_attention(q, k, v, slopes, doc_ids=doc_ids, block=block)
-    return lightning_attention_lasp2(q, k, v, slopes, sp.group, doc_ids=doc_ids, block=block)
+        return lightning_attention(q, k, v, slopes, doc_ids=doc_ids, block=block, g=g)
+    return lightning_attention_lasp2(
+        q, k, v, slopes, sp.group, doc_ids=doc_ids, block=block, g=g
+    )
 
 
 def based(sp: SequenceParallel, q, k, v, doc_ids=None, eps: float = 1e-6, block: int = 64):
@@ -53,7 +60,9 @@ def based(sp: SequenceParallel, q, k, v, doc_ids=None, eps: float = 1e-6, block:
     return based_attention_lasp2(q, k, v, sp.group, doc_ids=doc_ids, eps=eps, block=block)
 
 
-def chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids=None, backend: str = "auto") -> torch.Tensor:
+def chunk_state(
+    k_BHCD, v_BHCE, slopes_H, doc_ids=None, backend: str = "auto", g=None
+) -> torch.Tensor:
     """M_r, the state this rank's chunk hands on (float32), on the kernels' own pieces: the
     Triton state kernel for CUDA tensors (and ``backend="triton"``, which the tests run under
     the CPU interpreter), the one-matmul PyTorch form otherwise (unchanged on CPU). The kernel
@@ -63,8 +72,10 @@ def chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids=None, backend: str = "auto") -
     if use_triton and dt in (torch.float32, torch.bfloat16, torch.float16):
         from plait.kernels.lightning.triton import lightning_chunk_state_triton
 
-        return lightning_chunk_state_triton(k_BHCD.to(dt), v_BHCE.to(dt), slopes_H, doc_ids)
-    return lightning_chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids)
+        return lightning_chunk_state_triton(
+            k_BHCD.to(dt), v_BHCE.to(dt), slopes_H, doc_ids, g_BHT=g
+        )
+    return lightning_chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids, g=g)
 
 
 def lightning_attention_lasp2(
@@ -78,28 +89,39 @@ def lightning_attention_lasp2(
     causal: bool = True,
     block: int = 64,
     backend: str = "auto",
+    g: torch.Tensor | None = None,
 ) -> torch.Tensor:
     W = dist.get_world_size(group) if group is not None else 1
     r = dist.get_rank(group) if group is not None else 0
     acc = torch.promote_types(q_BHCD.dtype, torch.float32)
     if not causal:
-        if doc_ids is not None or bool((slopes_H != 0).any()):
+        if doc_ids is not None or g is not None or bool((slopes_H != 0).any()):
             raise ValueError("lightning LASP-2: bidirectional mode takes no decay and no documents")
         total = all_gather(chunk_state(k_BHCD, v_BHCE, slopes_H, backend=backend), group).sum(0)
         return (q_BHCD.to(acc) @ total).to(q_BHCD.dtype)
 
     if W == 1:
         return lightning_attention(
-            q_BHCD, k_BHCD, v_BHCE, slopes_H, doc_ids=doc_ids, block=block, backend=backend
+            q_BHCD, k_BHCD, v_BHCE, slopes_H, doc_ids=doc_ids, block=block, backend=backend, g=g
         )
-    B, H, C, _ = q_BHCD.shape
+    B, H, C, D = q_BHCD.shape
+    E = v_BHCE.shape[-1]
+    M_r = chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids, backend, g=g)
+    if g is not None:  # the rank's running log-decay; its total travels with M_r
+        G = (g.to(acc) - slopes_H.to(acc)[None, :, None]).cumsum(-1)  # [B, H, C]
+        M_r = torch.cat([M_r.flatten(-2), G[..., -1:].to(M_r.dtype)], dim=-1)
     # The state all-gather runs while the local (intra-chunk) attention is computed.
-    gather = AsyncGather(chunk_state(k_BHCD, v_BHCE, slopes_H, doc_ids, backend), group)
+    gather = AsyncGather(M_r, group)
     local = lightning_attention(
-        q_BHCD, k_BHCD, v_BHCE, slopes_H, doc_ids=doc_ids, block=block, backend=backend
+        q_BHCD, k_BHCD, v_BHCE, slopes_H, doc_ids=doc_ids, block=block, backend=backend, g=g
     )
     M_all = gather.result()
-    carry = torch.exp(-slopes_H.to(acc) * C)[None, :, None, None]  # [1, H, 1, 1]
+    if g is None:
+        carry = torch.exp(-slopes_H.to(acc) * C)[None, :, None, None]  # [1, H, 1, 1]
+        carries = [carry] * W
+    else:
+        carries = torch.exp(M_all[..., -1].to(acc))[..., None, None].unbind(0)  # [B, H, 1, 1]
+        M_all = M_all[..., :-1].unflatten(-1, (D, E))
     if doc_ids is None:
         whole = cont = torch.ones(W, B, dtype=torch.bool, device=q_BHCD.device)
     else:
@@ -112,10 +134,13 @@ def lightning_attention_lasp2(
     state = M_all[0] * 0
     for s in range(r):
         keep = (whole[s] & cont[s]).to(acc)[:, None, None, None]
-        state = M_all[s] + keep * carry * state
+        state = M_all[s] + keep * carries[s] * state
     state = state * cont[r].to(acc)[:, None, None, None]
-    t = torch.arange(C, device=q_BHCD.device, dtype=acc)
-    q_decay = torch.exp(-slopes_H.to(acc)[:, None] * (t + 1))[None, :, :, None]  # [1,H,C,1]
+    if g is None:
+        t = torch.arange(C, device=q_BHCD.device, dtype=acc)
+        q_decay = torch.exp(-slopes_H.to(acc)[:, None] * (t + 1))[None, :, :, None]  # [1,H,C,1]
+    else:
+        q_decay = torch.exp(G)[..., None]  # [B, H, C, 1]
     inter = (q_BHCD.to(acc) * q_decay) @ state
     if doc_ids is not None:
         inter = inter * (doc_ids == doc_ids[:, :1]).to(acc)[:, None, :, None]

@@ -3,6 +3,10 @@
 ``lightning_attention`` is the one entry point the models call; ``backend="auto"`` takes the
 Triton kernel for CUDA tensors and the chunked PyTorch path otherwise. ``lightning_attention_step``
 is the recurrent form for generation: it continues from the final state of a prefill.
+
+Every entry point takes an optional per-token log-decay ``g`` [B, H, T] (g_t <= 0) beside the
+constant slopes: token t's decay is then exp(g_t - s_h). That is Mamba-2's state-space dual
+(g = dt A); a call without ``g`` runs exactly the constant-slope code it always ran.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "naive", "chunk", "triton")
+
+
+def _check_g(g, like, what="lightning_attention"):
+    B, H, T = like.shape[:3]
+    if g is not None and g.shape != (B, H, T):
+        raise ValueError(f"{what}: g shape {tuple(g.shape)}, expected {(B, H, T)}")
 
 
 def _check(q, k, v, slopes, initial_state):
@@ -61,15 +71,18 @@ def lightning_attention(
     return_state: bool = False,
     block: int = 64,
     backend: str = "auto",
+    g: torch.Tensor | None = None,
 ):
     """o_t = sum_{j<=t, same document} exp(-s_h (t-j)) (q_t . k_j) v_j  (+ the decayed
     ``initial_state`` [B,H,D,E], which the first document of each row continues).
 
-    q, k [B,H,T,D], v [B,H,T,E]; ``slopes_H`` holds s_h >= 0 (0 = no decay). Document
-    boundaries come as ``cu_seqlens`` or ``doc_ids`` (see kernels/docs.py). Returns o, or
-    (o, final state in float32) with ``return_state``.
+    q, k [B,H,T,D], v [B,H,T,E]; ``slopes_H`` holds s_h >= 0 (0 = no decay). With ``g``
+    [B,H,T] (per-token log-decays, <= 0), exp(-s_h (t-j)) becomes exp(sum_{j<i<=t}(g_i - s_h)).
+    Document boundaries come as ``cu_seqlens`` or ``doc_ids`` (see kernels/docs.py). Returns
+    o, or (o, final state in float32) with ``return_state``.
     """
     _check(q_BHTD, k_BHTD, v_BHTE, slopes_H, initial_state)
+    _check_g(g, q_BHTD)
     B, _, T, _ = q_BHTD.shape
     docs = resolve_doc_ids(cu_seqlens, doc_ids, B, T)
     if docs is not None and T > 1 and bool((docs[:, 1:] < docs[:, :-1]).any()):
@@ -80,12 +93,12 @@ def lightning_attention(
         backend = "triton" if q_BHTD.is_cuda else "chunk"
     args = (q_BHTD, k_BHTD, v_BHTE, slopes_H, docs, initial_state, return_state)
     if backend == "naive":
-        return lightning_attention_naive(*args)
+        return lightning_attention_naive(*args, g_BHT=g)
     if backend == "triton":
         from .triton import lightning_attention_triton
 
-        return lightning_attention_triton(*args, block=max(16, block))
-    return lightning_attention_chunk(*args, block=block)
+        return lightning_attention_triton(*args, block=max(16, block), g_BHT=g)
+    return lightning_attention_chunk(*args, block=block, g_BHT=g)
 
 
 def lightning_attention_step(
@@ -94,9 +107,11 @@ def lightning_attention_step(
     v_BHE: torch.Tensor,
     slopes_H: torch.Tensor,
     state_BHDE: torch.Tensor | None = None,
+    g_BH: torch.Tensor | None = None,
 ):
     """One token of the recurrence: S <- lambda S + k^T v, o = q S. Returns (o, S).
 
+    lambda = exp(-s_h), or exp(g - s_h) with this token's log-decays ``g_BH`` [B, H].
     The state stays float32 (the prefill returns it in float32 too).
     """
     B, H, D = q_BHD.shape
@@ -104,6 +119,8 @@ def lightning_attention_step(
     acc = torch.promote_types(q_BHD.dtype, torch.float32)
     S = state_BHDE.to(acc) if state_BHDE is not None else q_BHD.new_zeros(B, H, D, E, dtype=acc)
     lam = torch.exp(-slopes_H.to(acc))[None, :, None, None]
+    if g_BH is not None:
+        lam = torch.exp(g_BH.to(acc) - slopes_H.to(acc)[None])[..., None, None]
     S = lam * S + k_BHD.to(acc)[..., :, None] * v_BHE.to(acc)[..., None, :]
     o = torch.einsum("bhd,bhde->bhe", q_BHD.to(acc), S)
     return o.to(q_BHD.dtype), S
@@ -114,14 +131,21 @@ def lightning_chunk_state(
     v_BHTE: torch.Tensor,
     slopes_H: torch.Tensor,
     doc_ids: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The state a chunk hands on, from a zero start: sum_j lambda^(T-1-j) k_j^T v_j over the
     chunk's last document, in float32 (one matmul, no intra-chunk work). Sequence
-    parallelism (LASP-2) gathers these across ranks."""
+    parallelism (LASP-2) gathers these across ranks. With per-token log-decays ``g`` the
+    weight of k_j is exp(sum_{j<i<T}(g_i - s_h)) instead."""
+    _check_g(g, k_BHTD, "lightning_chunk_state")
     acc = torch.promote_types(k_BHTD.dtype, torch.float32)
     T = k_BHTD.shape[2]
-    t = torch.arange(T, device=k_BHTD.device, dtype=acc)
-    kd = torch.exp(-slopes_H.to(acc)[:, None] * (T - 1 - t))[None]  # [1, H, T]
+    if g is not None:
+        G = (g.to(acc) - slopes_H.to(acc)[None, :, None]).cumsum(-1)
+        kd = torch.exp(G[..., -1:] - G)  # [B, H, T]
+    else:
+        t = torch.arange(T, device=k_BHTD.device, dtype=acc)
+        kd = torch.exp(-slopes_H.to(acc)[:, None] * (T - 1 - t))[None]  # [1, H, T]
     if doc_ids is not None:
         kd = kd * (doc_ids == doc_ids[:, -1:]).to(acc)[:, None]
     return (k_BHTD.to(acc) * kd[..., None]).transpose(-1, -2) @ v_BHTE.to(acc)

@@ -21,6 +21,14 @@ of each product, never on the query/key side (width D): (Q * qd) S = qd * (Q S) 
 (K * kd)^T V = K^T (kd * V). Where D > E (Based's 153 Taylor features over 33 value
 columns; TransNormerLLM's LRPE doubles D) that is D / E times less element-wise work and
 memory traffic; where D = E it is the same.
+
+Per-token decays (``g`` [B, H, T], token t's decay a_t = exp(g_t - s_h)) change only the
+tables: with G the running sum of g - s inside the block, M[a, b] = exp(G_a - G_b),
+qd[a] = exp(G_a), kd[b] = exp(G_{L-1} - G_b), c = exp(G_{L-1}); they are then per row and
+per block instead of per head. The gradient of g needs no sweep of its own: writing the
+operator in q_t e^{G_t} and k_j e^{-G_j} (the decay-free form), dL/dG_t = q_t . dq_t -
+k_t . dk_t (+ <dS_final, S_final> at the last token), and dg is the reverse running sum of
+that. Without ``g`` the constant-slope tables are used exactly as before.
 """
 
 from __future__ import annotations
@@ -63,21 +71,37 @@ def _decay_tables(s_H: torch.Tensor, L: int):
     return M, qd, kd, carry
 
 
+def _token_decay_tables(s_H: torch.Tensor, g_BHT: torch.Tensor, seg: _Segment):
+    """The tables of one segment from per-token log-decays: [B, H, nb, L(, L)]."""
+    B, H, _ = g_BHT.shape
+    G = (g_BHT[:, :, seg.t0 : seg.t1] - s_H[None, :, None]).view(B, H, seg.nb, seg.L).cumsum(-1)
+    upper = torch.ones(seg.L, seg.L, dtype=torch.bool, device=G.device).triu(1)
+    M = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(upper, float("-inf")))
+    last = G[..., -1:]
+    return M, torch.exp(G), torch.exp(last - G), torch.exp(last[..., 0])
+
+
 class _Tables:
     """Per-segment decay and document tables, broadcastable to [B, H, nb, L(, L)]."""
 
-    def __init__(self, s_H: torch.Tensor, doc_ids: torch.Tensor | None, T: int):
+    def __init__(
+        self, s_H: torch.Tensor, doc_ids: torch.Tensor | None, T: int, g: torch.Tensor | None
+    ):
         self.s_H = s_H
         self.doc_ids = doc_ids
         self.T = T
+        self.g = g
         self._cache: dict[int, tuple] = {}
 
     def __call__(self, seg: _Segment):
-        if seg.L not in self._cache:
-            self._cache[seg.L] = _decay_tables(self.s_H, seg.L)
-        M, qd, kd, carry = self._cache[seg.L]
-        M, qd, kd = M[None, :, None], qd[None, :, None], kd[None, :, None]
-        carry = carry[None, :, None].expand(1, -1, seg.nb)
+        if self.g is not None:
+            M, qd, kd, carry = _token_decay_tables(self.s_H, self.g, seg)
+        else:
+            if seg.L not in self._cache:
+                self._cache[seg.L] = _decay_tables(self.s_H, seg.L)
+            M, qd, kd, carry = self._cache[seg.L]
+            M, qd, kd = M[None, :, None], qd[None, :, None], kd[None, :, None]
+            carry = carry[None, :, None].expand(1, -1, seg.nb)
         if self.doc_ids is None:
             return M, qd, kd, carry
         B = self.doc_ids.shape[0]
@@ -102,12 +126,13 @@ def _blocks(x: torch.Tensor, seg: _Segment) -> torch.Tensor:
 
 class _LightningChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, doc_ids, initial_state, block, group):
+    def forward(ctx, q, k, v, slopes, doc_ids, initial_state, block, group, g):
         acc = torch.promote_types(q.dtype, torch.float32)
         B, H, T, D = q.shape
         E = v.shape[-1]
         qa, ka, va = (x.to(acc) for x in (q, k, v))
-        tables = _Tables(slopes.to(acc), doc_ids, T)
+        ga = g.to(acc) if g is not None else None
+        tables = _Tables(slopes.to(acc), doc_ids, T, ga)
         segs = _segments(T, block, group)
         S = (
             initial_state.to(acc).clone()
@@ -129,7 +154,8 @@ class _LightningChunk(torch.autograd.Function):
             o += (Qg @ St).mul_(qd[..., None])
             outs.append(o.reshape(B, H, seg.nb * seg.L, E))
             states.append(St)
-        ctx.save_for_backward(q, k, v, slopes, doc_ids, torch.cat(states, dim=2))
+        final = S if g is not None else None  # dg's last-token term needs it
+        ctx.save_for_backward(q, k, v, slopes, doc_ids, torch.cat(states, dim=2), g, final)
         ctx.block, ctx.group, ctx.has_init = block, group, initial_state is not None
         ctx.state_dtype = initial_state.dtype if initial_state is not None else acc
         return torch.cat(outs, dim=2).to(q.dtype), S
@@ -141,13 +167,14 @@ class _LightningChunk(torch.autograd.Function):
         dK = ((dO V^T) * M)^T Q + (V dS_{i+1}^T) * kd
         dV = P^T dO + (K * kd) dS_{i+1}
         dS_i = c dS_{i+1} + (Q * qd)^T dO,  swept from the last block back (dS_n = d_final).
+        With per-token decays, dg comes from dq and dk afterwards (module docstring).
         """
-        q, k, v, slopes, doc_ids, all_states = ctx.saved_tensors
+        q, k, v, slopes, doc_ids, all_states, g, final = ctx.saved_tensors
         acc = all_states.dtype
         B, H, T, D = q.shape
         qa, ka, va = (x.to(acc) for x in (q, k, v))
         do = d_out.to(acc)
-        tables = _Tables(slopes.to(acc), doc_ids, T)
+        tables = _Tables(slopes.to(acc), doc_ids, T, g.to(acc) if g is not None else None)
         dS = d_final.to(acc) if d_final is not None else torch.zeros_like(all_states[:, :, 0])
         dq, dk, dv = torch.empty_like(qa), torch.empty_like(ka), torch.empty_like(va)
         for seg in reversed(_segments(T, ctx.block, ctx.group)):
@@ -175,7 +202,25 @@ class _LightningChunk(torch.autograd.Function):
             dk[:, :, seg.t0 : seg.t1] = dKg.reshape(B, H, n, D)
             dv[:, :, seg.t0 : seg.t1] = dVg.reshape(B, H, n, -1)
         d_init = dS.to(ctx.state_dtype) if ctx.has_init else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, d_init, None, None
+        dg = None
+        if g is not None and ctx.needs_input_grad[8]:
+            dg = token_decay_grad(qa, dq, ka, dk, final, d_final).to(g.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, d_init, None, None, dg
+
+
+def token_decay_grad(q, dq, k, dk, final=None, d_final=None) -> torch.Tensor:
+    """dL/dg [B, H, T] for per-token log-decays, from the gradients of q and k (any path):
+    the reverse running sum of q_t . dq_t - k_t . dk_t, plus <dS_final, S_final> at the last
+    token. Terms across a document border cancel in the sum (each document's operator depends
+    on differences of G inside it), so no document table is needed. ``q``/``dq`` may be None
+    (a chunk state has no queries)."""
+    acc = torch.promote_types(dk.dtype, torch.float32)
+    dG = -(k.to(acc) * dk.to(acc)).sum(-1)
+    if q is not None:
+        dG = dG + (q.to(acc) * dq.to(acc)).sum(-1)
+    if d_final is not None:
+        dG[..., -1] += (final.to(acc) * d_final.to(acc)).sum((-1, -2))
+    return dG.flip(-1).cumsum(-1).flip(-1)
 
 
 def lightning_attention_chunk(
@@ -188,9 +233,10 @@ def lightning_attention_chunk(
     return_state: bool = False,
     block: int = 64,
     group: int = 1024,
+    g_BHT: torch.Tensor | None = None,
 ):
     """Returns o [B, H, T, E] (and the final state [B, H, D, E] if ``return_state``)."""
     out, state = _LightningChunk.apply(
-        q_BHTD, k_BHTD, v_BHTE, slopes_H, doc_ids_BT, initial_state_BHDE, block, group
+        q_BHTD, k_BHTD, v_BHTE, slopes_H, doc_ids_BT, initial_state_BHDE, block, group, g_BHT
     )
     return (out, state) if return_state else out

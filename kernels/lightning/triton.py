@@ -99,20 +99,36 @@ def _autotune(kernel: str):
 
 # ---------------------------------------------------------------- device helpers
 @triton.jit
-def _tables(s, offs_t, start, T, doc_ptr, HAS_DOCS: tl.constexpr, TRANS: tl.constexpr):
-    """The chunk's decay tables; M is [t, j] (or [j, t] with TRANS)."""
+def _tables(
+    s, offs_t, start, T, doc_ptr, g_ptr,
+    HAS_DOCS: tl.constexpr, TRANS: tl.constexpr, HAS_G: tl.constexpr,
+):
+    """The chunk's decay tables; M is [t, j] (or [j, t] with TRANS). With HAS_G, ``g_ptr``
+    holds G, the running sum of g - s inside each chunk (the host's ``_chunk_log_decay``)."""
     tmask = start + offs_t < T
     L = tl.minimum(T - start, offs_t.shape[0])
     pos = tl.cast(offs_t, tl.float32)
-    Lf = tl.cast(L, tl.float32)
     if TRANS:
         diff = pos[None, :] - pos[:, None]
     else:
         diff = pos[:, None] - pos[None, :]
-    M = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)
-    qd = tl.exp(-s * (pos + 1.0))
-    kd = tl.where(tmask, tl.exp(-s * tl.maximum(Lf - 1.0 - pos, 0.0)), 0.0)
-    carry = tl.exp(-s * Lf)
+    if HAS_G:
+        gc = tl.load(g_ptr + start + offs_t, mask=tmask, other=0.0)
+        g_end = tl.load(g_ptr + start + L - 1)
+        if TRANS:
+            expo = gc[None, :] - gc[:, None]
+        else:
+            expo = gc[:, None] - gc[None, :]
+        M = tl.where(diff >= 0, tl.exp(tl.minimum(expo, 0.0)), 0.0)
+        qd = tl.exp(gc)
+        kd = tl.where(tmask, tl.exp(tl.minimum(g_end - gc, 0.0)), 0.0)
+        carry = tl.exp(g_end)
+    else:
+        Lf = tl.cast(L, tl.float32)
+        M = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)
+        qd = tl.exp(-s * (pos + 1.0))
+        kd = tl.where(tmask, tl.exp(-s * tl.maximum(Lf - 1.0 - pos, 0.0)), 0.0)
+        carry = tl.exp(-s * Lf)
     if HAS_DOCS:
         d = tl.load(doc_ptr + start + offs_t, mask=tmask, other=-1)
         prev = tl.load(doc_ptr + tl.maximum(start - 1, 0))
@@ -150,10 +166,11 @@ def _put_state(ptr, S, offs_k, offs_v, D, E):
 @_autotune("state")
 @triton.jit(do_not_specialize=["T"])
 def _state_fwd(
-    K, V, STATES, SLOPES, DOC, S_INIT, S_FINAL,
+    K, V, STATES, SLOPES, DOC, G, S_INIT, S_FINAL,
     T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, HAS_INIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WRITE_STATES: tl.constexpr = True,
+    HAS_G: tl.constexpr = False,
 ):
     pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
@@ -162,7 +179,7 @@ def _state_fwd(
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     k_ptr, v_ptr = K + bh64 * T * D, V + bh64 * T * E
-    doc_ptr = DOC + (bh64 // H) * T
+    doc_ptr, g_ptr = DOC + (bh64 // H) * T, G + bh64 * T
     st_ptr = STATES + bh64 * NT * D * E
     S = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_INIT:
@@ -171,7 +188,7 @@ def _state_fwd(
         start = i * BT
         if WRITE_STATES:
             _put_state(st_ptr + tl.cast(i, tl.int64) * D * E, S, offs_k, offs_v, D, E)
-        _, _, kd, carry = _tables(s, offs_t, start, T, doc_ptr, HAS_DOCS, False)
+        _, _, kd, carry = _tables(s, offs_t, start, T, doc_ptr, g_ptr, HAS_DOCS, False, HAS_G)
         k = _tile(k_ptr, start + offs_t, offs_k, T, D, UPCAST)
         v = _tile(v_ptr, start + offs_t, offs_v, T, E, UPCAST)
         vk = (v.to(tl.float32) * kd[:, None]).to(v.dtype)
@@ -182,10 +199,10 @@ def _state_fwd(
 @_autotune("out")
 @triton.jit(do_not_specialize=["T"])
 def _out_fwd(
-    Q, K, V, O, STATES, SLOPES, DOC,
+    Q, K, V, O, STATES, SLOPES, DOC, G,
     T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr = False,
 ):
     pid_v, i, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
@@ -204,7 +221,9 @@ def _out_fwd(
         S = _state_tile(st_ptr, offs_k, offs_v, D, E).to(q.dtype)
         scores += tl.dot(q, tl.trans(k), input_precision=PREC)
         o += tl.dot(q, S, input_precision=PREC)
-    M, qd, _, _ = _tables(s, tl.arange(0, BT), start, T, DOC + (bh64 // H) * T, HAS_DOCS, False)
+    M, qd, _, _ = _tables(
+        s, tl.arange(0, BT), start, T, DOC + (bh64 // H) * T, G + bh64 * T, HAS_DOCS, False, HAS_G
+    )
     v = _tile(V + bh64 * T * E, offs_t, offs_v, T, E, UPCAST)
     o = o * qd[:, None] + tl.dot((scores * M).to(v.dtype), v, input_precision=PREC)
     om = (offs_t < T)[:, None] & (offs_v < E)[None, :]
@@ -216,11 +235,11 @@ def _out_fwd(
 @_autotune("dstate")
 @triton.jit(do_not_specialize=["T"])
 def _dstate_bwd(
-    Q, DO, DSTATES, SLOPES, DOC, DS_FINAL, DS_INIT,
+    Q, DO, DSTATES, SLOPES, DOC, G, DS_FINAL, DS_INIT,
     T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr = False,
 ):
     pid_k, pid_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
@@ -229,7 +248,7 @@ def _dstate_bwd(
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
     q_ptr, do_ptr = Q + bh64 * T * D, DO + bh64 * T * E
-    doc_ptr = DOC + (bh64 // H) * T
+    doc_ptr, g_ptr = DOC + (bh64 // H) * T, G + bh64 * T
     st_ptr = DSTATES + bh64 * NT * D * E
     dS = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_DFINAL:
@@ -238,7 +257,7 @@ def _dstate_bwd(
         i = NT - 1 - j
         start = i * BT
         _put_state(st_ptr + tl.cast(i, tl.int64) * D * E, dS, offs_k, offs_v, D, E)
-        _, qd, _, carry = _tables(s, offs_t, start, T, doc_ptr, HAS_DOCS, False)
+        _, qd, _, carry = _tables(s, offs_t, start, T, doc_ptr, g_ptr, HAS_DOCS, False, HAS_G)
         q = _tile(q_ptr, start + offs_t, offs_k, T, D, UPCAST)
         do = _tile(do_ptr, start + offs_t, offs_v, T, E, UPCAST)
         dod = (do.to(tl.float32) * qd[:, None]).to(do.dtype)
@@ -250,10 +269,10 @@ def _dstate_bwd(
 @_autotune("dv")
 @triton.jit(do_not_specialize=["T"])
 def _dv_bwd(
-    Q, K, DO, DV, DSTATES, SLOPES, DOC,
+    Q, K, DO, DV, DSTATES, SLOPES, DOC, G,
     T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr = False,
 ):
     pid_v, i, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
@@ -272,7 +291,9 @@ def _dv_bwd(
         dS = _state_tile(st_ptr, offs_k, offs_v, D, E).to(k.dtype)
         pt += tl.dot(k, tl.trans(q), input_precision=PREC)
         dv += tl.dot(k, dS, input_precision=PREC)
-    MT, _, kd, _ = _tables(s, tl.arange(0, BT), start, T, DOC + (bh64 // H) * T, HAS_DOCS, True)
+    MT, _, kd, _ = _tables(
+        s, tl.arange(0, BT), start, T, DOC + (bh64 // H) * T, G + bh64 * T, HAS_DOCS, True, HAS_G
+    )
     do = _tile(DO + bh64 * T * E, offs_t, offs_v, T, E, UPCAST)
     dv = dv * kd[:, None] + tl.dot((pt * MT).to(do.dtype), do, input_precision=PREC)
     m = (offs_t < T)[:, None] & (offs_v < E)[None, :]
@@ -286,10 +307,10 @@ def _dv_bwd(
 @_autotune("dqdk")
 @triton.jit(do_not_specialize=["T"])
 def _dqdk_bwd(
-    Q, K, V, DO, DQ, DK, STATES, DSTATES, SLOPES, DOC,
+    Q, K, V, DO, DQ, DK, STATES, DSTATES, SLOPES, DOC, G,
     T, H, D, E, NT,
     HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr = False,
 ):
     pid_k, i, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh64 = tl.cast(bh, tl.int64)
@@ -311,7 +332,9 @@ def _dqdk_bwd(
         dp += tl.dot(do, tl.trans(v), input_precision=PREC)
         dq += tl.dot(do, tl.trans(S), input_precision=PREC)
         dk += tl.dot(v, tl.trans(dS), input_precision=PREC)
-    M, qd, kd, _ = _tables(s, tl.arange(0, BT), start, T, DOC + (bh64 // H) * T, HAS_DOCS, False)
+    M, qd, kd, _ = _tables(
+        s, tl.arange(0, BT), start, T, DOC + (bh64 // H) * T, G + bh64 * T, HAS_DOCS, False, HAS_G
+    )
     q = _tile(Q + bh64 * T * D, offs_t, offs_k, T, D, UPCAST)
     k = _tile(K + bh64 * T * D, offs_t, offs_k, T, D, UPCAST)
     dpm = (dp * M).to(k.dtype)
@@ -358,32 +381,49 @@ def plan(D: int, E: int, dtype: torch.dtype, block: int, interpret: bool = INTER
     )
 
 
-def _launch_forward(q, k, v, slopes32, docs, init, has_docs, meta, need_out=True):
+def _chunk_log_decay(g, slopes32, BT: int, like: torch.Tensor) -> torch.Tensor:
+    """G for the kernels' tables: the running sum of g - s inside each BT-token chunk,
+    float32 [B, H, T] (the dummy one-element tensor without per-token decays)."""
+    if g is None:
+        return like.new_zeros(1, dtype=torch.float32)
+    B, H, T = g.shape
+    NT = triton.cdiv(T, BT)
+    x = g.to(device=like.device, dtype=torch.float32) - slopes32[None, :, None]
+    x = torch.nn.functional.pad(x, (0, NT * BT - T)).view(B, H, NT, BT).cumsum(-1)
+    return x.view(B, H, NT * BT)[..., :T].contiguous()
+
+
+def _launch_forward(q, k, v, slopes32, docs, init, has_docs, meta, need_out=True, gc=None):
     B, H, T, D = q.shape
     E = v.shape[-1]
     NT = triton.cdiv(T, meta["BT"])
     states = torch.empty(B * H, NT, D, E, device=q.device, dtype=torch.float32)
     final = torch.empty(B, H, D, E, device=q.device, dtype=torch.float32)
     BK, BV = meta["BK"], meta["BV"]
+    has_g = gc is not None and gc.numel() > 1
+    if gc is None:
+        gc = q.new_zeros(1, dtype=torch.float32)
     _state_fwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
-        k, v, states, slopes32, docs, init, final, T, H, D, E, NT,
-        HAS_DOCS=has_docs, HAS_INIT=init.numel() > 1, **meta,
+        k, v, states, slopes32, docs, gc, init, final, T, H, D, E, NT,
+        HAS_DOCS=has_docs, HAS_INIT=init.numel() > 1, HAS_G=has_g, **meta,
     )
     o = None
     if need_out:
         o = torch.empty(B, H, T, E, device=q.device, dtype=q.dtype)
         _out_fwd[(triton.cdiv(E, BV), NT, B * H)](
-            q, k, v, o, states, slopes32, docs, T, H, D, E, NT, HAS_DOCS=has_docs, **meta
+            q, k, v, o, states, slopes32, docs, gc, T, H, D, E, NT,
+            HAS_DOCS=has_docs, HAS_G=has_g, **meta,
         )
     return o, final, states
 
 
 class _LightningTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, doc_ids, initial_state, block):
+    def forward(ctx, q, k, v, slopes, doc_ids, initial_state, block, g):
         q, k, v = (x.contiguous() for x in (q, k, v))
         meta = plan(q.shape[-1], v.shape[-1], q.dtype, block)
         slopes32 = slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        gc = _chunk_log_decay(g, slopes32, meta["BT"], q)
         docs = prepare_doc_ids(doc_ids, q, "lightning_attention")
         has_init = initial_state is not None
         init = (
@@ -392,23 +432,31 @@ class _LightningTriton(torch.autograd.Function):
             else q.new_zeros(1, dtype=torch.float32)
         )
         with on_device(q):
-            o, final, _ = _launch_forward(q, k, v, slopes32, docs, init, doc_ids is not None, meta)
-        ctx.save_for_backward(q, k, v, slopes32, docs, init)
+            o, final, _ = _launch_forward(
+                q, k, v, slopes32, docs, init, doc_ids is not None, meta, gc=gc
+            )
+        ctx.save_for_backward(q, k, v, slopes32, docs, init, gc)
         ctx.has_docs, ctx.has_init, ctx.meta = doc_ids is not None, has_init, meta
         ctx.init_dtype = initial_state.dtype if has_init else None
+        ctx.g_dtype = g.dtype if g is not None else None
         return o, final
 
     @staticmethod
     def backward(ctx, d_out, d_final):
-        q, k, v, slopes32, docs, init = ctx.saved_tensors
+        """The three kernels of the module docstring; with per-token decays, dg from dq and
+        dk (chunk.token_decay_grad), which are then kept in float32 until it is formed."""
+        q, k, v, slopes32, docs, init, gc = ctx.saved_tensors
         meta, has_docs = ctx.meta, ctx.has_docs
         B, H, T, D = q.shape
         E = v.shape[-1]
         NT = triton.cdiv(T, meta["BT"])
         BK, BV = meta["BK"], meta["BV"]
+        has_g = ctx.g_dtype is not None
+        need_g = has_g and ctx.needs_input_grad[7]
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        need_q, need_k = need_q or need_g, need_k or need_g
         need_init = ctx.has_init and ctx.needs_input_grad[5]
-        dq = dk = dv = d_init = None
+        dq = dk = dv = d_init = dg = None
         with on_device(q):
             do = (
                 d_out.contiguous()
@@ -427,26 +475,35 @@ class _LightningTriton(torch.autograd.Function):
             )
             dstates = torch.empty(B * H, NT, D, E, device=q.device, dtype=torch.float32)
             _dstate_bwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
-                q, do, dstates, slopes32, docs, dfinal, dinit, T, H, D, E, NT,
-                HAS_DOCS=has_docs, HAS_DFINAL=d_final is not None, HAS_INIT=need_init, **meta,
+                q, do, dstates, slopes32, docs, gc, dfinal, dinit, T, H, D, E, NT,
+                HAS_DOCS=has_docs, HAS_DFINAL=d_final is not None, HAS_INIT=need_init,
+                HAS_G=has_g, **meta,
             )
             if need_v:
                 dv = torch.empty_like(v)
                 _dv_bwd[(triton.cdiv(E, BV), NT, B * H)](
-                    q, k, do, dv, dstates, slopes32, docs, T, H, D, E, NT,
-                    HAS_DOCS=has_docs, **meta,
+                    q, k, do, dv, dstates, slopes32, docs, gc, T, H, D, E, NT,
+                    HAS_DOCS=has_docs, HAS_G=has_g, **meta,
                 )
             if need_q or need_k:
-                _, _, states = _launch_forward(
-                    q, k, v, slopes32, docs, init, has_docs, meta, need_out=False
+                _, final, states = _launch_forward(
+                    q, k, v, slopes32, docs, init, has_docs, meta, need_out=False, gc=gc
                 )
-                dq, dk = torch.empty_like(q), torch.empty_like(k)
+                grad_dtype = torch.float32 if need_g else q.dtype
+                dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
+                dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
                 _dqdk_bwd[(triton.cdiv(D, BK), NT, B * H)](
-                    q, k, v, do, dq, dk, states, dstates, slopes32, docs, T, H, D, E, NT,
-                    HAS_DOCS=has_docs, **meta,
+                    q, k, v, do, dq, dk, states, dstates, slopes32, docs, gc, T, H, D, E, NT,
+                    HAS_DOCS=has_docs, HAS_G=has_g, **meta,
                 )
+                if need_g:
+                    from .chunk import token_decay_grad
+
+                    dg = token_decay_grad(q, dq, k, dk, final, d_final).to(ctx.g_dtype)
+                    dq, dk = dq.to(q.dtype), dk.to(k.dtype)
         if need_init:
             d_init = dinit.to(ctx.init_dtype)
+        need_q, need_k = ctx.needs_input_grad[:2]
         return (
             dq if need_q else None,
             dk if need_k else None,
@@ -455,6 +512,7 @@ class _LightningTriton(torch.autograd.Function):
             None,
             d_init,
             None,
+            dg,
         )
 
 
@@ -467,11 +525,12 @@ def lightning_attention_triton(
     initial_state_BHDE: torch.Tensor | None = None,
     return_state: bool = False,
     block: int = 64,
+    g_BHT: torch.Tensor | None = None,
 ):
     check_device(q_BHTD, k_BHTD, v_BHTE, what="lightning_attention")
     check_slopes(slopes_H, "lightning_attention")
     out, state = _LightningTriton.apply(
-        q_BHTD, k_BHTD, v_BHTE, slopes_H, doc_ids_BT, initial_state_BHDE, block
+        q_BHTD, k_BHTD, v_BHTE, slopes_H, doc_ids_BT, initial_state_BHDE, block, g_BHT
     )
     return (out, state) if return_state else out
 
@@ -481,10 +540,11 @@ class _ChunkStateTriton(torch.autograd.Function):
     with nothing written per chunk. The backward needs no kernel of its own: with one state
     gradient dF for the whole chunk, dK = kd * (V dF^T) and dV = kd * (K dF) are two batched
     GEMMs with no recurrence (kd_t = lambda^(T-1-t) on the chunk's last document), which
-    cuBLAS runs at full rate."""
+    cuBLAS runs at full rate. Per-token decays (``g``) weigh k_j by exp(G_end - G_j), and
+    their gradient is the reverse running sum of -k_j . dk_j (+ <dF, F> at the last token)."""
 
     @staticmethod
-    def forward(ctx, k, v, slopes, doc_ids, block):
+    def forward(ctx, k, v, slopes, doc_ids, block, g):
         k, v = k.contiguous(), v.contiguous()
         B, H, T, D = k.shape
         E = v.shape[-1]
@@ -493,29 +553,42 @@ class _ChunkStateTriton(torch.autograd.Function):
         docs = prepare_doc_ids(doc_ids, k, "lightning_chunk_state")
         final = torch.empty(B, H, D, E, device=k.device, dtype=torch.float32)
         dummy = k.new_zeros(1, dtype=torch.float32)
+        gc = _chunk_log_decay(g, slopes32, meta["BT"], k)
         with on_device(k):
             _state_fwd[(triton.cdiv(D, meta["BK"]), triton.cdiv(E, meta["BV"]), B * H)](
-                k, v, dummy, slopes32, docs, dummy, final, T, H, D, E, triton.cdiv(T, meta["BT"]),
-                HAS_DOCS=doc_ids is not None, HAS_INIT=False, WRITE_STATES=False, **meta,
+                k, v, dummy, slopes32, docs, gc, dummy, final, T, H, D, E,
+                triton.cdiv(T, meta["BT"]), HAS_DOCS=doc_ids is not None, HAS_INIT=False,
+                WRITE_STATES=False, HAS_G=g is not None, **meta,
             )
-        ctx.save_for_backward(k, v, slopes32, docs)
+        ctx.save_for_backward(k, v, slopes32, docs, g, final if g is not None else None)
         ctx.has_docs = doc_ids is not None
         return final
 
     @staticmethod
     def backward(ctx, d_final):
-        k, v, slopes32, docs = ctx.saved_tensors
+        k, v, slopes32, docs, g, final = ctx.saved_tensors
         T = k.shape[2]
-        t = torch.arange(T, device=k.device, dtype=torch.float32)
-        kd = torch.exp(-slopes32[:, None] * (T - 1 - t))[None]  # [1, H, T]
+        if g is not None:
+            G = (g.float() - slopes32[None, :, None]).cumsum(-1)
+            kd = torch.exp(G[..., -1:] - G)  # [B, H, T]
+        else:
+            t = torch.arange(T, device=k.device, dtype=torch.float32)
+            kd = torch.exp(-slopes32[:, None] * (T - 1 - t))[None]  # [1, H, T]
         if ctx.has_docs:
             kd = kd * (docs == docs[:, -1:]).to(torch.float32)[:, None]
         kd = kd[..., None]
         dF = d_final.to(torch.float32)
         need_k, need_v = ctx.needs_input_grad[:2]
-        dk = (kd * (v.float() @ dF.transpose(-1, -2))).to(k.dtype) if need_k else None
+        need_g = g is not None and ctx.needs_input_grad[5]
+        dk32 = kd * (v.float() @ dF.transpose(-1, -2)) if (need_k or need_g) else None
         dv = (kd * (k.float() @ dF)).to(v.dtype) if need_v else None
-        return dk, dv, None, None, None
+        dg = None
+        if need_g:
+            from .chunk import token_decay_grad
+
+            dg = token_decay_grad(None, None, k, dk32, final, dF).to(g.dtype)
+        dk = dk32.to(k.dtype) if need_k else None
+        return dk, dv, None, None, None, dg
 
 
 def lightning_chunk_state_triton(
@@ -524,6 +597,7 @@ def lightning_chunk_state_triton(
     slopes_H: torch.Tensor,
     doc_ids_BT: torch.Tensor | None = None,
     block: int = 64,
+    g_BHT: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``lightning_chunk_state`` on the Triton state kernel (float32 [B, H, D, E]): the state
     tiled <= 64 x 64 per program, so Based's 153 x 65 and TransNormerLLM's 256 x 128 states
@@ -531,22 +605,26 @@ def lightning_chunk_state_triton(
     decayed copy of K."""
     check_device(k_BHTD, v_BHTE, what="lightning_chunk_state")
     check_slopes(slopes_H, "lightning_chunk_state")
-    return _ChunkStateTriton.apply(k_BHTD, v_BHTE, slopes_H, doc_ids_BT, block)
+    return _ChunkStateTriton.apply(k_BHTD, v_BHTE, slopes_H, doc_ids_BT, block, g_BHT)
 
 
 # ---------------------------------------------------------------- ahead-of-time compile cases
 _TT = TRITON_DTYPE
 
 
-def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, has_init: bool, block: int = 64):
+def aot_cases(
+    D: int, E: int, dtype: torch.dtype, has_docs: bool, has_init: bool, block: int = 64,
+    has_g: bool = False,
+):
     """One entry per kernel a call at this shape launches, for kernels/aot.py: argument
     types, constexprs (as the wrapper sets them on a GPU) and the largest autotune config the
-    shared-memory pruner keeps on an H100 (the most demanding one)."""
+    shared-memory pruner keeps on an H100 (the most demanding one). ``has_g``: the per-token
+    decay variant (Mamba-2)."""
     meta = plan(D, E, dtype, block, interpret=False)
     x, f32, i32 = f"*{_TT[dtype]}", "*fp32", "i32"
     ints = dict(T=i32, H=i32, D=i32, E=i32, NT=i32)
-    common = dict(SLOPES=f32, DOC="*i64", **ints)
-    docs = dict(HAS_DOCS=has_docs)
+    common = dict(SLOPES=f32, DOC="*i64", G=f32, **ints)
+    docs = dict(HAS_DOCS=has_docs, HAS_G=has_g)
     specs = [
         (
             _state_fwd,
