@@ -8,7 +8,7 @@ docs/models.md, "Adding a family"), and one line below. Families kept outside pl
 from plait.models.common.family import register
 from plait.models.common.mixers import SOFTMAX
 
-from . import based, gdn, h3, hybrid, moh, seqboat, transnormer
+from . import based, gdn, h3, hybrid, mamba2, moh, seqboat, transnormer
 
 SHIPPED = (
     SOFTMAX,
@@ -18,6 +18,7 @@ SHIPPED = (
     seqboat.FAMILY,
     moh.FAMILY,
     gdn.FAMILY,
+    mamba2.FAMILY,
     hybrid.FAMILY,
 )
 """plait's own families, in the order docs/models.md lists them."""
