@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from plait.models.common.config import ModelConfig, ModelConfigError
 
@@ -34,6 +35,11 @@ class Mamba2Options:
     """D: dt = softplus(dt_raw + dt_bias) is clamped to [dt_min, dt_max] (``time_step_limit``)."""
     dt_max: float = 0.0
     """D: the upper clamp; 0 means none (the release's default, infinity)."""
+    init: Literal["mamba_ssm", "transformers"] = "mamba_ssm"
+    """D: how A_log and dt_bias start. mamba_ssm (the Mamba-2 authors' layer, what Bamba was
+    pretrained with): A uniform in [1, 16], dt log-uniform in [0.001, 0.1] (floor 1e-4) with
+    dt_bias = softplus^-1(dt). transformers (BambaMixer's own init): A = 1..heads, dt_bias 1,
+    so that at Bamba's 128 heads most heads forget their state within a token."""
     attn_kv_heads: int = 0
     """R: key/value heads (``num_key_value_heads``); 0 means ``model.num_heads``."""
     partial_rotary: float = 0.5
@@ -53,6 +59,10 @@ class Mamba2Options:
             raise ModelConfigError(
                 f"mamba2.dt_min/dt_max: need 0 <= dt_min <= dt_max (0: none), got "
                 f"{self.dt_min}, {self.dt_max}"
+            )
+        if self.init not in ("mamba_ssm", "transformers"):
+            raise ModelConfigError(
+                f"mamba2.init: {self.init!r} is not one of 'mamba_ssm', 'transformers'"
             )
         if not 0.0 <= self.partial_rotary <= 1.0:
             raise ModelConfigError(

@@ -23,6 +23,8 @@ C, and Bamba has one group for 128 heads.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
@@ -58,6 +60,18 @@ def _row(cfg, mp, in_features, bias=False):
         in_features, cfg.hidden_size, config=mp, bias=bias, input_is_parallel=True,
         skip_bias_add=False, init_method=output_init(cfg),
     )
+
+
+def _initial_a_and_dt_bias(heads: int, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, dt_bias) for all heads: mamba_ssm's Mamba2 layer (A ~ U[1, 16]; dt log-uniform in
+    [1e-3, 0.1], floored at 1e-4, stored as softplus^-1(dt)) or transformers' BambaMixer
+    (A = 1..heads, dt_bias = 1)."""
+    if init == "transformers":
+        return torch.arange(1, heads + 1, dtype=torch.float32), torch.ones(heads)
+    A = torch.empty(heads).uniform_(1.0, 16.0)
+    dt = torch.exp(torch.rand(heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt = dt.clamp_min(1e-4)
+    return A, dt + torch.log(-torch.expm1(-dt))
 
 
 class GroupGatedRMSNorm(nn.Module):
@@ -108,8 +122,8 @@ class Mamba2Mixer(nn.Module):
         if o.proj_bias:
             nn.init.zeros_(self.bc_proj.bias)
         self.out_proj = _row(cfg, mp, width, o.proj_bias)
-        # The release's init (BambaPreTrainedModel._init_weights): conv weights normal(std),
-        # zero conv bias, A_log = log(1..heads), D = 1, dt_bias = 1.
+        # Conv weights normal(std) with zero bias, D = 1 (BambaPreTrainedModel._init_weights);
+        # A and dt as ``mamba2.init`` says. Drawn whole, then this rank's heads taken.
         local = slice(first * self.p, (first + self.h) * self.p)
         x_conv = torch.empty(width, o.conv_kernel).normal_(0.0, cfg.init_std)[local].clone()
         self.x_conv = mark_tp_sharded(nn.Parameter(x_conv), 0)
@@ -117,10 +131,11 @@ class Mamba2Mixer(nn.Module):
         if o.conv_bias:
             self.x_conv_bias = mark_tp_sharded(nn.Parameter(torch.zeros(self.h * self.p)), 0)
             self.bc_conv_bias = nn.Parameter(torch.zeros(bc))
-        A = torch.arange(1, o.heads + 1, dtype=torch.float32)[first : first + self.h]
-        self.A_log = mark_tp_sharded(nn.Parameter(A.log()), 0)
+        A, dt_bias = _initial_a_and_dt_bias(o.heads, o.init)
+        heads = slice(first, first + self.h)
+        self.A_log = mark_tp_sharded(nn.Parameter(A[heads].log()), 0)
         self.D = mark_tp_sharded(nn.Parameter(torch.ones(self.h)), 0)
-        self.dt_bias = mark_tp_sharded(nn.Parameter(torch.ones(self.h)), 0)
+        self.dt_bias = mark_tp_sharded(nn.Parameter(dt_bias[heads].clone()), 0)
         self.norm = GroupGatedRMSNorm(
             width, o.groups, cfg.norm_eps, first * self.p, self.h * self.p
         )

@@ -15,7 +15,7 @@ from plait.parallel.tensor_parallel import gather_full, load_full_state
 from tests.distributed import run_distributed
 from tests.models.test_sequence_parallel_model import VOCAB, T, _batch, _cfg
 
-PATTERN = "LAWMSBCHGQ"  # every registered letter: linear, softmax-like, conv, SSM, delta rule
+PATTERN = "LAWMSBCHGQDR"  # every registered letter: linear, softmax-like, conv, SSM, delta rule
 
 
 def _loss_and_grads(model, recompute: str):
@@ -139,7 +139,7 @@ def _state_run(rt, pattern):
 @pytest.mark.parametrize(
     "tp,cp,pattern,softmax,zigzag",
     [(2, 2, "LWMC", "lasp2h", False), (1, 2, "SHAB", "ring", False), (2, 2, "AA", "ring", True),
-     (2, 2, "GQ", "ring", False)],
+     (2, 2, "GQ", "ring", False), (2, 2, "DR", "lasp2h", False)],
 )
 def test_recompute_under_tp_and_cp(tp, cp, pattern, softmax, zigzag):
     """TP all-reduces, LASP-2's all-gathers, halos and ring passes run again in the

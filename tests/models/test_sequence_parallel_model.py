@@ -26,6 +26,7 @@ def _cfg(pattern="LALA"):
     cfg.based.window, cfg.based.feature_dim, cfg.h3.state_size = 9, 8, 10
     cfg.moh.shared_heads, cfg.moh.top_k = 1, 2
     cfg.seqboat.zdim, cfg.seqboat.window = 8, 4  # compressed chunks cross the rank borders
+    cfg.mamba2.chunk, cfg.mamba2.attn_kv_heads = 16, 2  # one group of B, C for 8 heads
     return cfg
 
 
@@ -85,6 +86,8 @@ def _run(rt, full_state, pattern="LALA", softmax="lasp2h", zigzag=False):
         (2, 2, "SM", "lasp2h", False),
         (1, 4, "GQG", "lasp2h", False),
         (2, 2, "QG", "ring", False),
+        (1, 4, "DRD", "lasp2h", False),
+        (2, 2, "RD", "ring", False),
     ],
 )
 def test_sequence_parallel_model_equals_single_process(tp, cp, pattern, softmax, zigzag):
