@@ -10,6 +10,7 @@ Because a checkpoint holds every parameter's full fp32 weight whatever layout wr
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -325,7 +326,7 @@ def export(
         config["plait"] = {"checkpoint": str(path), "step": meta["step"],
                            "layout": meta.get("layout"), "source": meta.get("source"),
                            "pattern": cfg.pattern}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(_json_floats(config), indent=2) + "\n")
         generation = {
             "bos_token_id": config["bos_token_id"],
             "eos_token_id": config["eos_token_id"],
@@ -400,6 +401,18 @@ def native_for(model_type: str | None) -> NativeLayout | None:
         if fam.native is not None and model_type in fam.native.model_types:
             return fam.native
     return None
+
+
+def _json_floats(x):
+    """config.json's non-finite floats as transformers writes them, ``{"__float__":
+    "Infinity"}`` (Bamba's time_step_limit), instead of JSON's missing Infinity."""
+    if isinstance(x, dict):
+        return {k: _json_floats(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_floats(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return {"__float__": "Infinity" if x > 0 else ("-Infinity" if x < 0 else "NaN")}
+    return x
 
 
 def plait_model_config(config: dict, where: str = "config.json") -> ModelConfig:

@@ -181,6 +181,9 @@ CASES = [
     Case("import-qwen35-bad-layer-types", EXPORT,
          ["--from-hf", "{files}/qwen35", "--out", "{tmp}/out"],
          ["--from-hf", "config.json", "layer_types", "mamba"]),
+    Case("import-bamba-bad-attention-index", EXPORT,
+         ["--from-hf", "{files}/bamba", "--out", "{tmp}/out"],
+         ["--from-hf", "config.json", "attn_layer_indices", "[5]"]),
 ]
 
 
@@ -212,10 +215,17 @@ def world(tmp_path_factory):
         "linear_num_value_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
         "layer_types": ["linear_attention", "mamba"],
     }))
+    (files / "bamba").mkdir()
+    (files / "bamba" / "config.json").write_text(json.dumps({
+        "model_type": "bamba", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "mamba_n_heads": 4,
+        "mamba_d_head": 16, "attn_layer_indices": [5],
+    }))
     from safetensors.torch import save_file
 
-    save_file({"model.embed_tokens.weight": torch.zeros(64, 32)},
-              str(files / "qwen35" / "model.safetensors"))
+    for name in ("qwen35", "bamba"):
+        save_file({"model.embed_tokens.weight": torch.zeros(64, 32)},
+                  str(files / name / "model.safetensors"))
     locked = root / "locked"
     locked.mkdir()
     (locked / ".plait.lock").write_text(json.dumps(

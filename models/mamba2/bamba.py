@@ -77,6 +77,16 @@ def config_to_hf(cfg: ModelConfig, vocab: int) -> dict:
     }
 
 
+def _number(x, what: str) -> float:
+    """A config float, also as transformers writes a non-finite one ({"__float__": "Infinity"})."""
+    if isinstance(x, dict) and "__float__" in x:
+        x = x["__float__"]
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise ModelConfigError(f"{what}: {x!r} is not a number") from None
+
+
 def config_from_hf(t: dict, where: str) -> ModelConfig:
     def need(key):
         if key not in t:
@@ -112,7 +122,8 @@ def config_from_hf(t: dict, where: str) -> ModelConfig:
             f"{where}: mamba_d_head {d_head} x mamba_n_heads {ssm_heads} != mamba_expand "
             f"{expand} x hidden_size {hidden}"
         )
-    lo, hi = (t.get("time_step_limit") or (0.0, math.inf))
+    lo, hi = (_number(x, f"{where}: time_step_limit") for x in
+              (t.get("time_step_limit") or (0.0, math.inf)))
     return ModelConfig(
         pattern="".join("R" if i in attn else "D" for i in range(layers)),
         num_layers=layers,
@@ -135,8 +146,8 @@ def config_from_hf(t: dict, where: str) -> ModelConfig:
             conv_kernel=int(t.get("mamba_d_conv", 4)),
             conv_bias=bool(t.get("mamba_conv_bias", True)),
             proj_bias=bool(t.get("mamba_proj_bias", False)),
-            dt_min=float(lo),
-            dt_max=0.0 if math.isinf(float(hi)) else float(hi),
+            dt_min=lo,
+            dt_max=0.0 if math.isinf(hi) else hi,
             attn_kv_heads=int(t.get("num_key_value_heads") or heads),
             partial_rotary=0.5,
         )},
