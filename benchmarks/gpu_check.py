@@ -181,16 +181,20 @@ def _grad_check(run, ref, inputs: dict, device: str, seed: int) -> dict:
 def kernel_cases(device: str, smoke: bool) -> list[dict]:
     """(kernel, shape, dtype, variant) to check; T is never a multiple of the block."""
     if smoke:
-        lt = [dict(B=1, H=2, T=40, D=20, E=12, docs=True, init=True)]
+        lt = [dict(B=1, H=2, T=40, D=20, E=12, docs=True, init=True),
+              dict(B=1, H=2, T=40, D=20, E=12, docs=True, init=True, g=True)]
         sw = [dict(B=1, H=2, T=40, D=16, window=7, docs=True)]
         sc = [dict(B=1, T=40, C=24, K=3, docs=True)]
-        cs = [dict(B=1, H=2, T=40, D=20, E=12, docs=True)]
+        cs = [dict(B=1, H=2, T=40, D=20, E=12, docs=True),
+              dict(B=1, H=2, T=40, D=20, E=12, docs=True, g=True)]
         gd = [dict(B=1, H=2, T=40, K=20, V=12, docs=True, init=True)]
     else:
         lt = [
             dict(B=2, H=4, T=1000, D=64, E=64, docs=False, init=False),
             dict(B=2, H=4, T=1000, D=128, E=128, docs=True, init=True),
             dict(B=1, H=4, T=1000, D=153, E=65, docs=True, init=False),  # Based's features
+            # Mamba-2 (Bamba's heads: state 128 x 64 channels, per-token decays dt A)
+            dict(B=2, H=4, T=1000, D=128, E=64, docs=True, init=True, g=True),
         ]
         sw = [
             dict(B=2, H=4, T=1000, D=64, window=256, docs=True),
@@ -198,7 +202,7 @@ def kernel_cases(device: str, smoke: bool) -> list[dict]:
         ]
         sc = [dict(B=2, T=1000, C=512, K=3, docs=True), dict(B=2, T=1000, C=512, K=4, docs=False)]
         cs = [dict(B=2, H=4, T=1000, D=128, E=128, docs=True), dict(B=1, H=4, T=1000, D=153, E=65,
-              docs=True)]
+              docs=True), dict(B=2, H=4, T=1000, D=128, E=64, docs=True, g=True)]
         gd = [dict(B=2, H=4, T=1000, K=128, V=128, docs=True, init=True),  # Qwen3.5's heads
               dict(B=1, H=4, T=1000, K=64, V=64, docs=False, init=False)]
     out = []
@@ -233,6 +237,8 @@ def check_kernel(case: dict, device: str, seed: int = 0) -> dict:
         B, H, T, D, E = (case[k] for k in "BHTDE")
         slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device=device)
         inputs = dict(k=rnd(B, H, T, D, scale=D**-0.5), v=rnd(B, H, T, E))
+        if case.get("g"):  # per-token log-decays (Mamba-2's dt A), float32 as the mixer makes
+            inputs["g"] = -torch.rand(B, H, T, device=device) * 0.5
         if kind == "lightning":
             inputs["q"] = rnd(B, H, T, D, scale=D**-0.5)
             if case["init"]:
@@ -241,7 +247,7 @@ def check_kernel(case: dict, device: str, seed: int = 0) -> dict:
             def call(x, backend):
                 o, s = lightning_attention(
                     x["q"], x["k"], x["v"], slopes, doc_ids=docs, initial_state=x.get("init"),
-                    return_state=True, backend=backend,
+                    return_state=True, backend=backend, g=x.get("g"),
                 )
                 return [("o", o), ("state", s)]
 
@@ -254,10 +260,12 @@ def check_kernel(case: dict, device: str, seed: int = 0) -> dict:
 
             def run(x):
                 # LASP-2's own dispatch (auto picks this kernel on CUDA; forced for the CPU smoke)
-                return [("state", chunk_state(x["k"], x["v"], slopes, docs, backend="triton"))]
+                return [("state", chunk_state(x["k"], x["v"], slopes, docs, backend="triton",
+                                              g=x.get("g")))]
 
             def ref(x):
-                return [("state", lightning_chunk_state(x["k"], x["v"], slopes.double(), docs))]
+                return [("state", lightning_chunk_state(x["k"], x["v"], slopes.double(), docs,
+                                                        g=x.get("g")))]
     elif kind == "gated delta":
         B, H, T, K, V = (case[k] for k in "BHTKV")
         qk = [l2_normalize(rnd(B, H, T, K)).to(dt) for _ in range(2)]

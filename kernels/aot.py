@@ -150,6 +150,12 @@ LIGHTNING_SHAPES = {
     "based-360m": (153, 65),
     "based-1.3b": (153, 113),
 }
+# lightning with per-token decays (Mamba-2's D layers): (state, head_dim)
+MAMBA2_SHAPES = {
+    "mamba2-tiny": (16, 16),
+    "mamba2-25m": (64, 64),
+    "bamba-9b / mamba2-1b": (128, 64),
+}
 # sliding window (D = E): Based's W layers (32, 64, 112) and the generic head dims 128, 256
 SWA_SHAPES = {
     "based-25m": 32,
@@ -195,6 +201,14 @@ def matrix(quick: bool = False):
                 for docs, init in variants:
                     for case in lt.aot_cases(D, E, dt, docs, init):
                         label = dict(op="lightning", shape=f"{shape} {D}x{E}", dtype=dname,
+                                     variant=f"docs={int(docs)} init={int(init)}")
+                        yield label, case, arch
+            for shape, (D, E) in MAMBA2_SHAPES.items():
+                if quick and shape != "bamba-9b / mamba2-1b":
+                    continue
+                for docs, init in [(True, True)] if quick else [(False, False), (True, True)]:
+                    for case in lt.aot_cases(D, E, dt, docs, init, has_g=True):
+                        label = dict(op="lightning g", shape=f"{shape} {D}x{E}", dtype=dname,
                                      variant=f"docs={int(docs)} init={int(init)}")
                         yield label, case, arch
             for shape, D in SWA_SHAPES.items():
