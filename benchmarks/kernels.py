@@ -49,6 +49,9 @@ def _ops(T: int, device: str, dtype: torch.dtype, backend: str):
     beta = torch.rand(1, H, T, device=device, dtype=dtype, requires_grad=True)
     return {
         "lightning": lambda: lightning_attention(q, k, v, slopes, backend=backend),
+        "lightning, per-token decay (D)": lambda: lightning_attention(
+            q, k, v, torch.zeros_like(slopes), backend=backend, g=g
+        ),
         "gated delta (G)": lambda: gated_delta_rule(
             l2_normalize(q).to(dtype), l2_normalize(k).to(dtype), v, g, beta
         ),

@@ -41,6 +41,8 @@ PATTERNS = {
     "CM": "hybrid: gated conv + MoH (2 shared + top-1 of 2 routed)",
     "GG": "pure linear (Gated DeltaNet, its q/k/v short convs)",
     "GQ": "hybrid: Gated DeltaNet + Qwen3.5's gated attention",
+    "DD": "pure linear (Mamba-2, its x/B/C short conv)",
+    "DR": "hybrid: Mamba-2 + Bamba's grouped attention",
 }
 
 
@@ -56,6 +58,8 @@ def config(pattern: str) -> ModelConfig:
     # Gated DeltaNet at the others' head width (4 heads of 16), chunks of 16 tokens
     cfg.gdn.key_dim = cfg.gdn.value_dim = WIDTH // HEADS
     cfg.gdn.chunk = 16
+    # Mamba-2 at Bamba's expansion (8 heads of 16 channels for width 64), state 16
+    cfg.mamba2.chunk = 16
     return cfg
 
 
