@@ -10,6 +10,8 @@ dim, C = T / W tokens per rank, 4-byte floats):
   Ring (softmax):      2 (W-1) B H C d + 4 W B H C d   (K, V forward; K, V, dK, dV backward)
   Gated DeltaNet:      2 (W-1) B H d (d + d)       (the [K, V + K] pair all-gather + its
                                                     reduce-scatter; parallel/gated_delta.py)
+  Mamba-2 (LASP-2, g): 2 (W-1) B H (d^2 + 1)       (LASP-2's state plus each rank's total
+                                                    log-decay in the same all-gather)
 (ring also passes the int64 positions of each block; they are counted too). Measured with
 H = 1 so that 16K-token rings fit the 2-core machine's time; all three scale linearly in H.
 Time: forward + backward on gloo at W = 2 and 4 (T = 4096, H = 4, d = 64), next to the
@@ -52,6 +54,8 @@ def _layer(rt, scheme: str, T: int, H: int, measure: str):
     def step():
         if scheme == "gdn":
             out = gated_delta_sp(l2_normalize(q), l2_normalize(k), v, g, beta, group)
+        elif scheme == "mamba2":
+            out = lightning_attention_lasp2(q, k, v, torch.zeros(H), group, g=g)
         elif scheme == "lasp2":
             out = lightning_attention_lasp2(q, k, v, slopes, group)
         elif scheme == "lasp2h":
@@ -81,6 +85,8 @@ def formula(scheme: str, T: int, W: int, H: int) -> int:
         return 4 * (W - 1) * H * C * D * 4
     if scheme == "gdn":
         return 2 * (W - 1) * H * D * (D + D) * 4
+    if scheme == "mamba2":
+        return 2 * (W - 1) * H * (D * D + 1) * 4
     return (2 * (W - 1) + 4 * W) * H * C * D * 4 + (2 * W - 1) * C * 8
 
 
@@ -103,6 +109,7 @@ def main() -> None:
         "lasp2h": "LASP-2H (softmax)",
         "ring": "Ring (softmax)",
         "gdn": "Gated DeltaNet (G)",
+        "mamba2": "Mamba-2 (D)",
     }
     rows = []
     for W in (2, 4):
@@ -120,7 +127,7 @@ def main() -> None:
         "layout. Formula in parentheses (module docstring).",
         "",
         "| W | T | " + " | ".join(schemes.values()) + " | ring / LASP-2 | K,V gather / G |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for W, T, got in rows:
         cells = [f"{got[s]:,} ({formula(s, T, W, 1):,})" for s in schemes]
@@ -144,11 +151,14 @@ def main() -> None:
         f"LASP-2's: the [K, K] transition travels beside the [K, V] state); at 16K and W=4 an "
         f"all-gather of K and V (LASP-2H's) moves "
         f"**{w4[16384]['lasp2h'] / w4[16384]['gdn']:.0f}x** its bytes",
+        f"- Mamba-2's LASP-2 with per-token decays: {w4[16384]['mamba2']:,} bytes at W=4 and "
+        f"16K ({w4[1024]['mamba2']:,} at 1K), LASP-2's plus one float per row and head each "
+        f"way",
         "",
         "### Time, forward + backward of one layer (T = 4096, 4 heads, gloo, ranks share 2 cores)",
         "",
         "| W | " + " | ".join(schemes.values()) + " |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for W in (2, 4):
         t = {s: run_distributed(_layer, W, s, 4096, 4, "time")[0] for s in schemes}
