@@ -431,7 +431,7 @@ def _llama_shape(d, layers, heads, ffn) -> dict:
     )
 
 
-LONG = ("transnormer-25m", "based-25m", "gdn-25m")
+LONG = ("transnormer-25m", "based-25m", "gdn-25m", "mamba2-25m")
 """The presets run at the longest length too (the memory claim of issue 15 is about them);
 the others stop one length earlier to keep the run within the machine's time."""
 
@@ -456,7 +456,7 @@ def jobs_25m(lengths, steps, limit, doc_mean) -> list[Job]:
                lengths=short, **common)]
     for preset in (
         "transnormer-25m", "based-25m", "hybrid-25m", "h3-25m", "moh-25m", "seqboat-25m",
-        "gdn-25m",
+        "gdn-25m", "mamba2-25m",
     ):
         out.append(Job(preset, "plait", preset, lengths=lengths if preset in LONG else short,
                        **common))

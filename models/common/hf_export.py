@@ -206,3 +206,98 @@ class NativeLayout:
     """Full plait state -> the class's tensors (every tensor mapped once)."""
     from_hf: Callable[[State, ModelConfig], State]
     """The inverse."""
+
+
+# ----------------------------------------------------------- helpers of the native layouts
+# Qwen3.5 and Bamba (and the LLaMA-like released hybrids after them) share the skeleton:
+# embedding, pre-norm blocks of one mixer and one SwiGLU MLP, a final norm, an untied or tied
+# head. What differs is the names of the norms and MLP, and the mixers.
+
+
+def native_common_fields(cfg: ModelConfig, vocab: int) -> dict:
+    """config.json fields every LLaMA-like released class has, from plait's model config."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_size,
+        "num_hidden_layers": cfg.num_layers,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "attention_bias": False,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
+class NativeFields:
+    """A released config.json being read: ``need`` names the missing field and the file in
+    one ModelConfigError line; ``model_kwargs`` gives the ModelConfig fields every LLaMA-like
+    class shares, after refusing what plait's block cannot compute (another activation,
+    attention biases, a rope scaling type)."""
+
+    def __init__(self, t: dict, where: str, what: str, eps: float):
+        self.t, self.where, self.what, self.eps = t, where, what, eps
+
+    def need(self, key: str):
+        from .config import ModelConfigError
+
+        if key not in self.t:
+            raise ModelConfigError(f"{self.where}: no {key} (not a {self.what} config)")
+        return self.t[key]
+
+    def rope(self) -> dict:
+        return self.t.get("rope_parameters") or {}
+
+    def model_kwargs(self) -> dict:
+        from .config import ModelConfigError
+
+        t, where = self.t, self.where
+        if t.get("hidden_act", "silu") != "silu":
+            raise ModelConfigError(
+                f"{where}: hidden_act {t['hidden_act']!r}; {self.what} uses silu"
+            )
+        if t.get("attention_bias", False):
+            raise ModelConfigError(f"{where}: attention_bias true is not {self.what}'s attention")
+        rope = self.rope()
+        if rope.get("rope_type", "default") != "default":
+            raise ModelConfigError(
+                f"{where}: rope_parameters.rope_type {rope['rope_type']!r}; plait imports 'default'"
+            )
+        return dict(
+            num_layers=int(self.need("num_hidden_layers")),
+            hidden_size=int(self.need("hidden_size")),
+            ffn_hidden_size=int(self.need("intermediate_size")),
+            mlp="swiglu",
+            norm="rmsnorm",
+            norm_eps=float(t.get("rms_norm_eps", self.eps)),
+            vocab_size=int(self.need("vocab_size")),
+            vocab_multiple=1,
+            tie_embeddings=bool(t.get("tie_word_embeddings", False)),
+            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+            init_std=float(t.get("initializer_range", 0.02)),
+        )
+
+
+def rename_skeleton(src: State, cfg: ModelConfig, top: dict[str, str], block: dict[str, str],
+                    to_hf: bool) -> State:
+    """The embedding, final norm, head and each block's norms and MLP renamed between plait
+    (``top``/``block`` keys; block names under ``blocks.{i}.``) and the class (values; under
+    ``model.layers.{i}.``). On import a tied head is the embedding: a written ``lm_head``
+    (transformers may save it) is not taken."""
+    out: State = {}
+    for p, h in top.items():
+        a, b = (p, h) if to_hf else (h, p)
+        if a in src and not (not to_hf and cfg.tie_embeddings and p == "output.weight"):
+            out[b] = src[a]
+    for i in range(cfg.num_layers):
+        for p, h in block.items():
+            a, b = (f"blocks.{i}.{p}", f"model.layers.{i}.{h}")
+            out[b if to_hf else a] = src[a if to_hf else b]
+    return out
+
+
+def check_all_mapped(state: State, hf: State, name: str, from_hf) -> None:
+    """Every plait tensor went somewhere exactly once (else the unmapped names)."""
+    if sum(v.numel() for v in hf.values()) != sum(v.numel() for v in state.values()):
+        raise KeyError(f"{name} layout: plait tensors left unmapped: "
+                       f"{sorted(set(state) - set(from_hf(hf)))}")

@@ -32,6 +32,29 @@ def output_init(cfg: ModelConfig):
     return normal_init(cfg.init_std / math.sqrt(2.0 * cfg.num_layers))
 
 
+def column_linear(
+    cfg: ModelConfig, mp: ModelParallelConfig, out_features: int, bias: bool = False
+) -> ColumnParallelLinear:
+    """A projection from the hidden size whose output features TP splits (each rank its own
+    heads' rows, not gathered): the per-role projections of the released layers that plait
+    keeps apart so that a contiguous split hands every rank whole heads (gdn, mamba2)."""
+    return ColumnParallelLinear(
+        cfg.hidden_size, out_features, config=mp, bias=bias, gather_output=False,
+        init_method=normal_init(cfg.init_std),
+    )
+
+
+def row_linear(
+    cfg: ModelConfig, mp: ModelParallelConfig, in_features: int, bias: bool = False
+) -> RowParallelLinear:
+    """The matching output projection back to the hidden size (input split, output summed
+    over TP; a bias is added after the sum), with the residual-scaled init."""
+    return RowParallelLinear(
+        in_features, cfg.hidden_size, config=mp, bias=bias, input_is_parallel=True,
+        skip_bias_add=False, init_method=output_init(cfg),
+    )
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * weight; ``learnable=False`` gives SRMSNorm (no weight).
 

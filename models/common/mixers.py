@@ -107,6 +107,38 @@ class SoftmaxAttention(nn.Module):
         return self.proj.merge(attend_cached(q, k, v)), {"k": k, "v": v}
 
 
+class GroupedQueryAttention(nn.Module):
+    """The forward and decode forms the released grouped-query attentions share (Qwen3.5's
+    Q, Bamba's R). A subclass sets ``sp``, ``h`` and ``kv`` (this rank's query and key/value
+    heads) and defines ``_qkv(x, positions) -> (q [B,h,T,D], k, v [B,kv,T,D], extra)`` with
+    positions applied, and ``_out(o [B,h,T,D], extra) -> [B,T,hidden]``. Here the key/value
+    heads are repeated over the query heads each serves (consecutive, the releases'
+    repeat_kv), attention runs in the sequence-parallel context, and decoding keeps the KV
+    cache of the key/value heads, not of their repeats."""
+
+    sp: SequenceParallel
+    h: int
+    kv: int
+
+    def _repeat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(self.h // self.kv, 1) if self.h != self.kv else t
+
+    def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
+        q, k, v, extra = self._qkv(x_BTC, positions_BT)
+        o = softmax.attention(self.sp, q, self._repeat(k), self._repeat(v), doc_ids_BT)
+        return self._out(o, extra)
+
+    def decode(self, x_BTC, positions_BT, state):
+        """Decode form: the state is the KV cache of this rank's key/value heads."""
+        q, k, v, extra = self._qkv(x_BTC, positions_BT)
+        if state is None:
+            o = softmax.attention(self.sp, q, self._repeat(k), self._repeat(v), None)
+        else:
+            k, v = torch.cat((state["k"], k), 2), torch.cat((state["v"], v), 2)
+            o = attend_cached(q, self._repeat(k), self._repeat(v))
+        return self._out(o, extra), {"k": k, "v": v}
+
+
 def _mixing_flops(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
     """Scores and values of every head over (T + 1) / 2 keys on average (causal)."""
     return 2 * cfg.hidden_size * (seq_len + 1)

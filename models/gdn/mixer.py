@@ -25,7 +25,6 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 from plait.kernels.gated_delta import gated_delta_rule, gated_delta_step, l2_normalize
@@ -34,31 +33,17 @@ from plait.models.common.config import ModelConfig
 from plait.models.common.layers import (
     RMSNorm,
     apply_rotary,
-    attend_cached,
+    column_linear,
     local_heads,
-    normal_init,
-    output_init,
     rotary_cos_sin,
+    row_linear,
     wide,
 )
-from plait.parallel import convs, softmax
+from plait.models.common.mixers import GroupedQueryAttention
+from plait.parallel import convs
 from plait.parallel.gated_delta import gated_delta
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import mark_tp_sharded, shared_over_tp
-
-
-def _column(cfg, mp, out_features, std=None):
-    return ColumnParallelLinear(
-        cfg.hidden_size, out_features, config=mp, bias=False, gather_output=False,
-        init_method=normal_init(std or cfg.init_std),
-    )
-
-
-def _row(cfg, mp, in_features):
-    return RowParallelLinear(
-        in_features, cfg.hidden_size, config=mp, bias=False, input_is_parallel=True,
-        skip_bias_add=False, init_method=output_init(cfg),
-    )
 
 
 class GatedRMSNorm(nn.Module):
@@ -100,13 +85,13 @@ class GatedDeltaNet(nn.Module):
         self.hk, first_k = local_heads(o.key_heads, "gdn.key_heads")
         self.hv, first_v = local_heads(o.value_heads, "gdn.value_heads")
         self.dk, self.dv, self.kernel = o.key_dim, o.value_dim, o.conv_kernel
-        self.q_proj = _column(cfg, mp, o.key_heads * o.key_dim)
-        self.k_proj = _column(cfg, mp, o.key_heads * o.key_dim)
-        self.v_proj = _column(cfg, mp, o.value_heads * o.value_dim)
-        self.z_proj = _column(cfg, mp, o.value_heads * o.value_dim)
-        self.b_proj = _column(cfg, mp, o.value_heads)
-        self.a_proj = _column(cfg, mp, o.value_heads)
-        self.out_proj = _row(cfg, mp, o.value_heads * o.value_dim)
+        self.q_proj = column_linear(cfg, mp, o.key_heads * o.key_dim)
+        self.k_proj = column_linear(cfg, mp, o.key_heads * o.key_dim)
+        self.v_proj = column_linear(cfg, mp, o.value_heads * o.value_dim)
+        self.z_proj = column_linear(cfg, mp, o.value_heads * o.value_dim)
+        self.b_proj = column_linear(cfg, mp, o.value_heads)
+        self.a_proj = column_linear(cfg, mp, o.value_heads)
+        self.out_proj = row_linear(cfg, mp, o.value_heads * o.value_dim)
         # nn.Conv1d's default init (the release's): uniform within 1 / sqrt(fan_in = taps).
         bound = 1.0 / math.sqrt(o.conv_kernel)
         for name, heads, dim, first, local in (
@@ -205,7 +190,7 @@ class GatedDeltaNet(nn.Module):
         return self._out(o, z), {"conv": conv_state, "S": S}
 
 
-class GatedAttention(nn.Module):
+class GatedAttention(GroupedQueryAttention):
     """Qwen3.5's softmax attention (letter ``Q``): output-gated, q/k-normed, partial rotary,
     grouped-query; split by query and key/value heads over TP."""
 
@@ -219,10 +204,10 @@ class GatedAttention(nn.Module):
         self.h, _ = local_heads(H, "gdn.attn_heads")
         self.kv, _ = local_heads(KV, "gdn.attn_kv_heads")
         self.d, self.rotary_dim, self.theta = D, o.rotary_dim(cfg), cfg.rope_theta
-        self.q_proj = _column(cfg, mp, H * 2 * D)
-        self.k_proj = _column(cfg, mp, KV * D)
-        self.v_proj = _column(cfg, mp, KV * D)
-        self.o_proj = _row(cfg, mp, H * D)
+        self.q_proj = column_linear(cfg, mp, H * 2 * D)
+        self.k_proj = column_linear(cfg, mp, KV * D)
+        self.v_proj = column_linear(cfg, mp, KV * D)
+        self.o_proj = row_linear(cfg, mp, H * D)
         self.q_norm = HeadRMSNorm(D, cfg.norm_eps)
         self.k_norm = HeadRMSNorm(D, cfg.norm_eps)
 
@@ -255,27 +240,8 @@ class GatedAttention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v, gate.reshape(B, T, self.h * self.d)
 
-    def _repeat(self, t):
-        return t.repeat_interleave(self.h // self.kv, 1) if self.h != self.kv else t
-
     def _out(self, o_BHTD, gate_BTC):
         B, H, T, D = o_BHTD.shape
         o = o_BHTD.transpose(1, 2).reshape(B, T, H * D) * torch.sigmoid(gate_BTC)
         out, _ = self.o_proj(o)
         return out
-
-    def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
-        q, k, v, gate = self._qkv(x_BTC, positions_BT)
-        o = softmax.attention(self.sp, q, self._repeat(k), self._repeat(v), doc_ids_BT)
-        return self._out(o, gate)
-
-    def decode(self, x_BTC, positions_BT, state):
-        """Decode form: the state is the KV cache of this rank's key/value heads."""
-        q, k, v, gate = self._qkv(x_BTC, positions_BT)
-        if state is not None:
-            k, v = torch.cat((state["k"], k), 2), torch.cat((state["v"], v), 2)
-        if state is None:
-            o = softmax.attention(self.sp, q, self._repeat(k), self._repeat(v), None)
-        else:
-            o = attend_cached(q, self._repeat(k), self._repeat(v))
-        return self._out(o, gate), {"k": k, "v": v}

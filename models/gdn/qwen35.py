@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 
 from plait.models.common.config import ModelConfig, ModelConfigError
-from plait.models.common.hf_export import NativeLayout, State
+from plait.models.common.hf_export import (
+    NativeFields,
+    NativeLayout,
+    State,
+    check_all_mapped,
+    native_common_fields,
+    rename_skeleton,
+)
 
 from .config import GdnOptions
 
@@ -40,17 +47,11 @@ def config_to_hf(cfg: ModelConfig, vocab: int) -> dict:
     return {
         "model_type": TYPES[0],
         "architectures": ["Qwen3_5ForCausalLM"],
-        "vocab_size": vocab,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.ffn_size,
-        "num_hidden_layers": cfg.num_layers,
+        **native_common_fields(cfg, vocab),
         "layer_types": ["linear_attention" if c == "G" else "full_attention" for c in cfg.pattern],
         "num_attention_heads": o.heads(cfg),
         "num_key_value_heads": o.kv_heads(cfg),
         "head_dim": o.head_dim(cfg),
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "attention_bias": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                             "partial_rotary_factor": o.partial_rotary},
         "linear_conv_kernel_dim": o.conv_kernel,
@@ -58,8 +59,6 @@ def config_to_hf(cfg: ModelConfig, vocab: int) -> dict:
         "linear_value_head_dim": o.value_dim,
         "linear_num_key_heads": o.key_heads,
         "linear_num_value_heads": o.value_heads,
-        "initializer_range": cfg.init_std,
-        "tie_word_embeddings": cfg.tie_embeddings,
     }
 
 
@@ -74,22 +73,9 @@ def text_config(config: dict) -> dict:
 
 def config_from_hf(config: dict, where: str) -> ModelConfig:
     t = text_config(config)
-
-    def need(key):
-        if key not in t:
-            raise ModelConfigError(f"{where}: no {key} (not a Qwen3.5 text config)")
-        return t[key]
-
-    if t.get("hidden_act", "silu") != "silu":
-        raise ModelConfigError(f"{where}: hidden_act {t['hidden_act']!r}; Qwen3.5 uses silu")
-    if t.get("attention_bias", False):
-        raise ModelConfigError(f"{where}: attention_bias true is not Qwen3.5's attention")
-    rope = t.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ModelConfigError(
-            f"{where}: rope_parameters.rope_type {rope['rope_type']!r}; plait imports 'default'"
-        )
-    layers = int(need("num_hidden_layers"))
+    fields = NativeFields(t, where, "Qwen3.5 text", eps=1e-6)
+    need, common, rope = fields.need, fields.model_kwargs(), fields.rope()
+    layers = common["num_layers"]
     types = t.get("layer_types") or [
         "full_attention" if (i + 1) % int(t.get("full_attention_interval", 4)) == 0
         else "linear_attention" for i in range(layers)
@@ -98,24 +84,14 @@ def config_from_hf(config: dict, where: str) -> ModelConfig:
     if unknown or len(types) != layers:
         raise ModelConfigError(f"{where}: layer_types {unknown or types} (one per layer, "
                                "linear_attention or full_attention)")
-    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    hidden, heads = common["hidden_size"], int(need("num_attention_heads"))
     head_dim = int(t.get("head_dim") or hidden // heads)
     num_heads = heads if hidden % heads == 0 else (hidden // head_dim if hidden % head_dim == 0
                                                   else 1)
     return ModelConfig(
         pattern="".join("G" if x == "linear_attention" else "Q" for x in types),
-        num_layers=layers,
-        hidden_size=hidden,
         num_heads=num_heads,
-        ffn_hidden_size=int(need("intermediate_size")),
-        mlp="swiglu",
-        norm="rmsnorm",
-        norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-        vocab_size=int(need("vocab_size")),
-        vocab_multiple=1,
-        tie_embeddings=bool(t.get("tie_word_embeddings", False)),
-        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
-        init_std=float(t.get("initializer_range", 0.02)),
+        **common,
         options={"gdn": GdnOptions(
             key_heads=int(need("linear_num_key_heads")),
             value_heads=int(need("linear_num_value_heads")),
@@ -149,14 +125,9 @@ def _centred(name: str) -> bool:
 
 
 def to_hf(state: State, cfg: ModelConfig) -> State:
-    out: State = {}
-    for src, dst in _TOP.items():
-        if src in state:
-            out[dst] = state[src]
+    out = rename_skeleton(state, cfg, _TOP, _BLOCK, to_hf=True)
     for i, letter in enumerate(cfg.pattern):
         p, q = f"blocks.{i}.", f"model.layers.{i}."
-        for src, dst in _BLOCK.items():
-            out[q + dst] = state[p + src]
         if letter == "G":
             m, h = p + "mixer.", q + "linear_attn."
             for src, dst in _G.items():
@@ -168,9 +139,7 @@ def to_hf(state: State, cfg: ModelConfig) -> State:
             for src, dst in _Q.items():
                 out[f"{q}self_attn.{dst}"] = state[f"{p}mixer.{src}"]
     out = {k: (v - 1 if _centred(k) else v) for k, v in out.items()}
-    if sum(v.numel() for v in out.values()) != sum(v.numel() for v in state.values()):
-        raise KeyError(f"Qwen3.5 layout: plait tensors left unmapped: "
-                       f"{sorted(set(state) - set(from_hf(out, cfg)))}")
+    check_all_mapped(state, out, "Qwen3.5", lambda hf: from_hf(hf, cfg))
     return out
 
 
@@ -185,14 +154,9 @@ def from_hf(hf: State, cfg: ModelConfig) -> State:
     }
     hf = {k: (v + 1 if _centred(k) else v) for k, v in hf.items()}
     o = cfg.gdn
-    out: State = {}
-    for src, dst in _TOP.items():
-        if dst in hf and not (cfg.tie_embeddings and src == "output.weight"):
-            out[src] = hf[dst]  # a tied lm_head is the embedding (transformers may write it)
+    out = rename_skeleton(hf, cfg, _TOP, _BLOCK, to_hf=False)
     for i, letter in enumerate(cfg.pattern):
         p, q = f"blocks.{i}.", f"model.layers.{i}."
-        for src, dst in _BLOCK.items():
-            out[p + src] = hf[q + dst]
         if letter == "G":
             m, h = p + "mixer.", q + "linear_attn."
             for src, dst in _G.items():

@@ -20,7 +20,14 @@ import math
 import torch
 
 from plait.models.common.config import ModelConfig, ModelConfigError
-from plait.models.common.hf_export import NativeLayout, State
+from plait.models.common.hf_export import (
+    NativeFields,
+    NativeLayout,
+    State,
+    check_all_mapped,
+    native_common_fields,
+    rename_skeleton,
+)
 
 from .config import Mamba2Options
 
@@ -49,16 +56,10 @@ def config_to_hf(cfg: ModelConfig, vocab: int) -> dict:
     return {
         "model_type": TYPES[0],
         "architectures": ["BambaForCausalLM"],
-        "vocab_size": vocab,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.ffn_size,
-        "num_hidden_layers": cfg.num_layers,
+        **native_common_fields(cfg, vocab),
         "attn_layer_indices": [i for i, c in enumerate(cfg.pattern) if c == "R"],
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": o.kv_heads(cfg),
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "attention_bias": False,
         "mlp_bias": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                             "partial_rotary_factor": o.partial_rotary},
@@ -72,8 +73,6 @@ def config_to_hf(cfg: ModelConfig, vocab: int) -> dict:
         "mamba_conv_bias": o.conv_bias,
         "mamba_proj_bias": o.proj_bias,
         "time_step_limit": [o.dt_min, o.dt_max or math.inf],
-        "initializer_range": cfg.init_std,
-        "tie_word_embeddings": cfg.tie_embeddings,
     }
 
 
@@ -88,22 +87,11 @@ def _number(x, what: str) -> float:
 
 
 def config_from_hf(t: dict, where: str) -> ModelConfig:
-    def need(key):
-        if key not in t:
-            raise ModelConfigError(f"{where}: no {key} (not a Bamba config)")
-        return t[key]
-
-    if t.get("hidden_act", "silu") != "silu":
-        raise ModelConfigError(f"{where}: hidden_act {t['hidden_act']!r}; Bamba uses silu")
-    for key in ("attention_bias", "mlp_bias"):
-        if t.get(key, False):
-            raise ModelConfigError(f"{where}: {key} true is not Bamba's layer")
-    rope = t.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ModelConfigError(
-            f"{where}: rope_parameters.rope_type {rope['rope_type']!r}; plait imports 'default'"
-        )
-    layers, hidden = int(need("num_hidden_layers")), int(need("hidden_size"))
+    fields = NativeFields(t, where, "Bamba", eps=1e-5)
+    need, common = fields.need, fields.model_kwargs()
+    if t.get("mlp_bias", False):
+        raise ModelConfigError(f"{where}: mlp_bias true is not Bamba's layer")
+    layers, hidden = common["num_layers"], common["hidden_size"]
     attn = [int(i) for i in (t.get("attn_layer_indices") or [])]
     bad = [i for i in attn if not 0 <= i < layers]
     if bad:
@@ -122,22 +110,14 @@ def config_from_hf(t: dict, where: str) -> ModelConfig:
             f"{where}: mamba_d_head {d_head} x mamba_n_heads {ssm_heads} != mamba_expand "
             f"{expand} x hidden_size {hidden}"
         )
-    lo, hi = (_number(x, f"{where}: time_step_limit") for x in
-              (t.get("time_step_limit") or (0.0, math.inf)))
+    limit = t.get("time_step_limit") or (0.0, math.inf)
+    if not isinstance(limit, list | tuple) or len(limit) != 2:
+        raise ModelConfigError(f"{where}: time_step_limit {limit!r} is not [min, max]")
+    lo, hi = (_number(x, f"{where}: time_step_limit") for x in limit)
     return ModelConfig(
         pattern="".join("R" if i in attn else "D" for i in range(layers)),
-        num_layers=layers,
-        hidden_size=hidden,
         num_heads=heads,
-        ffn_hidden_size=int(need("intermediate_size")),
-        mlp="swiglu",
-        norm="rmsnorm",
-        norm_eps=float(t.get("rms_norm_eps", 1e-5)),
-        vocab_size=int(need("vocab_size")),
-        vocab_multiple=1,
-        tie_embeddings=bool(t.get("tie_word_embeddings", False)),
-        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
-        init_std=float(t.get("initializer_range", 0.02)),
+        **common,
         options={"mamba2": Mamba2Options(
             heads=ssm_heads,
             head_dim=d_head,
@@ -173,23 +153,17 @@ def _in_sizes(cfg: ModelConfig) -> list[int]:
 
 
 def to_hf(state: State, cfg: ModelConfig) -> State:
-    out: State = {}
-    for src, dst in _TOP.items():
-        if src in state:
-            out[dst] = state[src]
+    out = rename_skeleton(state, cfg, _TOP, _BLOCK, to_hf=True)
     for i, letter in enumerate(cfg.pattern):
-        p, q = f"blocks.{i}.", f"model.layers.{i}."
-        for src, dst in _BLOCK.items():
-            out[q + dst] = state[p + src]
-        m = p + "mixer."
+        m, q = f"blocks.{i}.mixer.", f"model.layers.{i}."
         if letter == "D":
             h = q + "mamba."
             for src, dst in _D.items():
                 if m + src in state:
                     out[h + dst] = state[m + src]
-            out[h + "in_proj.weight"] = torch.cat([state[f"{m}{n}.weight"] for n in _IN])
-            if m + "x_proj.bias" in state:
-                out[h + "in_proj.bias"] = torch.cat([state[f"{m}{n}.bias"] for n in _IN])
+            for kind in ("weight", "bias"):
+                if f"{m}x_proj.{kind}" in state:
+                    out[f"{h}in_proj.{kind}"] = torch.cat([state[f"{m}{n}.{kind}"] for n in _IN])
             out[h + "conv1d.weight"] = torch.cat([state[m + "x_conv"], state[m + "bc_conv"]])[
                 :, None
             ]
@@ -200,42 +174,34 @@ def to_hf(state: State, cfg: ModelConfig) -> State:
         else:
             for src, dst in _R.items():
                 out[f"{q}self_attn.{dst}"] = state[m + src]
-    if sum(v.numel() for v in out.values()) != sum(v.numel() for v in state.values()):
-        raise KeyError(f"Bamba layout: plait tensors left unmapped: "
-                       f"{sorted(set(state) - set(from_hf(out, cfg)))}")
+    check_all_mapped(state, out, "Bamba", lambda hf: from_hf(hf, cfg))
     return out
 
 
 def from_hf(hf: State, cfg: ModelConfig) -> State:
     """The inverse of ``to_hf``."""
     o = cfg.mamba2
-    out: State = {}
-    for src, dst in _TOP.items():
-        if dst in hf and not (cfg.tie_embeddings and src == "output.weight"):
-            out[src] = hf[dst]  # a tied lm_head is the embedding (transformers may write it)
+    conv_sizes = [o.width, 2 * o.groups * o.state]
+    out = rename_skeleton(hf, cfg, _TOP, _BLOCK, to_hf=False)
     for i, letter in enumerate(cfg.pattern):
-        p, q = f"blocks.{i}.", f"model.layers.{i}."
-        for src, dst in _BLOCK.items():
-            out[p + src] = hf[q + dst]
-        m = p + "mixer."
+        m, q = f"blocks.{i}.mixer.", f"model.layers.{i}."
         if letter == "D":
             h = q + "mamba."
             for src, dst in _D.items():
                 if h + dst in hf:
                     out[m + src] = hf[h + dst]
-            parts = hf[h + "in_proj.weight"].split(_in_sizes(cfg), 0)
-            for n, w in zip(_IN, parts, strict=True):
-                out[f"{m}{n}.weight"] = w
-            if h + "in_proj.bias" in hf:
-                for n, b in zip(_IN, hf[h + "in_proj.bias"].split(_in_sizes(cfg), 0), strict=True):
-                    out[f"{m}{n}.bias"] = b
-            x_conv, bc_conv = hf[h + "conv1d.weight"][:, 0].split(
-                [o.width, 2 * o.groups * o.state], 0
+            for kind in ("weight", "bias"):
+                if f"{h}in_proj.{kind}" in hf:
+                    parts = hf[f"{h}in_proj.{kind}"].split(_in_sizes(cfg), 0)
+                    for n, w in zip(_IN, parts, strict=True):
+                        out[f"{m}{n}.{kind}"] = w
+            out[m + "x_conv"], out[m + "bc_conv"] = hf[h + "conv1d.weight"][:, 0].split(
+                conv_sizes, 0
             )
-            out[m + "x_conv"], out[m + "bc_conv"] = x_conv, bc_conv
             if h + "conv1d.bias" in hf:
-                xb, bcb = hf[h + "conv1d.bias"].split([o.width, 2 * o.groups * o.state], 0)
-                out[m + "x_conv_bias"], out[m + "bc_conv_bias"] = xb, bcb
+                out[m + "x_conv_bias"], out[m + "bc_conv_bias"] = hf[h + "conv1d.bias"].split(
+                    conv_sizes, 0
+                )
         else:
             for src, dst in _R.items():
                 out[m + src] = hf[f"{q}self_attn.{dst}"]

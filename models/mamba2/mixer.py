@@ -28,7 +28,6 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 from plait.kernels.lightning import lightning_attention, lightning_attention_step
@@ -36,30 +35,17 @@ from plait.kernels.shortconv import short_conv as short_conv_kernel
 from plait.models.common.config import ModelConfig
 from plait.models.common.layers import (
     apply_rotary,
-    attend_cached,
+    column_linear,
     local_heads,
     normal_init,
-    output_init,
     rotary_cos_sin,
+    row_linear,
     wide,
 )
-from plait.parallel import convs, lasp2, softmax
+from plait.models.common.mixers import GroupedQueryAttention
+from plait.parallel import convs, lasp2
 from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor_parallel import mark_tp_sharded, shared_over_tp, sum_over_tp
-
-
-def _column(cfg, mp, out_features, bias=False):
-    return ColumnParallelLinear(
-        cfg.hidden_size, out_features, config=mp, bias=bias, gather_output=False,
-        init_method=normal_init(cfg.init_std),
-    )
-
-
-def _row(cfg, mp, in_features, bias=False):
-    return RowParallelLinear(
-        in_features, cfg.hidden_size, config=mp, bias=bias, input_is_parallel=True,
-        skip_bias_add=False, init_method=output_init(cfg),
-    )
 
 
 def _initial_a_and_dt_bias(heads: int, init: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,14 +100,14 @@ class Mamba2Mixer(nn.Module):
         self.p, self.n, self.groups = o.head_dim, o.state, o.groups
         self.dt_min, self.dt_max = o.dt_min, o.dt_max
         width, bc = o.width, 2 * o.groups * o.state
-        self.z_proj = _column(cfg, mp, width, o.proj_bias)
-        self.x_proj = _column(cfg, mp, width, o.proj_bias)
-        self.dt_proj = _column(cfg, mp, o.heads, o.proj_bias)
+        self.z_proj = column_linear(cfg, mp, width, o.proj_bias)
+        self.x_proj = column_linear(cfg, mp, width, o.proj_bias)
+        self.dt_proj = column_linear(cfg, mp, o.heads, o.proj_bias)
         self.bc_proj = nn.Linear(cfg.hidden_size, bc, bias=o.proj_bias)
         normal_init(cfg.init_std)(self.bc_proj.weight)
         if o.proj_bias:
             nn.init.zeros_(self.bc_proj.bias)
-        self.out_proj = _row(cfg, mp, width, o.proj_bias)
+        self.out_proj = row_linear(cfg, mp, width, o.proj_bias)
         # Conv weights normal(std) with zero bias, D = 1 (BambaPreTrainedModel._init_weights);
         # A and dt as ``mamba2.init`` says. Drawn whole, then this rank's heads taken.
         local = slice(first * self.p, (first + self.h) * self.p)
@@ -239,7 +225,7 @@ class Mamba2Mixer(nn.Module):
         return self._out(o, x, z), {"conv": conv_state, "S": S}
 
 
-class GroupedAttention(nn.Module):
+class GroupedAttention(GroupedQueryAttention):
     """Bamba's softmax attention (letter ``R``): grouped-query, rotary positions on the first
     partial_rotary x head_dim dims; split by query and key/value heads over TP."""
 
@@ -253,10 +239,10 @@ class GroupedAttention(nn.Module):
         self.h, _ = local_heads(H, "model.num_heads")
         self.kv, _ = local_heads(KV, "mamba2.attn_kv_heads")
         self.d, self.rotary_dim, self.theta = D, o.rotary_dim(cfg), cfg.rope_theta
-        self.q_proj = _column(cfg, mp, H * D)
-        self.k_proj = _column(cfg, mp, KV * D)
-        self.v_proj = _column(cfg, mp, KV * D)
-        self.o_proj = _row(cfg, mp, H * D)
+        self.q_proj = column_linear(cfg, mp, H * D)
+        self.k_proj = column_linear(cfg, mp, KV * D)
+        self.v_proj = column_linear(cfg, mp, KV * D)
+        self.o_proj = row_linear(cfg, mp, H * D)
 
     @staticmethod
     def param_count(cfg: ModelConfig, layer_idx: int) -> int:
@@ -283,28 +269,9 @@ class GroupedAttention(nn.Module):
         if self.rotary_dim:
             cos, sin = rotary_cos_sin(positions_BT, self.rotary_dim, self.theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v
+        return q, k, v, None
 
-    def _repeat(self, t):
-        return t.repeat_interleave(self.h // self.kv, 1) if self.h != self.kv else t
-
-    def _out(self, o_BHTD):
+    def _out(self, o_BHTD, _):
         B, H, T, D = o_BHTD.shape
         out, _ = self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, H * D))
         return out
-
-    def forward(self, x_BTC, positions_BT, doc_ids_BT=None):
-        q, k, v = self._qkv(x_BTC, positions_BT)
-        o = softmax.attention(self.sp, q, self._repeat(k), self._repeat(v), doc_ids_BT)
-        return self._out(o)
-
-    def decode(self, x_BTC, positions_BT, state):
-        """Decode form: the state is the KV cache of this rank's key/value heads."""
-        q, k, v = self._qkv(x_BTC, positions_BT)
-        if state is not None:
-            k, v = torch.cat((state["k"], k), 2), torch.cat((state["v"], v), 2)
-        if state is None:
-            o = softmax.attention(self.sp, q, self._repeat(k), self._repeat(v), None)
-        else:
-            o = attend_cached(q, self._repeat(k), self._repeat(v))
-        return self._out(o), {"k": k, "v": v}

@@ -12,19 +12,18 @@ projection biases and a dt limit, one with two groups."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import sysconfig
-from pathlib import Path
-
 import pytest
 import torch
 
 from plait.models.mamba2 import bamba
 from tests.distributed import run_distributed
 from tests.helpers import assert_rel_close, assert_tp_equal, tp_forward_backward
+from tests.models.native import (
+    assert_native_equal,
+    load_natively,
+    perturb_release,
+    plait_model,
+)
 
 VOCAB = 101
 SMALL = dict(
@@ -45,21 +44,7 @@ def release_model(seed: int, **over):
     from transformers import BambaConfig, BambaForCausalLM
 
     torch.manual_seed(seed)
-    model = BambaForCausalLM(BambaConfig(**{**SMALL, **over})).eval()
-    g = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
-    return model
-
-
-def _plait_model(cfg, state):
-    from plait.models.common import build_model
-    from plait.parallel.tensor_parallel import load_full_state
-
-    model = build_model(cfg, 1, vocab_size=state["embedding.weight"].shape[0]).eval()
-    load_full_state(model, state)
-    return model
+    return perturb_release(BambaForCausalLM(BambaConfig(**{**SMALL, **over})), seed)
 
 
 def _import(hf_model):
@@ -70,7 +55,7 @@ def _import(hf_model):
 def _compare(rt, seed: int, T: int):
     hf = release_model(seed, **VARIANTS[seed])
     cfg, state = _import(hf)
-    model = _plait_model(cfg, state)
+    model = plait_model(cfg, state)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, T, 64, generator=g)
     pos = torch.arange(T)[None].expand(2, T)
@@ -148,65 +133,9 @@ def test_tp2_equals_tp1_with_one_group_across_ranks():
         assert_tp_equal(out, ref, "mamba2 TP=2")
 
 
-# Runs in a fresh interpreter without site processing (site-packages added by hand): the
-# editable install that makes plait importable never runs.
-HF_SIDE = r"""
-import importlib.util, json, sys
-sys.path.append(sys.argv[1])
-assert importlib.util.find_spec("plait") is None, "plait is importable"
-import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).eval()
-model.generation_config.eos_token_id = None
-ids = torch.tensor(json.load(open(sys.argv[3])))
-with torch.no_grad():
-    out = {"class": type(model).__name__, "logits": model(ids).logits}
-    prompt = ids[:1, :20]
-    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
-    out["cached"] = model.generate(prompt, use_cache=True, **kw)
-    out["uncached"] = model.generate(prompt, use_cache=False, **kw)
-torch.save(out, sys.argv[4])
-"""
-
-
-def _export_side(rt, directory: str, tokens: torch.Tensor):
-    from safetensors.torch import save_file
-
-    from plait.models.common import build_model
-    from plait.models.presets import get_preset
-    from plait.parallel.tensor_parallel import gather_full
-    from tests.models.test_decode import perturb
-
-    torch.manual_seed(5)
-    cfg = get_preset("mamba2-tiny")
-    model = build_model(cfg, 1, vocab_size=VOCAB).eval()
-    perturb(model, 5)
-    state = gather_full(model)
-    vocab = state["embedding.weight"].shape[0]
-    save_file({k: v.contiguous() for k, v in bamba.to_hf(state, cfg).items()},
-              str(Path(directory) / "model.safetensors"))
-    (Path(directory) / "config.json").write_text(json.dumps(bamba.config_to_hf(cfg, vocab)))
-    with torch.no_grad():
-        return model(tokens), model.greedy(tokens[:1, :20], 12)
-
-
 def test_native_export_loads_in_transformers_without_plait(tmp_path):
-    tokens = torch.randint(0, VOCAB, (2, 45), generator=torch.Generator().manual_seed(0))
-    logits, greedy = run_distributed(_export_side, 1, str(tmp_path), tokens)[0]
-    (tmp_path / "tokens.json").write_text(json.dumps(tokens.tolist()))
-    (tmp_path / "hf_side.py").write_text(HF_SIDE)
-    cmd = [sys.executable, "-I", "-S", str(tmp_path / "hf_side.py"),
-           sysconfig.get_paths()["purelib"], str(tmp_path), str(tmp_path / "tokens.json"),
-           str(tmp_path / "out.pt")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt")
-    assert out["class"] == "BambaForCausalLM"
-    assert (out["logits"] - logits[..., : out["logits"].shape[-1]]).abs().max() < 1e-4
-    assert torch.equal(out["cached"], out["uncached"])
-    assert torch.equal(out["cached"][:, 20:], greedy)
+    got = load_natively(tmp_path, "mamba2-tiny", bamba.NATIVE, VOCAB)
+    assert_native_equal(got, "BambaForCausalLM")
 
 
 def test_only_d_and_r_patterns_export_natively():
