@@ -92,7 +92,7 @@ def _pruner(kernel: str):
 def _autotune(kernel: str):
     return triton.autotune(
         configs=autotune_configs(),
-        key=["D", "E", "BT", "BK", "BV", "HAS_DOCS"],
+        key=["D", "E", "BT", "BK", "BV", "HAS_DOCS", "HAS_G"],
         prune_configs_by={"early_config_prune": _pruner(kernel)},
     )
 
