@@ -64,7 +64,7 @@ def test_overrides_are_typed():
         ),
         ("optimizer:\n  lr: 1e-4\n  min_lr: 1e-3\n", "optimizer.min_lr: 0.001 is above lr 0.0001"),
         ("model: 3\n", "model: expected a mapping"),
-        ("model:\n  preset: gpt-9\n", "model.preset: 'gpt-9' is not one of based-1.3b"),
+        ("model:\n  preset: gpt-9\n", "model.preset: 'gpt-9' is not one of bamba-9b, based-1.3b"),
         (
             "model:\n  preset: moh-tiny\n  moh:\n    top_k: 9\n",
             "model.moh: shared_heads 2 + top_k 9 exceeds num_heads 8",
