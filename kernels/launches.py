@@ -1,9 +1,10 @@
 """Ahead-of-time compiles of exactly what a launch compiles, on a machine without a GPU.
 
-kernels/aot.py compiles one hand-described case per kernel. This module instead calls the
-wrappers themselves (``lightning_attention_triton`` and the rest, forward and backward) on
-CPU tensors of a preset's shapes while every Triton launch they make is *recorded instead of
-run* (``recorded``), then compiles each recorded launch as Triton's launcher would compile it:
+The compile test used to describe one case per kernel by hand (and gave every integer a
+divisibility hint no launch has). This module calls the wrappers themselves
+(``lightning_attention_triton`` and the rest, forward and backward) on CPU tensors of a
+preset's shapes while every Triton launch they make is *recorded instead of run*
+(``recorded``), then compiles each recorded launch as Triton's launcher would compile it:
   * the argument binding is Triton's own (``create_function_from_signature`` and
     ``JITFunction._pack_args``, what ``JITFunction.run`` calls): 16-divisibility only on the
     integers and pointers that have it (D = 153, T = 1000 get none; T gets none at all where
@@ -14,8 +15,10 @@ run* (``recorded``), then compiles each recorded launch as Triton's launcher wou
     as a training run autotunes);
   * for sm_80 and sm_90, with the registers and spills ptxas reports (kernels/aot.py).
 So a configuration that spills, or a hint that no launch has, cannot hide in the table.
+``--all-configs`` compiles every configuration the pruners keep without the spill table
+(kernels/spills.json, which benchmarks/gpu_compile.py writes from that run).
 
-    python -m plait.kernels.launches [--quick]     # one JSON object per compiled launch
+    python -m plait.kernels.launches [--ci] [--all-configs]   # one JSON row per compile
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class Launch:
 
 
 @contextlib.contextmanager
-def recorded(arch: int) -> Iterator[list[Launch]]:
+def recorded(arch: int, use_spill_table: bool = True) -> Iterator[list[Launch]]:
     """Inside the block, plait's Triton launches are appended to the yielded list and not
     run; the wrappers' device guard accepts CPU tensors, and the autotune pruners see the
     target ``arch`` and its shared memory (they ask ``smem_limit``/``device_arch``) with
@@ -95,8 +98,9 @@ def recorded(arch: int) -> Iterator[list[Launch]]:
                 saved.append((module, attr, getattr(module, attr)))
                 setattr(module, attr, new)
     saved += [(Autotuner, "run", Autotuner.run), (JITFunction, "run", JITFunction.run),
-              (tc, "AUTOTUNE", tc.AUTOTUNE)]
+              (tc, "AUTOTUNE", tc.AUTOTUNE), (tc, "USE_SPILL_TABLE", tc.USE_SPILL_TABLE)]
     Autotuner.run, JITFunction.run, tc.AUTOTUNE = record_autotuned, record_jit, True
+    tc.USE_SPILL_TABLE = use_spill_table
     try:
         yield launches
     finally:
@@ -104,16 +108,27 @@ def recorded(arch: int) -> Iterator[list[Launch]]:
             setattr(obj, attr, old)
 
 
-def kept_configs(launch: Launch, arch: int) -> list[dict]:
+def all_configs(launch: Launch) -> list[dict]:
+    """Every configuration the launch's autotuner lists, before pruning."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(launch.kernel, Autotuner):
+        return kept_configs(launch, 90)
+    return [dict(c.all_kwargs()) for c in launch.kernel.configs]
+
+
+def kept_configs(launch: Launch, arch: int, use_spill_table: bool = True) -> list[dict]:
     """The launch options and config constexprs of every configuration the launch can run:
-    an autotuner's configs after its pruner (for ``arch``), or the plain launch's own."""
+    an autotuner's configs after its pruner (for ``arch``; ``use_spill_table=False``: the
+    pruner without the spill table, every configuration the table is measured over), or the
+    plain launch's own."""
     from triton.runtime.autotuner import Autotuner
 
     k = launch.kernel
     if not isinstance(k, Autotuner):
         opts = {o: launch.kwargs[o] for o in ("num_warps", "num_stages") if o in launch.kwargs}
         return [dict(num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3))]
-    with recorded(arch):  # the pruner asks the target's shared memory and arch
+    with recorded(arch, use_spill_table):  # the pruner asks the target's memory and arch
         named = dict(zip(k.arg_names, launch.args, strict=False))
         configs = k.configs
         if k.early_config_prune:
@@ -168,7 +183,10 @@ def compile_launch(launch: Launch, config: dict, arch: int) -> tuple[CompileResu
     kwargs = {**launch.kwargs, **config}
     signature, constexprs, attrs, options = _binding(fn, launch.args, kwargs, arch)
     key = _key(fn, signature, constexprs, attrs, options, arch)
-    hinted = sorted(fn.arg_names[p[0]] for p in attrs if signature[fn.arg_names[p[0]]] == "i32")
+    hinted = sorted(
+        fn.arg_names[p[0]] for p, a in attrs.items()
+        if signature[fn.arg_names[p[0]]] == "i32" and any(x[0] == "tt.divisibility" for x in a)
+    )
     res = _compile_bound(key, fn, tuple(signature.items()), tuple(constexprs.items()),
                          tuple((k, tuple(map(tuple, v))) for k, v in attrs.items()),
                          tuple(options.__dict__.items()), arch)
@@ -245,41 +263,61 @@ def _scan_calls(K: int, V: int, T: int, init: bool):
     return run
 
 
-def calls(quick: bool) -> Iterator[tuple[dict, Callable[[], None]]]:
-    """(label, a call of a wrapper forward + backward) for every preset shape, dtype and
-    variant; ``quick``: a representative subset (the widest and the odd shapes, documents
-    and initial state on, one length)."""
+CI_CALLS = {
+    # Based's odd widths in fp32 (tf32x3), every lightning kernel, both targets
+    ("lightning", "based-1.3b 153x113", "fp32"): (90, 80),
+    # the per-token-decay variant's chunk state (LASP-2's piece) at Bamba's heads
+    ("lightning chunk state", "bamba-9b / mamba2-1b 128x64", "bf16"): (90,),
+    # the sliding window at Based's odd head width on the smaller shared memory
+    ("swa", "based-1.3b 112", "bf16"): (80,),
+    # one launch each of the short convolution and the gated delta scan
+    ("shortconv", "based (K=3)", "bf16"): (90,),
+    ("gated_delta", "qwen3.5 128x128", "fp32"): (90,),
+}
+"""The representative subset CI compiles (``--ci``): the shapes and variants whose binding a
+blanket hint would change most (odd widths), the chunk-state variant, both targets."""
+
+
+def calls(tier: str = "full") -> Iterator[tuple[dict, Callable[[], None], tuple[int, ...]]]:
+    """(label, a call of a wrapper forward + backward, the targets) for every preset shape,
+    dtype and variant; ``tier="ci"``: only ``CI_CALLS`` (documents and initial state on,
+    T = 1000)."""
+    ci = tier == "ci"
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    lengths = (1000,) if quick else (1000, 8192)
-    for T in lengths:
+
+    def wanted(label):
+        if not ci:
+            return ARCHS
+        return CI_CALLS.get((label["op"], label["shape"], label["dtype"]), ())
+
+    for T in (1000,) if ci else (1000, 8192):
         for dname, dt in dtypes.items():
             for shape, (D, E) in {**LIGHTNING_SHAPES, **MAMBA2_SHAPES}.items():
                 g = shape in MAMBA2_SHAPES
-                if quick and shape not in ("transnormer-385m/1b", "based-1.3b",
-                                           "bamba-9b / mamba2-1b"):
-                    continue
-                for docs, init in [(True, True)] if quick else [(False, False), (True, True)]:
+                for docs, init in [(True, True)] if ci else [(False, False), (True, True)]:
                     label = dict(op="lightning g" if g else "lightning", shape=f"{shape} {D}x{E}",
                                  dtype=dname, variant=f"T={T} docs={int(docs)} init={int(init)}")
-                    yield label, _lightning_calls(D, E, dt, T, docs, init, g)
+                    if wanted(label):
+                        yield label, _lightning_calls(D, E, dt, T, docs, init, g), wanted(label)
                 label = dict(op="lightning chunk state", shape=f"{shape} {D}x{E}", dtype=dname,
                              variant=f"T={T} docs=1")
-                yield label, _chunk_state_calls(D, E, dt, T, True, g)
+                if wanted(label):
+                    yield label, _chunk_state_calls(D, E, dt, T, True, g), wanted(label)
             for shape, D in SWA_SHAPES.items():
                 if dt == torch.float32 and D > 128:
                     continue  # refused at the wrapper
-                if quick and shape not in ("based-1.3b", "head 128"):
-                    continue
-                yield (dict(op="swa", shape=f"{shape} {D}", dtype=dname, variant=f"T={T} docs=1"),
-                       _swa_calls(D, dt, T, True))
+                label = dict(op="swa", shape=f"{shape} {D}", dtype=dname, variant=f"T={T} docs=1")
+                if wanted(label):
+                    yield label, _swa_calls(D, dt, T, True), wanted(label)
             for shape, K in SHORTCONV_TAPS.items():
-                yield (dict(op="shortconv", shape=shape, dtype=dname, variant=f"T={T} docs=1"),
-                       _shortconv_calls(K, dt, T, True))
+                label = dict(op="shortconv", shape=shape, dtype=dname, variant=f"T={T} docs=1")
+                if wanted(label):
+                    yield label, _shortconv_calls(K, dt, T, True), wanted(label)
         for shape, (K, V) in GATED_DELTA_SHAPES.items():  # float32 at every model dtype
-            if quick and shape != "qwen3.5":
-                continue
-            yield (dict(op="gated_delta", shape=f"{shape} {K}x{V}", dtype="fp32",
-                        variant=f"T={T} init=1"), _scan_calls(K, V, T, True))
+            label = dict(op="gated_delta", shape=f"{shape} {K}x{V}", dtype="fp32",
+                         variant=f"T={T} init=1")
+            if wanted(label):
+                yield label, _scan_calls(K, V, T, True), wanted(label)
 
 
 def _import_wrappers() -> None:
@@ -291,18 +329,35 @@ def _import_wrappers() -> None:
     import plait.kernels.swa.triton  # noqa: F401
 
 
-def matrix(quick: bool = False) -> Iterator[dict]:
+def spill_key(launch: Launch, arch: int, config: dict) -> str | None:
+    """The launch's key in the spill table (triton_common.spill_key), for autotuned kernels."""
+    from plait.kernels.triton_common import spill_key as key
+
+    name = getattr(launch.kernel, "spill_name", None)
+    if name is None:
+        return None
+    named = dict(zip(launch.kernel.arg_names, launch.args, strict=False))
+    first = next(v for v in launch.args if isinstance(v, torch.Tensor))
+    isz = 4 if first.dtype == torch.float32 else 2
+    return key(name, arch, isz, named, launch.kwargs, config["num_warps"], config["num_stages"])
+
+
+def matrix(tier: str = "full", use_spill_table: bool = True) -> Iterator[dict]:
     """One row per (call, launch, kept config, arch): what compiles and what it uses."""
     _import_wrappers()
-    for label, call in calls(quick):
-        for arch in ARCHS:
-            with recorded(arch) as launches:
+    for label, call, archs in calls(tier):
+        for arch in archs:
+            with recorded(arch, use_spill_table) as launches:
                 call()
             seen = set()
             for launch in launches:
-                for config in kept_configs(launch, arch):
+                kept = kept_configs(launch, arch, use_spill_table)
+                pruned = [f"{c['num_warps']}/{c['num_stages']}" for c in all_configs(launch)
+                          if c not in kept]
+                for config in kept:
                     row = dict(label, kernel=launch.fn.__name__, arch=arch,
-                               warps=config["num_warps"], stages=config["num_stages"])
+                               warps=config["num_warps"], stages=config["num_stages"],
+                               pruned=pruned)
                     try:
                         res, extra = compile_launch(launch, config, arch)
                     except Exception as e:  # a launch that does not compile is a result
@@ -314,11 +369,15 @@ def matrix(quick: bool = False) -> Iterator[dict]:
                         continue
                     seen.add(ident)
                     yield dict(row, ok=True, shared=res.shared, registers=res.registers,
-                               spills=res.spill_bytes, **extra)
+                               spills=res.spill_bytes, key=spill_key(launch, arch, config),
+                               **extra)
 
 
 def main() -> None:
-    for row in matrix(quick="--quick" in sys.argv):
+    """``--ci``: the CI subset; ``--all-configs``: every configuration the pruners keep
+    without the spill table (what the table is written from)."""
+    tier = "ci" if "--ci" in sys.argv else "full"
+    for row in matrix(tier, use_spill_table="--all-configs" not in sys.argv):
         print(json.dumps(row), flush=True)
 
 

@@ -11,7 +11,10 @@ way out (``backend='chunk'``), never at launch with a driver error.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -21,8 +24,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 AUTOTUNE = os.environ.get("PLAIT_TRITON_AUTOTUNE", "1") != "0"
 """``PLAIT_TRITON_AUTOTUNE=0``: launch every kernel at the first config its shared-memory
-pruner keeps (the fewest warps that do not spill, the most stages that fit: the config
-kernels/aot.py compiles and checks) instead of compiling and timing each candidate.
+pruner keeps (the fewest warps that do not spill, the most stages that fit, none the spill
+table lists) instead of compiling and timing each candidate.
 For runs whose minutes are counted (benchmarks/gpu_check.py's correctness section), where
 autotuning every shape would spend most of them compiling."""
 
@@ -48,12 +51,56 @@ def autotune_configs(warps=(4, 8), stages=(3, 2, 1)):
     return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
 
 
-def keep(kept: list, configs: list) -> list:
-    """What a pruner returns: the configs that fit (only the first without ``AUTOTUNE``),
-    or the last, least demanding one when none does (it then fails to compile with
-    Triton's own message, which the compile test reports)."""
+SPILL_TABLE = os.path.join(os.path.dirname(__file__), "spills.json")
+"""The launch configurations that spill registers, found by compiling every launch the
+wrappers make at every preset shape for sm_80 and sm_90 (kernels/launches.py, written by
+benchmarks/gpu_compile.py): {key: spill bytes per thread}. Pruners drop them."""
+
+USE_SPILL_TABLE = True
+"""Off only while the table itself is being measured (kernels/launches.py --all-configs)."""
+
+
+@functools.cache
+def _spill_table() -> dict[str, int]:
+    try:
+        with open(SPILL_TABLE) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def spill_key(kernel: str, arch: int, itemsize: int, named_args: dict, constexprs: dict,
+              num_warps: int, num_stages: int) -> str:
+    """What decides a launch's register use as the launch compiles it: the kernel, the
+    target, the element size, the constexprs, which integer sizes are multiples of 16 (the
+    divisibility hints Triton gives), the warps and the stages."""
+    sizes = sorted(k for k, v in named_args.items() if isinstance(v, int) and not
+                   isinstance(v, bool) and k in ("D", "E", "H") and v % 16 == 0)
+    flags = ",".join(f"{k}={v}" for k, v in sorted(constexprs.items()))
+    return (f"{kernel}|sm_{arch}|{itemsize}|{flags}|div16:{'.'.join(sizes)}"
+            f"|{num_warps}/{num_stages}")
+
+
+def spilling(kernel: str, itemsize: int, named_args: dict, constexprs: dict, config) -> int:
+    """Spill bytes per thread the table has for this launch under ``config`` on the current
+    target (0: none known)."""
+    if not USE_SPILL_TABLE:
+        return 0
+    key = spill_key(kernel, device_arch(), itemsize, named_args, constexprs,
+                    config.num_warps, config.num_stages)
+    return _spill_table().get(key, 0)
+
+
+def keep(kept: list, configs: list, spills: Callable[[object], int] | None = None) -> list:
+    """What a pruner returns: the configs that fit and do not spill (only the first without
+    ``AUTOTUNE``); when every fitting one spills, the one that spills least; when none fits,
+    the last, least demanding one (it then fails to compile with Triton's own message, which
+    the compile test reports)."""
     if not kept:
         return configs[-1:]
+    if spills is not None:
+        clean = [c for c in kept if not spills(c)]
+        kept = clean or [min(kept, key=spills)]
     return kept if AUTOTUNE else kept[:1]
 
 

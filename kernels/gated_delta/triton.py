@@ -16,8 +16,8 @@ A program's state lives in the buffer it writes anyway (S_IN[n + 1] is computed 
 DM[n - 1] from DM[n]: global memory, hot in L2), read and written in [32, 32] tiles with a
 barrier between chunks, so no program holds a [K, K] map or a [K, V] state in registers (held
 whole, K = 128 compiled to 21 KB of spills per thread). States and maps are float32 (they sum
-the whole prefix); the dots run in IEEE fp32. ``aot_cases`` gives kernels/aot.py these
-launches at the presets' shapes.
+the whole prefix); the dots run in IEEE fp32. kernels/launches.py compiles its launches at
+the presets' shapes.
 """
 
 from __future__ import annotations
@@ -141,16 +141,3 @@ def affine_scan_triton(P, M, S0=None):
     S0f = S0.reshape(B * H, K, V) if S0 is not None else None
     S_in, final = _AffineScan.apply(P.reshape(B * H, N, K, K), M.reshape(B * H, N, K, V), S0f)
     return S_in.view(B, H, N, K, V), final.view(B, H, K, V)
-
-
-def aot_cases(K: int, V: int, has_init: bool):
-    """The two launches of a call at this shape (the scan each way), for kernels/aot.py."""
-    meta = plan(K, V)
-    f32, i32 = "*fp32", "i32"
-    types = dict(P=f32, BIAS=f32, START=f32, OUT=f32, LAST=f32, N=i32, K=i32, V=i32)
-    return [
-        dict(fn=_scan, types=types, num_warps=meta["num_warps"], num_stages=1,
-             constexprs=dict(HAS_START=has_init, REVERSE=reverse, BK=meta["BK"],
-                             BV=meta["BV"]))
-        for reverse in (False, True)
-    ]

@@ -39,8 +39,6 @@ import triton.language as tl
 
 from plait.kernels.triton_common import (
     INTERPRET,
-    SMEM_DEFAULT,
-    TRITON_DTYPE,
     autotune_configs,
     check_device,
     check_slopes,
@@ -48,6 +46,7 @@ from plait.kernels.triton_common import (
     on_device,
     prepare_doc_ids,
     smem_limit,
+    spilling,
 )
 
 
@@ -64,7 +63,7 @@ def _smem_per_stage(kernel: str, BT: int, BK: int, BV: int, isz: int) -> int:
 
 
 def min_warps(kernel: str, fp32: bool) -> int:
-    """Fewer warps spill registers (kernels/aot.py, sm_80): fp32's tf32x3 splits every
+    """Fewer warps spill registers (kernels/launches.py, sm_80): fp32's tf32x3 splits every
     operand in two, and dq/dk keep three BT x BT-sized accumulators."""
     return 8 if fp32 or kernel == "dqdk" else 4
 
@@ -84,17 +83,25 @@ def _pruner(kernel: str):
             if fixed + max(1, c.num_stages) * per <= limit
             and c.num_warps >= min_warps(kernel, isz == 4 and not kwargs.get("UPCAST"))
         ]
-        return keep(kept, configs)
+        return keep(kept, configs,
+                    lambda c: spilling(f"lightning.{kernel}", isz, named_args, kwargs, c))
 
     return prune
 
 
 def _autotune(kernel: str):
-    return triton.autotune(
+    tuner = triton.autotune(
         configs=autotune_configs(),
         key=["D", "E", "BT", "BK", "BV", "HAS_DOCS", "HAS_G"],
         prune_configs_by={"early_config_prune": _pruner(kernel)},
     )
+
+    def tag(fn):
+        t = tuner(fn)
+        t.spill_name = f"lightning.{kernel}"  # its spill-table entries (kernels/launches.py)
+        return t
+
+    return tag
 
 
 # ---------------------------------------------------------------- device helpers
@@ -606,54 +613,3 @@ def lightning_chunk_state_triton(
     check_device(k_BHTD, v_BHTE, what="lightning_chunk_state")
     check_slopes(slopes_H, "lightning_chunk_state")
     return _ChunkStateTriton.apply(k_BHTD, v_BHTE, slopes_H, doc_ids_BT, block, g_BHT)
-
-
-# ---------------------------------------------------------------- ahead-of-time compile cases
-_TT = TRITON_DTYPE
-
-
-def aot_cases(
-    D: int, E: int, dtype: torch.dtype, has_docs: bool, has_init: bool, block: int = 64,
-    has_g: bool = False,
-):
-    """One entry per kernel a call at this shape launches, for kernels/aot.py: argument
-    types, constexprs (as the wrapper sets them on a GPU) and the largest autotune config the
-    shared-memory pruner keeps on an H100 (the most demanding one). ``has_g``: the per-token
-    decay variant (Mamba-2)."""
-    meta = plan(D, E, dtype, block, interpret=False)
-    x, f32, i32 = f"*{_TT[dtype]}", "*fp32", "i32"
-    ints = dict(T=i32, H=i32, D=i32, E=i32, NT=i32)
-    common = dict(SLOPES=f32, DOC="*i64", G=f32, **ints)
-    docs = dict(HAS_DOCS=has_docs, HAS_G=has_g)
-    specs = [
-        (
-            _state_fwd,
-            dict(K=x, V=x, STATES=f32, S_INIT=f32, S_FINAL=f32),
-            dict(HAS_INIT=has_init, WRITE_STATES=True),
-        ),
-        (_out_fwd, dict(Q=x, K=x, V=x, O=x, STATES=f32), {}),
-        (
-            _dstate_bwd,
-            dict(Q=x, DO=x, DSTATES=f32, DS_FINAL=f32, DS_INIT=f32),
-            dict(HAS_DFINAL=has_init, HAS_INIT=has_init),
-        ),
-        (_dv_bwd, dict(Q=x, K=x, DO=x, DV=x, DSTATES=f32), {}),
-        (_dqdk_bwd, dict(Q=x, K=x, V=x, DO=x, DQ=x, DK=x, STATES=f32, DSTATES=f32), {}),
-    ]
-    cases = []
-    for tuner, types, flags in specs:
-        kernel = tuner.fn.__name__.strip("_").split("_")[0]
-        isz = 4 if dtype == torch.float32 else 2
-        per = _smem_per_stage(kernel, meta["BT"], meta["BK"], meta["BV"], isz)
-        fixed = meta["BT"] * meta["BT"] * (4 + isz) + 16 * 1024
-        stages = max(s for s in (3, 2, 1) if fixed + s * per <= SMEM_DEFAULT or s == 1)
-        cases.append(
-            dict(
-                fn=tuner.fn,
-                types={**common, **types},
-                constexprs={**meta, **docs, **flags},
-                num_warps=min_warps(kernel, dtype == torch.float32),
-                num_stages=stages,
-            )
-        )
-    return cases

@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.kernels.triton_common import TRITON_DTYPE as _TT
 from plait.kernels.triton_common import check_device, on_device, prepare_doc_ids
 
 SPAN = 1024  # tokens per backward program
@@ -135,17 +134,3 @@ class _ShortConvTriton(torch.autograd.Function):
 def short_conv_triton(x, w, bias=None, doc_ids=None, BT: int = 32, BC: int = 32):
     check_device(x, w, what="short_conv")
     return _ShortConvTriton.apply(x, w, bias, doc_ids, BT, BC)
-
-
-def aot_cases(K: int, dtype: torch.dtype, has_docs: bool, has_bias: bool = True,
-              BT: int = 32, BC: int = 32):
-    """The kernels one call launches, for kernels/aot.py (see lightning's)."""
-    x, i32 = f"*{_TT[dtype]}", "i32"
-    flags = dict(K=K, HAS_DOCS=has_docs, BT=BT, BC=BC)
-    return [
-        dict(fn=_fwd, types=dict(X=x, W=x, BIAS=x, Y=x, DOC="*i64", T=i32, C=i32),
-             constexprs={**flags, "HAS_BIAS": has_bias}, num_warps=4, num_stages=2),
-        dict(fn=_bwd, types=dict(X=x, W=x, DY=x, DX=x, DW_PART="*fp32", DOC="*i64", T=i32, C=i32),
-             constexprs={**flags, "KP": triton.next_power_of_2(K), "SPAN": SPAN},
-             num_warps=4, num_stages=2),
-    ]

@@ -16,7 +16,8 @@ Launch configuration: ``triton.autotune`` over warps and pipeline stages, pruned
 benchmarking by an estimate of shared memory (what ``num_stages`` multiplies: the K/V or Q/dO
 tiles of one loop iteration) against the device's limit, and by the fewest warps that do not
 spill (``num_warps``) and the most stages that do not (``max_stages``), both measured with
-kernels/aot.py. One config under the interpreter.
+kernels/launches.py, and by the spill table it writes (kernels/spills.json). One config under
+the interpreter.
 
 Precision: on a GPU the dot operands stay in the input dtype (bf16/fp16 tensor cores, the
 probabilities cast to it as flash attention does) with float32 accumulation and softmax
@@ -32,7 +33,6 @@ import triton.language as tl
 
 from plait.kernels.triton_common import (
     INTERPRET,
-    SMEM_DEFAULT,
     autotune_configs,
     check_device,
     device_arch,
@@ -40,21 +40,21 @@ from plait.kernels.triton_common import (
     on_device,
     prepare_doc_ids,
     smem_limit,
+    spilling,
 )
-from plait.kernels.triton_common import TRITON_DTYPE as _TT
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # a plain global is a NameError inside @jit on GPU
 MAX_HEAD_DIM = 256
 
 
 def num_warps(D: int, E: int, kernel: str = "fwd") -> int:
-    """The fewest warps that do not spill on sm_80 or sm_90 (kernels/aot.py): 8 for
+    """The fewest warps that do not spill on sm_80 or sm_90 (kernels/launches.py): 8 for
     heads over 64, and for dq from 64 (at 64, dk/dv spills with 8 warps on sm_80, not 4)."""
     return 8 if max(D, E) > 64 or (kernel == "dq" and max(D, E) >= 64) else 4
 
 
 def max_stages(D: int, E: int, kernel: str, arch: int = 90) -> int:
-    """Pipeline stages beyond which registers spill (kernels/aot.py): on sm_80 a third
+    """Pipeline stages beyond which registers spill (kernels/launches.py): on sm_80 a third
     stage spills already at head dim 32 (forward) and 64 (dK/dV); on sm_90 only dK/dV at head
     dim 256 in bf16 (two 32 x 256 fp32 accumulators plus a third stage of Q/dO tiles pass 255
     registers, 16 B spilled)."""
@@ -93,17 +93,30 @@ def _pruner(kernel: str):
             and c.num_warps >= num_warps(D, E, kernel)
             and c.num_stages <= max_stages(D, E, kernel, arch)
         ]
-        return keep(kept, configs)
+        return keep(kept, configs,
+                    lambda c: spilling(f"swa.{kernel}", isz, named_args, kwargs, c))
 
     return prune
 
 
+def _named(name: str, decorator):
+    """``decorator`` (a triton.autotune) whose Autotuner is tagged with the name its
+    spill-table entries have (kernels/launches.py reads it to write the table)."""
+
+    def tag(fn):
+        tuner = decorator(fn)
+        tuner.spill_name = name
+        return tuner
+
+    return tag
+
+
 def _autotune(kernel: str):
-    return triton.autotune(
+    return _named(f"swa.{kernel}", triton.autotune(
         configs=autotune_configs(),
         key=["D", "E", "BM", "BN", "HAS_DOCS"],
         prune_configs_by={"early_config_prune": _pruner(kernel)},
-    )
+    ))
 
 
 @triton.jit
@@ -265,7 +278,7 @@ def plan(D: int, E: int, dtype: torch.dtype, block: int, interpret: bool = INTER
     BD, BE = (max(16, triton.next_power_of_2(n)) for n in (D, E))
     wide = max(BD, BE) > 64
     if not interpret:
-        # measured with kernels/aot.py: these are the largest blocks that do not spill
+        # measured with kernels/launches.py: these are the largest blocks that do not spill
         if dtype == torch.float32:
             if wide and max(BD, BE) > 128:
                 raise ValueError(
@@ -342,38 +355,3 @@ def swa_triton(q, k, v, window, doc_ids=None, scale=None, block: int = 64):
     check_device(q, k, v, what="swa")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _SwaTriton.apply(q, k, v, window, doc_ids, float(scale), block)
-
-
-def aot_cases(D: int, E: int, dtype: torch.dtype, has_docs: bool, block: int = 64,
-              arch: int = 90):
-    """The kernels one call launches, for kernels/aot.py (see lightning's): each at the
-    fewest warps its pruner allows and the most stages that fit an H100 (the most demanding
-    config the autotuner can pick on ``arch``)."""
-    meta = plan(D, E, dtype, block, interpret=False)
-    x, f32, i32 = f"*{_TT[dtype]}", "*fp32", "i32"
-    common = dict(Q=x, K=x, V=x, LSE=f32, DOC="*i64", BOUNDS="*i32", T=i32, H=i32, D=i32, E=i32,
-                  window=i32, scale="fp32")
-    specs = [
-        (_fwd, dict(O=x), "fwd"),
-        (_bwd_dq, dict(DO=x, DQ=x, DELTA=f32), "dq"),
-        (_bwd_dkdv, dict(DO=x, DK=x, DV=x, DELTA=f32), "dkdv"),
-    ]
-    isz = 4 if dtype == torch.float32 else 2
-    tiles = (meta["BM"], meta["BN"], meta["BD"], meta["BE"])
-    cases = []
-    for tuner, types, kernel in specs:
-        stages = max(
-            s for s in (3, 2, 1)
-            if (smem_estimate(kernel, *tiles, isz, s) <= SMEM_DEFAULT
-                and s <= max_stages(D, E, kernel, arch)) or s == 1
-        )
-        cases.append(
-            dict(
-                fn=tuner.fn,
-                types={**common, **types},
-                constexprs={**meta, "HAS_DOCS": has_docs},
-                num_warps=num_warps(D, E, kernel),
-                num_stages=stages,
-            )
-        )
-    return cases

@@ -1,9 +1,13 @@
-"""Every Triton kernel compiles ahead of time for sm_90 (H100/H200) and sm_80 (A100) at the
-shapes the presets use, fits the target's shared memory, and spills no more registers than
-``aot.spill_budget`` (none on sm_90). No GPU needed: kernels/aot.py compiles in a
-subprocess without TRITON_INTERPRET (the interpreter, which the other kernel tests use, checks
-none of these limits). The full matrix (both archs and dtypes, every variant) is
-benchmarks/gpu_compile.py's table in docs/benchmarks.md; this test runs its quick subset.
+"""Every Triton kernel compiles ahead of time for sm_90 (H100/H200) and sm_80 (A100) as a
+launch compiles it, fits the target's shared memory, and spills no more registers than
+``aot.spill_budget`` (none on sm_90). No GPU needed: kernels/launches.py calls the wrappers
+on CPU tensors with their launches recorded instead of run, binds each as Triton's launcher
+binds it (divisibility hints only where the values have them) and compiles every
+configuration the autotuner keeps after pruning for the target, in a subprocess without
+TRITON_INTERPRET (the interpreter, which the other kernel tests use, checks none of these
+limits). This test runs the representative subset ``CI_CALLS``; the whole matrix (every
+preset shape, dtype, variant, both targets) is benchmarks/gpu_compile.py's table in
+docs/benchmarks.md.
 """
 
 import json
@@ -24,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "plait.kernels.aot", "--quick"],
+        [sys.executable, "-m", "plait.kernels.launches", "--ci"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -36,6 +40,7 @@ def rows():
 def _name(r):
     return (
         f"{r['op']} {r['kernel']} {r['shape']} {r['dtype']} {r.get('variant', '')} sm_{r['arch']}"
+        f" {r.get('warps')}/{r.get('stages')}"
     )
 
 
@@ -43,8 +48,40 @@ def test_every_kernel_compiles_for_both_targets(rows):
     failed = [f"{_name(r)}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)
     assert {r["arch"] for r in rows} == {80, 90}
-    ops = {"lightning", "lightning g", "swa", "shortconv", "gated_delta"}
+    ops = {"lightning", "lightning chunk state", "swa", "shortconv", "gated_delta"}
     assert {r["op"] for r in rows} == ops
+    based = {(r["kernel"], r["arch"]) for r in rows if r["op"] == "lightning"}
+    kernels = {"_state_fwd", "_out_fwd", "_dstate_bwd", "_dv_bwd", "_dqdk_bwd"}
+    assert based == {(k, a) for k in kernels for a in (80, 90)}
+
+
+def test_every_kept_configuration_is_compiled(rows):
+    """Autotuning keeps several configurations; each one a run can pick is compiled."""
+    configs = {}
+    for r in rows:
+        configs.setdefault((r["kernel"], r["shape"], r["arch"]), set()).add(
+            (r["warps"], r["stages"]))
+    assert max(len(c) for c in configs.values()) >= 2, configs
+
+
+def test_spilling_configurations_are_pruned(rows):
+    """Based's fp32 gradient kernel spills at 8 warps and 2 or 3 stages on an H100 (the
+    table kernels/spills.json, measured over every unpruned configuration): the wrapper's
+    pruner drops those, so only the 1-stage configuration compiles, and it does not spill."""
+    dqdk = [r for r in rows if r["op"] == "lightning" and r["arch"] == 90
+            and r["kernel"] == "_dqdk_bwd"]
+    assert dqdk and {(r["warps"], r["stages"]) for r in dqdk} == {(8, 1)}
+    assert {"8/3", "8/2"} <= set(dqdk[0]["pruned"]) and not any(r["spills"] for r in dqdk)
+
+
+def test_hints_are_the_ones_a_launch_gives(rows):
+    """Based's widths (153 features, 113 values) and T = 1000 get no divisibility hint,
+    Bamba's 128 x 64 do: a blanket hint on every integer (what the old compile test added)
+    would show here."""
+    based = [r for r in rows if r["op"] == "lightning" and r["ok"]]
+    assert based and not any({"D", "E", "T"} & set(r["hinted"]) for r in based)
+    bamba = [r for r in rows if r["op"] == "lightning chunk state" and r["ok"]]
+    assert bamba and all({"D", "E"} <= set(r["hinted"]) for r in bamba)
 
 
 def test_shared_memory_fits_the_target(rows):
