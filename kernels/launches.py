@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -195,9 +196,11 @@ def compile_launch(launch: Launch, config: dict, arch: int) -> tuple[CompileResu
 
 # ------------------------------------------------------------------ the wrappers' calls
 def _lightning_calls(D: int, E: int, dt: torch.dtype, T: int, docs: bool, init: bool,
-                     g: bool) -> Callable[[], None]:
+                     g: bool, form: str = "sequential") -> Callable[[], None]:
     def run():
         from plait.kernels.lightning.triton import lightning_attention_triton
+
+        os.environ["PLAIT_LIGHTNING_STATE_FORM"] = form  # both forms' kernels are compiled
 
         gen = torch.Generator().manual_seed(0)
         q, k = (torch.randn(1, 2, T, D, generator=gen).to(dt).requires_grad_() for _ in "qk")
@@ -205,9 +208,12 @@ def _lightning_calls(D: int, E: int, dt: torch.dtype, T: int, docs: bool, init: 
         doc_ids = (torch.arange(T) // 300)[None] if docs else None
         s0 = torch.zeros(1, 2, D, E, requires_grad=True) if init else None
         gg = (-torch.rand(1, 2, T)).requires_grad_() if g else None
-        o, s = lightning_attention_triton(q, k, v, torch.tensor([0.1, 0.2]), doc_ids, s0, True,
-                                          g_BHT=gg)
-        (o.float().sum() + s.sum()).backward()
+        try:
+            o, s = lightning_attention_triton(q, k, v, torch.tensor([0.1, 0.2]), doc_ids, s0,
+                                              True, g_BHT=gg)
+            (o.float().sum() + s.sum()).backward()
+        finally:
+            os.environ.pop("PLAIT_LIGHTNING_STATE_FORM", None)
 
     return run
 
@@ -294,11 +300,14 @@ def calls(tier: str = "full") -> Iterator[tuple[dict, Callable[[], None], tuple[
         for dname, dt in dtypes.items():
             for shape, (D, E) in {**LIGHTNING_SHAPES, **MAMBA2_SHAPES}.items():
                 g = shape in MAMBA2_SHAPES
-                for docs, init in [(True, True)] if ci else [(False, False), (True, True)]:
+                variants = [(True, True)] if ci else [(False, False), (True, True)]
+                for (docs, init), form in itertools.product(variants, ("sequential", "parallel")):
                     label = dict(op="lightning g" if g else "lightning", shape=f"{shape} {D}x{E}",
-                                 dtype=dname, variant=f"T={T} docs={int(docs)} init={int(init)}")
+                                 dtype=dname,
+                                 variant=f"T={T} docs={int(docs)} init={int(init)} {form}")
                     if wanted(label):
-                        yield label, _lightning_calls(D, E, dt, T, docs, init, g), wanted(label)
+                        call = _lightning_calls(D, E, dt, T, docs, init, g, form)
+                        yield label, call, wanted(label)
                 label = dict(op="lightning chunk state", shape=f"{shape} {D}x{E}", dtype=dname,
                              variant=f"T={T} docs=1")
                 if wanted(label):
@@ -324,6 +333,7 @@ def _import_wrappers() -> None:
     """The kernel modules imported before any recording, so that ``recorded`` finds the
     names it replaces in each of them."""
     import plait.kernels.gated_delta.triton  # noqa: F401
+    import plait.kernels.lightning  # noqa: F401
     import plait.kernels.lightning.triton  # noqa: F401
     import plait.kernels.shortconv.triton  # noqa: F401
     import plait.kernels.swa.triton  # noqa: F401

@@ -33,6 +33,8 @@ guard, doc-id handling and autotune config list are shared with the other Triton
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -55,6 +57,7 @@ def _smem_per_stage(kernel: str, BT: int, BK: int, BV: int, isz: int) -> int:
     """Bytes of the tiles a pipelined loop iteration loads (what num_stages multiplies)."""
     return {
         "state": BT * BK * isz + BT * BV * isz,
+        "local": BT * BK * isz + BT * BV * isz,
         "out": 2 * BT * BK * isz + BK * BV * 4,
         "dstate": BT * BK * isz + BT * BV * isz,
         "dv": 2 * BT * BK * isz + BK * BV * 4,
@@ -71,7 +74,7 @@ def min_warps(kernel: str, fp32: bool) -> int:
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         BT, BK, BV = kwargs["BT"], kwargs["BK"], kwargs["BV"]
-        ptr = named_args.get("Q", named_args.get("K"))
+        ptr = next(named_args[n] for n in ("Q", "K", "X") if n in named_args)
         isz = 4 if (kwargs.get("UPCAST") or ptr.dtype == torch.float32) else 2
         per = _smem_per_stage(kernel, BT, BK, BV, isz)
         # fixed part: the BT x BT score tile and its operand copy, a margin for the rest
@@ -353,6 +356,128 @@ def _dqdk_bwd(
     tl.store(DK + bh64 * T * D + offs, dk.to(DK.dtype.element_ty), mask=m)
 
 
+# ---------------------------------------------------------------- chunk-parallel state form
+@_autotune("local")
+@triton.jit(do_not_specialize=["T"])
+def _chunk_local(
+    X, Y, LOCAL, SLOPES, DOC, G,
+    T, H, D, E, NT,
+    HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr = False,
+    BWD: tl.constexpr = False,
+):
+    """Every chunk's own contribution to the state, all chunks at once: K_i^T (kd * V_i)
+    (forward), or Q_i^T (qd * dO_i) with ``BWD`` (X = Q, Y = dO). Grid (D/BK, E/BV,
+    B*H*NT): at batch 1 the chunks fill the GPU that the (D/BK, E/BV, B*H) sweep leaves
+    idle; ``_combine`` then carries the states across chunks."""
+    pid_k, pid_v, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh64 = tl.cast(pid // NT, tl.int64)
+    i = pid % NT
+    s = tl.load(SLOPES + bh64 % H).to(tl.float32)
+    start = i * BT
+    offs_t = tl.arange(0, BT)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    _, qd, kd, _ = _tables(
+        s, offs_t, start, T, DOC + (bh64 // H) * T, G + bh64 * T, HAS_DOCS, False, HAS_G
+    )
+    x = _tile(X + bh64 * T * D, start + offs_t, offs_k, T, D, UPCAST)
+    y = _tile(Y + bh64 * T * E, start + offs_t, offs_v, T, E, UPCAST)
+    f = qd if BWD else kd
+    yf = (y.to(tl.float32) * f[:, None]).to(y.dtype)
+    L = tl.dot(tl.trans(x), yf, input_precision=PREC)
+    _put_state(LOCAL + (bh64 * NT + i) * D * E, L, offs_k, offs_v, D, E)
+
+
+@triton.jit
+def _combine(
+    BUF, CARRY, S_START, S_END, NT, DE,
+    HAS_START: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The carry across chunks, elementwise: S <- c_i S + L_i in chunk order (reverse for
+    the gradients), each chunk's slot of BUF overwritten by the state entering it (the
+    gradient leaving it, with REVERSE) after its own L_i is read. Grid (DE / BLOCK, B*H)."""
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    bh64 = tl.cast(bh, tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < DE
+    S = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_START:
+        S = tl.load(S_START + bh64 * DE + offs, mask=m, other=0.0)
+    for j in range(0, NT):
+        if REVERSE:
+            i = NT - 1 - j
+        else:
+            i = j
+        ptr = BUF + (bh64 * NT + i) * DE + offs
+        L = tl.load(ptr, mask=m, other=0.0)
+        tl.store(ptr, S, mask=m)
+        S = tl.load(CARRY + bh64 * NT + i) * S + L
+    tl.store(S_END + bh64 * DE + offs, S, mask=m)
+
+
+COMBINE_BLOCK = 512
+"""Elements of a state each ``_combine`` program carries: a 128 x 128 state is 32 programs
+per head, so 16 heads at batch 1 give 512 programs, over twice an H100's 132 SMs."""
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (132 without one: an H100 SXM)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
+def state_form(B: int, H: int, D: int, E: int, NT: int, meta: dict) -> str:
+    """"parallel" when the sequential sweep's (D/BK) (E/BV) B H programs would not fill twice
+    the GPU's SMs and there are chunks enough to parallelise over (batch-1 long context),
+    else "sequential" (large batches, short sequences: one pass, no extra state traffic).
+    ``PLAIT_LIGHTNING_STATE_FORM`` forces one (tests)."""
+    forced = os.environ.get("PLAIT_LIGHTNING_STATE_FORM", "")
+    if forced in ("parallel", "sequential"):
+        return forced
+    programs = B * H * triton.cdiv(D, meta["BK"]) * triton.cdiv(E, meta["BV"])
+    return "parallel" if NT >= 4 and programs < 2 * sm_count() else "sequential"
+
+
+def chunk_carries(T: int, BT: int, slopes32, docs, gc, has_docs: bool, B: int) -> torch.Tensor:
+    """c_i, what the state entering chunk i keeps when it leaves: exp(-s L_i) or, with
+    per-token decays, exp(G at the chunk's last token); 0 where the chunk starts a new
+    document (as ``_tables`` computes it). [B*H, NT] float32."""
+    H = slopes32.shape[0]
+    NT = triton.cdiv(T, BT)
+    starts = torch.arange(NT, device=slopes32.device) * BT
+    ends = torch.clamp(starts + BT, max=T) - 1
+    if gc.numel() > 1:
+        c = torch.exp(gc[..., ends])  # [B, H, NT]
+    else:
+        c = torch.exp(-slopes32[:, None] * (ends - starts + 1).float())[None].expand(B, H, NT)
+    if has_docs:
+        prev = docs[:, (starts - 1).clamp_min(0)]
+        c = c * (prev == docs[:, ends]).float()[:, None]
+    return c.reshape(B * H, NT).contiguous()
+
+
+def _state_sweep(x, y, slopes32, docs, gc, start, end, has_docs, meta, carries, reverse):
+    """The chunk-parallel form of ``_state_fwd`` (reverse=False: x = K, y = V) or of
+    ``_dstate_bwd`` (reverse=True: x = Q, y = dO): [B*H, NT, D, E] float32 states (the
+    state entering each chunk, or the gradient leaving it), ``end`` written."""
+    B, H, T, D = x.shape
+    E = y.shape[-1]
+    NT = triton.cdiv(T, meta["BT"])
+    buf = torch.empty(B * H, NT, D, E, device=x.device, dtype=torch.float32)
+    has_g = gc.numel() > 1
+    _chunk_local[(triton.cdiv(D, meta["BK"]), triton.cdiv(E, meta["BV"]), B * H * NT)](
+        x, y, buf, slopes32, docs, gc, T, H, D, E, NT,
+        HAS_DOCS=has_docs, HAS_G=has_g, BWD=reverse, **meta,
+    )
+    _combine[(triton.cdiv(D * E, COMBINE_BLOCK), B * H)](
+        buf, carries, start, end, NT, D * E,
+        HAS_START=start.numel() > 1, REVERSE=reverse, BLOCK=COMBINE_BLOCK,
+    )
+    return buf
+
+
 # ---------------------------------------------------------------- host side
 def feature_tile(n: int, widest: int = 64) -> int:
     """Tile width for a head dim: at most ``widest`` (so a state tile is <= 64 x 64), at
@@ -410,10 +535,15 @@ def _launch_forward(q, k, v, slopes32, docs, init, has_docs, meta, need_out=True
     has_g = gc is not None and gc.numel() > 1
     if gc is None:
         gc = q.new_zeros(1, dtype=torch.float32)
-    _state_fwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
-        k, v, states, slopes32, docs, gc, init, final, T, H, D, E, NT,
-        HAS_DOCS=has_docs, HAS_INIT=init.numel() > 1, HAS_G=has_g, **meta,
-    )
+    if state_form(B, H, D, E, NT, meta) == "parallel":
+        carries = chunk_carries(T, meta["BT"], slopes32, docs, gc, has_docs, B)
+        states = _state_sweep(k, v, slopes32, docs, gc, init, final, has_docs, meta, carries,
+                              reverse=False)
+    else:
+        _state_fwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
+            k, v, states, slopes32, docs, gc, init, final, T, H, D, E, NT,
+            HAS_DOCS=has_docs, HAS_INIT=init.numel() > 1, HAS_G=has_g, **meta,
+        )
     o = None
     if need_out:
         o = torch.empty(B, H, T, E, device=q.device, dtype=q.dtype)
@@ -480,12 +610,18 @@ class _LightningTriton(torch.autograd.Function):
                 if need_init
                 else q.new_zeros(1, dtype=torch.float32)
             )
-            dstates = torch.empty(B * H, NT, D, E, device=q.device, dtype=torch.float32)
-            _dstate_bwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
-                q, do, dstates, slopes32, docs, gc, dfinal, dinit, T, H, D, E, NT,
-                HAS_DOCS=has_docs, HAS_DFINAL=d_final is not None, HAS_INIT=need_init,
-                HAS_G=has_g, **meta,
-            )
+            if state_form(B, H, D, E, NT, meta) == "parallel":
+                carries = chunk_carries(T, meta["BT"], slopes32, docs, gc, has_docs, B)
+                end = dinit if need_init else torch.empty(B, H, D, E, device=q.device)
+                dstates = _state_sweep(q, do, slopes32, docs, gc, dfinal, end, has_docs, meta,
+                                       carries, reverse=True)
+            else:
+                dstates = torch.empty(B * H, NT, D, E, device=q.device, dtype=torch.float32)
+                _dstate_bwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
+                    q, do, dstates, slopes32, docs, gc, dfinal, dinit, T, H, D, E, NT,
+                    HAS_DOCS=has_docs, HAS_DFINAL=d_final is not None, HAS_INIT=need_init,
+                    HAS_G=has_g, **meta,
+                )
             if need_v:
                 dv = torch.empty_like(v)
                 _dv_bwd[(triton.cdiv(E, BV), NT, B * H)](

@@ -51,7 +51,8 @@ def test_every_kernel_compiles_for_both_targets(rows):
     ops = {"lightning", "lightning chunk state", "swa", "shortconv", "gated_delta"}
     assert {r["op"] for r in rows} == ops
     based = {(r["kernel"], r["arch"]) for r in rows if r["op"] == "lightning"}
-    kernels = {"_state_fwd", "_out_fwd", "_dstate_bwd", "_dv_bwd", "_dqdk_bwd"}
+    kernels = {"_state_fwd", "_out_fwd", "_dstate_bwd", "_dv_bwd", "_dqdk_bwd",
+               "_chunk_local", "_combine"}  # both state forms
     assert based == {(k, a) for k in kernels for a in (80, 90)}
 
 
