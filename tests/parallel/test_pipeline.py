@@ -177,10 +177,10 @@ LAYOUTS = {
     # plait's and Qwen3.5's softmax attention
     "tp2_cp2_gdn_lamb": ("GAQG", "lamb", False, dict(tp=2, cp=2), {}),
     "pp2_cp2_gdn_tied_lamb": ("GQ|GA", "lamb", True, dict(pp=2, cp=2), {}),
-    # Mamba-2 (heads over TP with B and C replicated and one norm group across the ranks;
-    # LASP-2 with per-token decays over CP) beside Bamba's and plait's attention
+    # Mamba-2 (heads over TP with B and C replicated and one norm group across the ranks)
+    # beside Bamba's and plait's attention; PP=2 x CP=2 "DA|RD" measured by hand
+    # (docs/parallelism.md), CP itself in tests/models/test_sequence_parallel_model.py
     "pp2_tp2_mamba2_lamb": ("DR|DA", "lamb", False, dict(pp=2, tp=2), {}),
-    "pp2_cp2_mamba2_lamb": ("DA|RD", "lamb", False, dict(pp=2, cp=2), {}),
 }
 
 
