@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import itertools
 import json
 import os
@@ -153,16 +152,8 @@ def _binding(fn, args, kwargs, arch):
     return signature, constexprs, attrs, options
 
 
-def _key(fn, signature, constexprs, attrs, options, arch) -> str:
-    parts = [fn.__module__, fn.__name__, fn.cache_key, str(arch), repr(sorted(signature.items())),
-             repr(sorted((str(k), repr(v)) for k, v in constexprs.items())),
-             repr(sorted((str(k), repr(v)) for k, v in attrs.items())),
-             repr(sorted((k, repr(v)) for k, v in options.__dict__.items()))]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-
 @functools.cache
-def _compile_bound(key: str, fn, signature_items, constexpr_items, attr_items, options_items,
+def _compile_bound(fn, signature_items, constexpr_items, attr_items, options_items,
                    arch: int) -> CompileResult:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -183,12 +174,11 @@ def compile_launch(launch: Launch, config: dict, arch: int) -> tuple[CompileResu
     fn = launch.fn
     kwargs = {**launch.kwargs, **config}
     signature, constexprs, attrs, options = _binding(fn, launch.args, kwargs, arch)
-    key = _key(fn, signature, constexprs, attrs, options, arch)
     hinted = sorted(
         fn.arg_names[p[0]] for p, a in attrs.items()
         if signature[fn.arg_names[p[0]]] == "i32" and any(x[0] == "tt.divisibility" for x in a)
     )
-    res = _compile_bound(key, fn, tuple(signature.items()), tuple(constexprs.items()),
+    res = _compile_bound(fn, tuple(signature.items()), tuple(constexprs.items()),
                          tuple((k, tuple(map(tuple, v))) for k, v in attrs.items()),
                          tuple(options.__dict__.items()), arch)
     return res, {"hinted": hinted}
@@ -386,8 +376,14 @@ def matrix(tier: str = "full", use_spill_table: bool = True) -> Iterator[dict]:
 def main() -> None:
     """``--ci``: the CI subset; ``--all-configs``: every configuration the pruners keep
     without the spill table (what the table is written from)."""
-    tier = "ci" if "--ci" in sys.argv else "full"
-    for row in matrix(tier, use_spill_table="--all-configs" not in sys.argv):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m plait.kernels.launches")
+    ap.add_argument("--ci", action="store_true", help="only the CI subset (CI_CALLS)")
+    ap.add_argument("--all-configs", action="store_true",
+                    help="every configuration the pruners keep without the spill table")
+    args = ap.parse_args()
+    for row in matrix("ci" if args.ci else "full", use_spill_table=not args.all_configs):
         print(json.dumps(row), flush=True)
 
 

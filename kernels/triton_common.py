@@ -168,6 +168,14 @@ def device_arch() -> int:
     return 90
 
 
+def sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (132 without one: an H100 SXM), for the
+    wrappers that choose a launch shape by how much of the GPU it fills."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
 def smem_limit() -> int:
     """Shared memory per block of the current GPU (opt-in maximum), else ``SMEM_DEFAULT``."""
     if torch.cuda.is_available():

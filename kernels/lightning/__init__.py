@@ -15,7 +15,7 @@ import torch
 
 from plait.kernels.docs import resolve_doc_ids
 
-from .chunk import lightning_attention_chunk
+from .chunk import chunk_state_weights, lightning_attention_chunk
 from .naive import lightning_attention_naive, lightning_attention_recurrent
 
 __all__ = [
@@ -139,13 +139,5 @@ def lightning_chunk_state(
     weight of k_j is exp(sum_{j<i<T}(g_i - s_h)) instead."""
     _check_g(g, k_BHTD, "lightning_chunk_state")
     acc = torch.promote_types(k_BHTD.dtype, torch.float32)
-    T = k_BHTD.shape[2]
-    if g is not None:
-        G = (g.to(acc) - slopes_H.to(acc)[None, :, None]).cumsum(-1)
-        kd = torch.exp(G[..., -1:] - G)  # [B, H, T]
-    else:
-        t = torch.arange(T, device=k_BHTD.device, dtype=acc)
-        kd = torch.exp(-slopes_H.to(acc)[:, None] * (T - 1 - t))[None]  # [1, H, T]
-    if doc_ids is not None:
-        kd = kd * (doc_ids == doc_ids[:, -1:]).to(acc)[:, None]
+    kd = chunk_state_weights(slopes_H.to(k_BHTD.device), k_BHTD.shape[2], doc_ids, g, acc)
     return (k_BHTD.to(acc) * kd[..., None]).transpose(-1, -2) @ v_BHTE.to(acc)

@@ -208,6 +208,22 @@ class _LightningChunk(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, d_init, None, None, dg
 
 
+def chunk_state_weights(slopes_H, T: int, doc_ids=None, g=None, dtype=torch.float32):
+    """kd_j, the weight of k_j^T v_j in the state a chunk of T tokens hands on from a zero
+    start: lambda^(T-1-j), or exp(G_end - G_j) with per-token log-decays, 0 outside the
+    chunk's last document. [B or 1, H, T] in ``dtype``. The PyTorch chunk state and the
+    Triton chunk state's backward both use it."""
+    if g is not None:
+        G = (g.to(dtype) - slopes_H.to(dtype)[None, :, None]).cumsum(-1)
+        kd = torch.exp(G[..., -1:] - G)
+    else:
+        t = torch.arange(T, device=slopes_H.device, dtype=dtype)
+        kd = torch.exp(-slopes_H.to(dtype)[:, None] * (T - 1 - t))[None]
+    if doc_ids is not None:
+        kd = kd * (doc_ids == doc_ids[:, -1:]).to(dtype)[:, None]
+    return kd
+
+
 def token_decay_grad(q, dq, k, dk, final=None, d_final=None) -> torch.Tensor:
     """dL/dg [B, H, T] for per-token log-decays, from the gradients of q and k (any path):
     the reverse running sum of q_t . dq_t - k_t . dk_t, plus <dS_final, S_final> at the last

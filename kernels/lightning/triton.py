@@ -47,6 +47,7 @@ from plait.kernels.triton_common import (
     keep,
     on_device,
     prepare_doc_ids,
+    sm_count,
     smem_limit,
     spilling,
 )
@@ -421,13 +422,6 @@ COMBINE_BLOCK = 512
 per head, so 16 heads at batch 1 give 512 programs, over twice an H100's 132 SMs."""
 
 
-def sm_count() -> int:
-    """Streaming multiprocessors of the current GPU (132 without one: an H100 SXM)."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return 132
-
-
 def state_form(B: int, H: int, D: int, E: int, NT: int, meta: dict) -> str:
     """"parallel" when the sequential sweep's (D/BK) (E/BV) B H programs would not fill twice
     the GPU's SMs and there are chunks enough to parallelise over (batch-1 long context),
@@ -709,16 +703,10 @@ class _ChunkStateTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_final):
+        from .chunk import chunk_state_weights, token_decay_grad
+
         k, v, slopes32, docs, g, final = ctx.saved_tensors
-        T = k.shape[2]
-        if g is not None:
-            G = (g.float() - slopes32[None, :, None]).cumsum(-1)
-            kd = torch.exp(G[..., -1:] - G)  # [B, H, T]
-        else:
-            t = torch.arange(T, device=k.device, dtype=torch.float32)
-            kd = torch.exp(-slopes32[:, None] * (T - 1 - t))[None]  # [1, H, T]
-        if ctx.has_docs:
-            kd = kd * (docs == docs[:, -1:]).to(torch.float32)[:, None]
+        kd = chunk_state_weights(slopes32, k.shape[2], docs if ctx.has_docs else None, g)
         kd = kd[..., None]
         dF = d_final.to(torch.float32)
         need_k, need_v = ctx.needs_input_grad[:2]
@@ -727,8 +715,6 @@ class _ChunkStateTriton(torch.autograd.Function):
         dv = (kd * (k.float() @ dF)).to(v.dtype) if need_v else None
         dg = None
         if need_g:
-            from .chunk import token_decay_grad
-
             dg = token_decay_grad(None, None, k, dk32, final, dF).to(g.dtype)
         dk = dk32.to(k.dtype) if need_k else None
         return dk, dv, None, None, None, dg

@@ -18,8 +18,7 @@ from .configuration_plait import PlaitConfig
 from .plait_layers import (
     RMSNorm,
     apply_rotary,
-    attend_cached,
-    kv_cache,
+    attend_grouped,
     rotary_cos_sin,
     wide,
 )
@@ -150,9 +149,6 @@ class GatedAttention(nn.Module):
         if self.rotary_dim:
             cos, sin = rotary_cos_sin(positions_BT, self.rotary_dim, self.theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        state = kv_cache(state, k, v, pad_BT)
-        rep = self.heads // self.kv
-        o = attend_cached(q, state["k"].repeat_interleave(rep, 1),
-                          state["v"].repeat_interleave(rep, 1), state["pad"])
+        o, state = attend_grouped(q, k, v, pad_BT, state)
         o = o.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
         return self.o_proj(o), state

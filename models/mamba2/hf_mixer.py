@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_plait import PlaitConfig
-from .plait_layers import apply_rotary, attend_cached, kv_cache, rotary_cos_sin, wide
+from .plait_layers import apply_rotary, attend_grouped, rotary_cos_sin, wide
 
 
 def _ssd(q, k, v, g, S, chunk: int = 64):
@@ -142,8 +142,5 @@ class GroupedAttention(nn.Module):
         if self.rotary_dim:
             cos, sin = rotary_cos_sin(positions_BT, self.rotary_dim, self.theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        state = kv_cache(state, k, v, pad_BT)
-        rep = self.heads // self.kv
-        o = attend_cached(q, state["k"].repeat_interleave(rep, 1),
-                          state["v"].repeat_interleave(rep, 1), state["pad"])
+        o, state = attend_grouped(q, k, v, pad_BT, state)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state

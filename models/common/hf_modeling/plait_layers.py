@@ -122,6 +122,18 @@ def kv_cache(state: dict | None, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor,
     }
 
 
+def attend_grouped(q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor,
+                   pad_BT: torch.Tensor | None, state: dict | None):
+    """Grouped-query attention over the cache (Qwen3.5's and Bamba's layers): the new keys
+    and values of the K key/value heads appended to ``state``, each repeated over the
+    H / K consecutive query heads it serves. Returns (o [B, H, T, D], the new state)."""
+    state = kv_cache(state, k_BKTD, v_BKTD, pad_BT)
+    rep = q_BHTD.shape[1] // k_BKTD.shape[1]
+    o = attend_cached(q_BHTD, state["k"].repeat_interleave(rep, 1),
+                      state["v"].repeat_interleave(rep, 1), state["pad"])
+    return o, state
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU (act = SiLU) or TransNormerLLM's SGLU (no act)."""
 
