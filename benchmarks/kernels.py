@@ -28,7 +28,7 @@ from plait.kernels.lightning import lightning_attention  # noqa: E402
 from plait.kernels.longconv import long_conv  # noqa: E402
 from plait.kernels.shortconv import short_conv  # noqa: E402
 from plait.kernels.swa import swa  # noqa: E402
-from plait.parallel.runtime import tune_cpu_allocator  # noqa: E402
+from plait.parallel.cpu_heap import tune_cpu_allocator  # noqa: E402
 
 H, D, FEAT, WINDOW = 8, 64, 16, 256
 
@@ -104,7 +104,7 @@ def run_cpu(lengths: list[int], reps: int) -> str:
             f"convolutions over {H * D} channels; gated delta: q and k L2-normalised, log-decays "
             f"in [-0.1, 0], beta in [0, 1]. Best of {reps} runs (SDPA at >= 8K: 1 run). "
             "The process runs with the trainer's CPU allocator setting "
-            "(`plait.parallel.runtime.tune_cpu_allocator`).",
+            "(`plait.parallel.cpu_heap.tune_cpu_allocator`).",
             "",
             *lines,
             "",

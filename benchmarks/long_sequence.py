@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -50,6 +51,15 @@ def _modes() -> tuple[str, ...]:
     from plait.models.common.lm import Recompute
 
     return get_args(Recompute)
+
+
+def _heap_settings() -> tuple[str, ...]:
+    """``training.cpu_heap``'s choices, from the type that owns them."""
+    from typing import get_args
+
+    from plait.parallel.cpu_heap import CpuHeap
+
+    return get_args(CpuHeap)
 
 
 def _status_kib(name: str) -> int:
@@ -96,10 +106,10 @@ def worker(job: dict) -> None:
         "training.precision=fp32", "training.eval_every=0", "logging.progress_bar=false",
         "data.document_masking=false", f"data.seq_len={T}",
         f"training.recompute={job['recompute']}", f"parallel.context_parallel={job['cp']}",
-    ])
+    ] + ([f"training.cpu_heap={job['cpu_heap']}"] if job.get("cpu_heap") else []))
     cfg.out_dir = job["out_dir"]
     rt = runtime.initialize(
-        cfg.parallel, cfg.training.seed, keep_cpu_heap=cfg.training.keeps_cpu_heap
+        cfg.parallel, cfg.training.seed, cpu_heap=cfg.training.cpu_heap
     )
     sp = sequence_parallel_context(cfg)
     model = build_model(cfg.model, rt.tp, vocab_size=VOCAB, sp=sp)
@@ -107,9 +117,11 @@ def worker(job: dict) -> None:
     engine, _, scheduler = build_engine(model, cfg, rt)
     rows = _Row(T)
     base = _status_kib("VmRSS")
-    times, losses = [], []
+    times, losses, system = [], [], []
     for _ in range(job["steps"] + 1):
+        sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
         s = Loop(cfg, rt, engine, scheduler, rows, sp=sp).step()
+        system.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0)
         times.append(s.step_time_s)
         losses.append(s.loss)
         if times[0] > job["limit"]:
@@ -120,7 +132,8 @@ def worker(job: dict) -> None:
         "preset": job["preset"], "threads": job["threads"], "first_s": times[0],
         "median_s": statistics.median(times[1:]) if len(times) > 1 else None,
         "times": times, "losses": losses, "peak_gib": peak / 2**20,
-        "growth_gib": (peak - base) / 2**20, "base_gib": base / 2**20,
+        "growth_gib": (peak - base) / 2**20, "base_gib": base / 2**20, "system_s": system,
+        "cpu_heap": cfg.training.cpu_heap, "heap_trims": rt.heap.trims if rt.heap else None,
         "load": os.getloadavg()[0],
     }
     print("RESULT " + json.dumps(out), flush=True)
@@ -134,13 +147,13 @@ def _free_port() -> int:
 
 
 def run(length: int, cp: int, recompute: str, steps: int, limit: float, timeout: float,
-        preset: str = PRESET) -> dict:
+        preset: str = PRESET, cpu_heap: str | None = None) -> dict:
     """Start ``cp`` ranks (one process each, gloo), wait, return the run's record: per-rank
     results, or the error of the first rank that failed."""
     threads = max(1, (os.cpu_count() or 1) // cp)
     port = _free_port()
     job = {"length": length, "cp": cp, "recompute": recompute, "steps": steps,
-           "limit": limit, "threads": threads, "preset": preset,
+           "limit": limit, "threads": threads, "preset": preset, "cpu_heap": cpu_heap,
            "out_dir": f"/tmp/plait-long-sequence-{os.getpid()}"}
     procs = []
     for rank in range(cp):
@@ -167,6 +180,7 @@ def run(length: int, cp: int, recompute: str, steps: int, limit: float, timeout:
             errors.append(f"exit {p.returncode} ({p.returncode == -9 and 'killed' or 'error'}): "
                           + " | ".join(tail))
     rec = {"length": length, "cp": cp, "recompute": recompute, "preset": preset,
+           "cpu_heap": cpu_heap,
            "ranks": sorted(ranks, key=lambda r: r["rank"]), "error": "; ".join(errors),
            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     return rec
@@ -248,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--timeout", type=float, default=900.0, help="per run (s)")
     ap.add_argument("--preset", default=PRESET)
+    ap.add_argument("--cpu-heap", default=None, choices=_heap_settings(),
+                    help="training.cpu_heap for the ranks (default: the config's)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--write", action="store_true", help="write the docs section")
     ap.add_argument("--notes", default="", help="a file whose text follows the table")
@@ -260,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         runs += [(args.compare, args.cp, m) for m in _modes()]
     results = Path(args.results)
     for T, cp, mode in runs:
-        rec = run(T, cp, mode, args.steps, args.limit, args.timeout, args.preset)
+        rec = run(T, cp, mode, args.steps, args.limit, args.timeout, args.preset,
+                  args.cpu_heap)
         print(table([rec]).splitlines()[-1], flush=True)
         results.parent.mkdir(parents=True, exist_ok=True)
         with results.open("a") as f:

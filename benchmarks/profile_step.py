@@ -228,7 +228,7 @@ def blocks(preset: str, T: int, reps: int) -> str:
     from plait.parallel import runtime
 
     cfg = load_config(ts.REPO / "configs" / "tiny.yaml", [f"model.preset={preset}"])
-    runtime.initialize(cfg.parallel, cfg.training.seed, keep_cpu_heap=cfg.training.keeps_cpu_heap)
+    runtime.initialize(cfg.parallel, cfg.training.seed, cpu_heap=cfg.training.cpu_heap)
     model = build_model(cfg.model, 1, vocab_size=ts.VOCAB)
     lengths = ts.document_lengths(T, 1024, seed=0)
     docs = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]

@@ -222,7 +222,7 @@ def _plait_model(job: Job):
     cfg = load_config(REPO / "configs" / "tiny.yaml", sets)
     cfg.out_dir = os.environ.get("PLAIT_BENCH_OUT", "/tmp/plait-train-step")
     rt = runtime.initialize(
-        cfg.parallel, cfg.training.seed, keep_cpu_heap=cfg.training.keeps_cpu_heap
+        cfg.parallel, cfg.training.seed, cpu_heap=cfg.training.cpu_heap
     )
     model = build_model(cfg.model, rt.tp, vocab_size=job.vocab)
     engine, _, scheduler = build_engine(model, cfg, rt)

@@ -28,6 +28,7 @@ from plait.models.common.family import families
 from plait.models.common.lm import Recompute
 from plait.models.presets import apply_preset
 from plait.parallel.config import ParallelConfig
+from plait.parallel.cpu_heap import CpuHeap
 
 
 class ConfigError(UserError, ValueError):
@@ -99,14 +100,14 @@ class TrainingConfig:
     of softmax-like letters re-run whole, the others keep their mixer's activations and
     re-run the MLP: models/common/lm.py ``Block.recomputed``). Losses and gradients equal
     none's."""
-    cpu_heap: Literal["keep", "release"] = "release"
-    """How a CPU run's processes keep freed memory (glibc; parallel/runtime.py
-    ``tune_cpu_allocator`` has the measurements): release (blocks over 32 MB mapped and
-    returned when freed); keep (every block from the heap, kept when freed: a step's large
-    activations reuse pages instead of faulting in fresh ones; a 25M model at 16K tokens:
-    step -22%, peak RSS +14%, but the heap's fragmentation is unbounded: h3-25m's step grew
-    past this 24 GB machine, and the 1M-token CP=4 run no longer fits). Opt-in for that
-    reason. No effect on CUDA, nor where glibc's own variables (MALLOC_*, GLIBC_TUNABLES)
+    cpu_heap: CpuHeap = "bounded"
+    """How a CPU run's processes keep freed memory (glibc; parallel/cpu_heap.py says how and
+    docs/benchmarks.md "The CPU heap at 16K" has the measurements): release (blocks over
+    32 MB mapped and returned when freed: a 25M model at 16K tokens spends a third of its
+    step faulting in fresh pages); keep (every block from the heap, kept when freed:
+    unbounded, h3-25m's 16K step outgrew a 24 GB machine); bounded (keep, with the heap
+    trimmed at a block's start whenever the resident set outgrows the most live memory seen
+    by 10%). No effect on CUDA, nor where glibc's own variables (MALLOC_*, GLIBC_TUNABLES)
     are set."""
     time_limit: float = 0.0
     """Wall-clock seconds this process may train; the run saves and exits (with the requeue
@@ -125,11 +126,6 @@ class TrainingConfig:
     spike_window: int = 100
     """Accepted (not skipped) steps the spike test compares with; it starts once this many
     have been seen."""
-
-    @property
-    def keeps_cpu_heap(self) -> bool:
-        """Whether the CPU allocator keeps every freed block (``cpu_heap``)."""
-        return self.cpu_heap == "keep"
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "eval_batches"):

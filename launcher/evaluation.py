@@ -245,7 +245,7 @@ def evaluate_run(args) -> tuple[Results, bool, Path]:
     _floats(args.lengths, "--lengths")
     _floats(args.passkey_depths, "--passkey-depths")
     rt = runtime.initialize(
-        cfg.parallel, cfg.training.seed, keep_cpu_heap=cfg.training.keeps_cpu_heap
+        cfg.parallel, cfg.training.seed, cpu_heap=cfg.training.cpu_heap
     )
     try:
         tok, val = _val_source(cfg)

@@ -138,7 +138,7 @@ class Trainer:
         done = False
         try:
             self.rt = rt = runtime.initialize(cfg.parallel, cfg.training.seed,
-                                              keep_cpu_heap=cfg.training.keeps_cpu_heap)
+                                              cpu_heap=cfg.training.cpu_heap)
             took_over = runtime.on_main(lock.acquire)
             if rt.is_main and took_over:
                 print(f"train: {took_over}", flush=True)

@@ -21,6 +21,8 @@ import torch.distributed as dist
 
 from . import cpu_compat
 from .config import ParallelConfig
+from .cpu_heap import CpuHeap, HeapBound
+from .cpu_heap import apply as apply_cpu_heap
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class Runtime:
     pp_rank: int
     cp_rank: int
     dp_rank: int
+    heap: HeapBound | None = None
+    """``training.cpu_heap: bounded``'s bound on a CPU process, checking from its own
+    thread (parallel/cpu_heap.py); None otherwise."""
 
     @property
     def rank(self) -> int:
@@ -118,60 +123,6 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.env.rank == 0
-
-
-GLIBC_MALLOC_ENV = (
-    "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-    "MALLOC_ARENA_MAX", "GLIBC_TUNABLES",
-)
-"""glibc's own malloc settings: where any is set, the user has chosen, and plait leaves it."""
-
-
-def tune_cpu_allocator(keep_large: bool = False) -> bool:
-    """Keep freed blocks in the process instead of returning them to the OS (glibc).
-
-    glibc serves allocations above its mmap threshold (128 KB, adapting upwards to at most
-    32 MB) with fresh mmaps and trims the heap eagerly, so every new activation-sized CPU
-    tensor pays page faults and the kernel's zeroing of the pages. The threshold goes to its
-    maximum and the heap is trimmed only past 1 GB: measured on the project's 2-core machine,
-    lightning attention's forward+backward at 16K tokens 17.7 -> 14.2 us/token
-    (benchmarks/kernels.py). Chunked kernels allocate many activation-sized tensors per step,
-    and at 16K tokens a 25M model's activations ([16384, 512] fp32: 32 MB) pass even that
-    threshold; with ``keep_large`` mmap is off altogether (M_MMAP_MAX 0: every block comes
-    from the heap, which keeps what is freed). transnormer-25m's training step at 16K tokens,
-    31.7 -> 24.6 s (an earlier pair: 37.4 -> 24.2 s, system time over three steps 42 -> 4 s),
-    at 8K within noise; the cost is a resident set that stays at its high-water mark and,
-    from the heap's fragmentation, a higher one: peak +14% at 16K, +3.5% at 8K
-    (docs/benchmarks.md, "The CPU heap at 16K"). But the fragmentation has no bound: under it
-    h3-25m's step outgrew a 24 GB machine and the 1M-token CP=4 run no longer fit, so it is
-    opt-in (``training.cpu_heap: keep``); by default blocks over 32 MB are mapped and
-    returned, as glibc does.
-    PyTorch's CPU tuning guides get this effect from jemalloc or tcmalloc; this needs no new
-    dependency.
-
-    Left alone where the user set glibc's own variables (``GLIBC_MALLOC_ENV``). Returns
-    whether the settings were applied (False off glibc or when left alone).
-    """
-    import ctypes
-    import ctypes.util
-
-    if any(k in os.environ for k in GLIBC_MALLOC_ENV):
-        return False
-    name = ctypes.util.find_library("c")
-    if not name or os.name != "posix":
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
-    ok = mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
-    # keep_large: none above it either, no block gets its own mmap (65536: glibc's default)
-    ok &= mallopt(M_MMAP_MAX, 0 if keep_large else 65536)
-    ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    ok &= mallopt(M_TOP_PAD, 64 << 20)
-    return bool(ok)
 
 
 def seed_everything(seed: int, pp_rank: int = 0) -> None:
@@ -192,10 +143,11 @@ def seed_everything(seed: int, pp_rank: int = 0) -> None:
 
 
 def initialize(
-    parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None, keep_cpu_heap: bool = False
+    parallel: ParallelConfig, seed: int, env: LaunchEnv | None = None,
+    cpu_heap: CpuHeap = "release",
 ) -> Runtime:
     """Process groups, device, seeds; on CPU megatron's adaptations and the allocator
-    (``keep_cpu_heap``: TrainingConfig.keeps_cpu_heap, see ``tune_cpu_allocator``)."""
+    (``cpu_heap``: TrainingConfig.cpu_heap, see parallel/cpu_heap.py)."""
     from megatron.core import parallel_state as ps
 
     parallel.validate()
@@ -215,11 +167,12 @@ def initialize(
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
+        heap = None
     else:
         device = torch.device("cpu")
         backend = "gloo"
         cpu_compat.apply()
-        tune_cpu_allocator(keep_large=keep_cpu_heap)
+        heap = apply_cpu_heap(cpu_heap)
     if not dist.is_initialized() and env.world_size == 1:
         # One process rendezvous with itself: an in-memory store, no port to race for with
         # the other processes of the machine (tests and benchmarks start many at once).
@@ -263,6 +216,7 @@ def initialize(
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         cp_rank=ps.get_context_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        heap=heap,
     )
     seed_everything(seed, rt.pp_rank)
     return rt

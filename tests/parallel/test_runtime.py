@@ -81,7 +81,7 @@ def _glibc() -> bool:
 
 
 def test_cpu_allocator_tuning_applies_on_glibc(monkeypatch):
-    from plait.parallel.runtime import GLIBC_MALLOC_ENV, tune_cpu_allocator
+    from plait.parallel.cpu_heap import GLIBC_MALLOC_ENV, tune_cpu_allocator
 
     for k in GLIBC_MALLOC_ENV:
         monkeypatch.delenv(k, raising=False)
@@ -94,7 +94,7 @@ def test_cpu_allocator_tuning_applies_on_glibc(monkeypatch):
 _ALLOCATOR_PROBE = r"""
 import ctypes, json, sys
 import torch
-from plait.parallel.runtime import tune_cpu_allocator
+from plait.parallel.cpu_heap import tune_cpu_allocator
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
@@ -131,7 +131,7 @@ def test_cpu_allocator_keep_and_release():
     import subprocess
     import sys
 
-    from plait.parallel.runtime import GLIBC_MALLOC_ENV
+    from plait.parallel.cpu_heap import GLIBC_MALLOC_ENV
 
     libc = ctypes.CDLL("libc.so.6")
     if not hasattr(libc, "mallinfo2"):
@@ -147,16 +147,131 @@ def test_cpu_allocator_keep_and_release():
     assert got["keep_80mb"] == 0
 
 
-def test_cpu_heap_setting_keeps_only_when_asked():
+def test_cpu_heap_default_is_bounded():
     from plait.launcher.config import TrainingConfig
 
-    assert not TrainingConfig().keeps_cpu_heap  # opt-in: the heap's growth has no bound
-    assert TrainingConfig(cpu_heap="keep").keeps_cpu_heap
-    assert not TrainingConfig(cpu_heap="release").keeps_cpu_heap
+    assert TrainingConfig().cpu_heap == "bounded"  # keep's speed; its growth trimmed
+
+
+_BOUND_PROBE = r"""
+import ctypes, json
+from plait.parallel.cpu_heap import HeapBound, tune_cpu_allocator
+
+assert tune_cpu_allocator(keep_large=True)  # keep's settings: every block from the heap
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+MB = 1 << 20
+
+def block(mb):
+    p = libc.malloc(mb * MB)
+    ctypes.memset(p, 1, mb * MB)  # resident
+    return p
+
+bound = HeapBound(libc, fraction=0.1, slack=16 * MB, reserve=0.0)  # growth only
+a = block(200)
+pin = block(1)  # a live block above a: a's pages cannot go back as the heap's top
+out = {"with_a": bound.check()}
+libc.free(a)  # a hole the size of the peak: kept for reuse (the next step's pages)
+out["hole_kept"] = bound.check()
+r0 = bound.resident()
+c = block(400)  # does not fit the hole: the heap grows past the live peak's 10%
+out["grown"] = bound.check()
+out["returned_mb"] = (r0 + 400 * MB - bound.resident()) / MB
+out["trims"] = bound.trims
+# the same growth again, now caught by the bound's own thread
+libc.free(c)
+x = block(500)
+pin2 = block(250)  # larger than the first hole: placed above x
+libc.free(x)
+y = block(1000)  # past the 500 MB hole: 1.75 GB resident for 1.25 GB live
+bound.start(interval=0.01)
+import time
+for _ in range(200):
+    if bound.trims > 1:
+        break
+    time.sleep(0.01)
+out["thread_trims"] = bound.trims - out["trims"]
+bound.stop()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's allocator")
+def test_heap_bound_keeps_a_steady_heap_and_trims_growth():
+    """Under keep's settings, a freed block's pages stay resident while they are within the
+    live high-water mark (a steady step reuses them: no trim), and are returned once the
+    heap grows past it by more than the fraction (a block that did not fit the hole). In a
+    fresh interpreter: the settings are the process's."""
+    import ctypes
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from plait.parallel.cpu_heap import GLIBC_MALLOC_ENV
+
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("glibc < 2.33: no mallinfo2")
+    env = {k: v for k, v in os.environ.items() if k not in GLIBC_MALLOC_ENV}
+    proc = subprocess.run([sys.executable, "-c", _BOUND_PROBE], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert not got["with_a"] and not got["hole_kept"]
+    assert got["grown"] and got["trims"] == 1
+    assert got["returned_mb"] > 150, got  # the 200 MB hole's pages went back
+    assert got["thread_trims"] >= 1, got
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's allocator")
+def test_heap_bound_trims_when_the_machine_runs_short():
+    """Kept pages are a cache: under ``reserve`` of the memory available (the machine's or
+    the job cgroup's), the heap is trimmed even within the growth bound."""
+    from plait.parallel.cpu_heap import HeapBound
+
+    bound = HeapBound.create()
+    if bound is None:
+        pytest.skip("glibc < 2.33: no mallinfo2")
+    avail, total = bound.available()
+    assert 0 < avail <= total
+    bound.available = lambda: (50, 100)  # 50% available: keep
+    assert not bound.check()
+    bound.available = lambda: (5, 100)  # 5% < the 10% reserve: give back
+    assert bound.check() and bound.trims == 1
+
+
+def test_bounded_is_one_thread_per_process_and_stops_with_another_setting(monkeypatch):
+    """``apply("bounded")`` starts the process's bound once, however many runs initialise
+    (tests start several in one process); another setting stops it."""
+    import threading
+
+    from plait.parallel import cpu_heap
+
+    for k in cpu_heap.GLIBC_MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(cpu_heap, "_BOUND", None)
+
+    def threads():
+        return sum(t.name == "plait-heap-bound" and t.is_alive() for t in threading.enumerate())
+
+    before = threads()
+    try:
+        a = cpu_heap.apply("bounded")
+        if not _glibc() or a is None:
+            pytest.skip("no glibc bound here")
+        assert cpu_heap.apply("bounded") is a and threads() == before + 1
+    finally:
+        assert cpu_heap.apply("release") is None
+    for _ in range(100):  # the thread ends at its next wake-up (50 ms)
+        if threads() == before:
+            break
+        threading.Event().wait(0.02)
+    assert threads() == before
 
 
 def test_cpu_allocator_tuning_leaves_the_users_glibc_settings(monkeypatch):
-    from plait.parallel.runtime import tune_cpu_allocator
+    from plait.parallel.cpu_heap import tune_cpu_allocator
 
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
     assert not tune_cpu_allocator()
