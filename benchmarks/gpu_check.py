@@ -9,8 +9,10 @@ is the one command to run, so that its few minutes measure everything at once:
 
 Sections, in order of what matters most if the budget runs out (each reports ok / FAILED /
 skipped with the reason, never silently nothing):
-1. kernels: every Triton kernel (lightning with documents and initial state, the LASP-2 chunk
-   state, sliding window, short convolution) against its plain reference computed in float64
+1. kernels: every Triton kernel (lightning with documents and initial state, with per-token
+   decays, its state kernels' sequential and chunk-parallel forms at batch 1, the LASP-2 chunk
+   state, sliding window, short convolution, the gated delta scan) against its plain
+   reference computed in float64
    from the same (rounded) inputs: outputs and gradients, fp32 and bf16, T not a multiple of
    the block. Relative Frobenius error against a stated tolerance (``TOLERANCE``).
 2. attention: the Triton lightning kernel against flash-linear-attention's chunk kernel
@@ -27,8 +29,10 @@ skipped with the reason, never silently nothing):
 ``--smoke`` runs the same code on CPU so that CI notices when it rots: TRITON_INTERPRET=1,
 tiny shapes, the launcher on gloo in fp32 for 3 steps, one tiny preset for the family step;
 bf16 timing, flash attention and fla need CUDA and are skipped with that reason.
-Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out`` (``--write-doc``: also the
-gpu-check section of docs/benchmarks.md); exit status 1 if a check failed.
+The report opens with one table of every check (section, case, status, figure), printed at
+the end of the run. Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``
+(``--write-doc``: also the gpu-check section of docs/benchmarks.md); exit status 1 if a
+check failed.
 """
 
 from __future__ import annotations
@@ -182,7 +186,8 @@ def kernel_cases(device: str, smoke: bool) -> list[dict]:
     """(kernel, shape, dtype, variant) to check; T is never a multiple of the block."""
     if smoke:
         lt = [dict(B=1, H=2, T=40, D=20, E=12, docs=True, init=True),
-              dict(B=1, H=2, T=40, D=20, E=12, docs=True, init=True, g=True)]
+              dict(B=1, H=2, T=40, D=20, E=12, docs=True, init=True, g=True),
+              dict(B=1, H=2, T=150, D=20, E=12, docs=True, init=True, form="parallel")]
         sw = [dict(B=1, H=2, T=40, D=16, window=7, docs=True)]
         sc = [dict(B=1, T=40, C=24, K=3, docs=True)]
         cs = [dict(B=1, H=2, T=40, D=20, E=12, docs=True),
@@ -195,6 +200,10 @@ def kernel_cases(device: str, smoke: bool) -> list[dict]:
             dict(B=1, H=4, T=1000, D=153, E=65, docs=True, init=False),  # Based's features
             # Mamba-2 (Bamba's heads: state 128 x 64 channels, per-token decays dt A)
             dict(B=2, H=4, T=1000, D=128, E=64, docs=True, init=True, g=True),
+            # the state kernels' two forms at batch 1, forced (the wrapper picks by the grid)
+            dict(B=1, H=4, T=1000, D=128, E=128, docs=True, init=True, form="sequential"),
+            dict(B=1, H=4, T=1000, D=128, E=128, docs=True, init=True, form="parallel"),
+            dict(B=1, H=4, T=1000, D=128, E=64, docs=True, init=True, g=True, form="parallel"),
         ]
         sw = [
             dict(B=2, H=4, T=1000, D=64, window=256, docs=True),
@@ -308,7 +317,16 @@ def check_kernel(case: dict, device: str, seed: int = 0) -> dict:
             return [("y", short_conv(x["x"], x["w"], x["bias"], doc_ids=docs, backend="naive"))]
 
     t0 = time.perf_counter()
-    errs = _grad_check(run, ref, inputs, device, seed)
+    form = os.environ.get("PLAIT_LIGHTNING_STATE_FORM")
+    if case.get("form"):  # kernels/lightning/triton.py state_form reads it at every call
+        os.environ["PLAIT_LIGHTNING_STATE_FORM"] = case["form"]
+    try:
+        errs = _grad_check(run, ref, inputs, device, seed)
+    finally:
+        if form is None:
+            os.environ.pop("PLAIT_LIGHTNING_STATE_FORM", None)
+        else:
+            os.environ["PLAIT_LIGHTNING_STATE_FORM"] = form
     tol = TOLERANCE[(device, case["dtype"])]
     worst = max(errs.values())
     return dict(case, errors=errs, worst=worst, tolerance=tol, ok=bool(worst <= tol),
@@ -660,6 +678,51 @@ def _fmt(x, spec=".3g") -> str:
     return str(x)
 
 
+def summary(report: dict) -> str:
+    """Every check of the run in one table, a row each: section, case, status, figure (the
+    sections' own tables below have the detail)."""
+    rows = []
+    s = report["sections"]
+    for r in s.get("kernels", {}).get("rows", []):
+        shape = "x".join(str(r[n]) for n in ("B", "H", "T", "D", "E", "C", "K") if n in r)
+        var = ("docs " if r.get("docs") else "") + ("init " if r.get("init") else "") + (
+            "g " if r.get("g") else "") + (f"{r['form']} state " if r.get("form") else "")
+        fig = (f"rel err {_fmt(r['worst'])} (tolerance {_fmt(r['tolerance'])})" if "worst" in r
+               else r.get("error", "").splitlines()[-1][:120] if r.get("error") else "")
+        rows.append(("kernels", f"{r['kernel']} {shape} {r['dtype']} {var}seed {r['seed']}",
+                     "ok" if r["ok"] else "FAILED", fig))
+    for r in s.get("kernels", {}).get("skipped", []):
+        rows.append(("kernels", f"{r['kernel']} {r['dtype']}", "skipped", r["reason"]))
+    for r in s.get("attention", {}).get("rows", []):
+        if "skipped" in r:
+            rows.append(("attention", f"T={r['T']}", "skipped", r["skipped"]))
+            continue
+        ratio = r.get("sdpa / triton")
+        rows.append(("attention", f"T={r['T']} {r['B']}x{r['H']}x{r['D']} {r['dtype']}", "ok",
+                     f"triton {_fmt(r.get('triton lightning ms'))} ms, "
+                     f"SDPA / triton {_fmt(ratio)}"))
+    t = s.get("train")
+    if t:
+        losses = t.get("losses") or []
+        fig = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else t.get("reason", "")
+        rows.append(("train", f"configs/tiny.yaml, {t.get('steps', '-')} steps", t["status"],
+                     fig))
+    for r in s.get("families", {}).get("rows", []):
+        if r["status"] == "ok":
+            mp = r.get("mfu_peak")
+            fig = (f"{r['step_s']} s/step, {r['tokens_per_s']:,.0f} tokens/s, MFU "
+                   f"{'-' if mp is None else f'{mp:.1%}'}, {r.get('peak_mem_gib', '-')} GiB")
+        else:
+            fig = r.get("reason", "")
+        rows.append(("families", f"{r['family']} ({r['preset']})", r["status"], fig))
+    for name, sec in s.items():
+        if sec.get("error"):
+            rows.append((name, "the section", "FAILED", sec["error"].splitlines()[-1][:120]))
+    lines = ["| section | check | status | figure |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [
@@ -673,6 +736,10 @@ def markdown(report: dict) -> str:
         "Seconds per section: "
         + ", ".join(f"{k} {v['seconds']} ({v['status']})" for k, v in report["sections"].items())
         + ".",
+        "",
+        "### Every check",
+        "",
+        summary(report),
         "",
     ]
     s = report["sections"]
@@ -691,6 +758,7 @@ def markdown(report: dict) -> str:
             shape = " ".join(f"{n}={r[n]}" for n in ("B", "H", "T", "D", "E", "C", "K", "window")
                              if n in r)
             var = f"{int(r.get('docs', 0))}/{int(r.get('init', 0))}"
+            var += (" g" if r.get("g") else "") + (f" {r['form']} state" if r.get("form") else "")
             worst = _fmt(r.get("worst")) if "worst" in r else "error"
             ok = "yes" if r["ok"] else "**no**"
             lines.append(f"| {r['kernel']} | {shape} | {r['dtype']} | {var} | {r['seed']} "

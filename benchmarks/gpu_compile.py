@@ -66,7 +66,7 @@ def table(rows: list[dict]) -> str:
         "tensors (divisibility hints only where the values have them); every configuration "
         "the autotuner keeps after pruning for the target is compiled. Shared memory limit "
         f"per block: sm_90 {SMEM_LIMIT[90]:,} B, sm_80 {SMEM_LIMIT[80]:,} B. Spill budget: "
-        f"0 B, except fp32 on sm_80 ({spill_budget(80, 'fp32')} B). Worst figure over the "
+        f"{spill_budget(80, 'fp32')} B on both targets in both dtypes. Worst figure over the "
         "kept configurations and the variants (T, docs = packed documents, init = initial "
         "state). hinted: the integer arguments that got a 16-divisibility hint.",
         "",

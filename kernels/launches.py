@@ -208,15 +208,20 @@ def _lightning_calls(D: int, E: int, dt: torch.dtype, T: int, docs: bool, init: 
     return run
 
 
-def _chunk_state_calls(D: int, E: int, dt: torch.dtype, T: int, docs: bool, g: bool):
+def _chunk_state_calls(D: int, E: int, dt: torch.dtype, T: int, docs: bool, g: bool,
+                       form: str = "sequential"):
     def run():
         from plait.kernels.lightning.triton import lightning_chunk_state_triton
 
+        os.environ["PLAIT_LIGHTNING_STATE_FORM"] = form  # both forms' kernels are compiled
         k = torch.randn(1, 2, T, D).to(dt)
         v = torch.randn(1, 2, T, E).to(dt)
         doc_ids = (torch.arange(T) // 300)[None] if docs else None
         gg = -torch.rand(1, 2, T) if g else None
-        lightning_chunk_state_triton(k, v, torch.tensor([0.1, 0.2]), doc_ids, g_BHT=gg)
+        try:
+            lightning_chunk_state_triton(k, v, torch.tensor([0.1, 0.2]), doc_ids, g_BHT=gg)
+        finally:
+            os.environ.pop("PLAIT_LIGHTNING_STATE_FORM", None)
 
     return run
 
@@ -298,10 +303,11 @@ def calls(tier: str = "full") -> Iterator[tuple[dict, Callable[[], None], tuple[
                     if wanted(label):
                         call = _lightning_calls(D, E, dt, T, docs, init, g, form)
                         yield label, call, wanted(label)
-                label = dict(op="lightning chunk state", shape=f"{shape} {D}x{E}", dtype=dname,
-                             variant=f"T={T} docs=1")
-                if wanted(label):
-                    yield label, _chunk_state_calls(D, E, dt, T, True, g), wanted(label)
+                for form in ("sequential", "parallel"):
+                    label = dict(op="lightning chunk state", shape=f"{shape} {D}x{E}",
+                                 dtype=dname, variant=f"T={T} docs=1 {form}")
+                    if wanted(label):
+                        yield label, _chunk_state_calls(D, E, dt, T, True, g, form), wanted(label)
             for shape, D in SWA_SHAPES.items():
                 if dt == torch.float32 and D > 128:
                     continue  # refused at the wrapper

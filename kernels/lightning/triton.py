@@ -507,6 +507,19 @@ def plan(D: int, E: int, dtype: torch.dtype, block: int, interpret: bool = INTER
     )
 
 
+def dqdk_meta(meta: dict, dtype: torch.dtype) -> dict:
+    """``_dqdk_bwd``'s tiles: narrower than the other kernels'. It keeps three accumulators
+    across its loop over value tiles (dp, BT x BT; dq and dk, BT x BK), and with the shared
+    tiles every configuration spilled at Based-1.3b's widths on sm_80 (bf16 BK 32 x BV 64:
+    360-620 B per thread; fp32, whose tf32x3 dots split every operand in two, BK = BV = 32:
+    1.5-1.8 KB, and 152-192 B on sm_90). bf16 with BV 32 and fp32 with 16 x 16 spill at no
+    shape on either target (kernels/launches.py, docs/benchmarks.md "Compile"). A K tile is
+    one program (the grid follows BK); the value tile only sets the loop's step."""
+    fp32 = dtype == torch.float32
+    return dict(meta, BK=min(meta["BK"], 16) if fp32 else meta["BK"],
+                BV=min(meta["BV"], 16 if fp32 else 32))
+
+
 def _chunk_log_decay(g, slopes32, BT: int, like: torch.Tensor) -> torch.Tensor:
     """G for the kernels' tables: the running sum of g - s inside each BT-token chunk,
     float32 [B, H, T] (the dummy one-element tensor without per-token decays)."""
@@ -629,9 +642,10 @@ class _LightningTriton(torch.autograd.Function):
                 grad_dtype = torch.float32 if need_g else q.dtype
                 dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
                 dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype)
-                _dqdk_bwd[(triton.cdiv(D, BK), NT, B * H)](
+                dqdk = dqdk_meta(meta, q.dtype)
+                _dqdk_bwd[(triton.cdiv(D, dqdk["BK"]), NT, B * H)](
                     q, k, v, do, dq, dk, states, dstates, slopes32, docs, gc, T, H, D, E, NT,
-                    HAS_DOCS=has_docs, HAS_G=has_g, **meta,
+                    HAS_DOCS=has_docs, HAS_G=has_g, **dqdk,
                 )
                 if need_g:
                     from .chunk import token_decay_grad
@@ -673,12 +687,14 @@ def lightning_attention_triton(
 
 
 class _ChunkStateTriton(torch.autograd.Function):
-    """The state a chunk hands on (LASP-2's M_r): the forward is ``_state_fwd``'s final state
-    with nothing written per chunk. The backward needs no kernel of its own: with one state
-    gradient dF for the whole chunk, dK = kd * (V dF^T) and dV = kd * (K dF) are two batched
-    GEMMs with no recurrence (kd_t = lambda^(T-1-t) on the chunk's last document), which
-    cuBLAS runs at full rate. Per-token decays (``g``) weigh k_j by exp(G_end - G_j), and
-    their gradient is the reverse running sum of -k_j . dk_j (+ <dF, F> at the last token)."""
+    """The state a chunk hands on (LASP-2's M_r): the forward is ``_state_fwd``'s final state with
+    nothing written per chunk, or, where that sweep would leave the GPU idle (batch 1, few
+    heads: ``state_form``), the chunk-parallel form's. The backward needs no kernel of its
+    own: with one state gradient dF for the whole chunk, dK = kd * (V dF^T) and dV = kd * (K
+    dF) are two batched GEMMs with no recurrence (kd_t = lambda^(T-1-t) on the chunk's last
+    document), which cuBLAS runs at full rate. Per-token decays (``g``) weigh k_j by
+    exp(G_end - G_j), and their gradient is the reverse running sum of -k_j . dk_j (+ <dF,
+    F> at the last token)."""
 
     @staticmethod
     def forward(ctx, k, v, slopes, doc_ids, block, g):
@@ -691,12 +707,19 @@ class _ChunkStateTriton(torch.autograd.Function):
         final = torch.empty(B, H, D, E, device=k.device, dtype=torch.float32)
         dummy = k.new_zeros(1, dtype=torch.float32)
         gc = _chunk_log_decay(g, slopes32, meta["BT"], k)
+        NT = triton.cdiv(T, meta["BT"])
         with on_device(k):
-            _state_fwd[(triton.cdiv(D, meta["BK"]), triton.cdiv(E, meta["BV"]), B * H)](
-                k, v, dummy, slopes32, docs, gc, dummy, final, T, H, D, E,
-                triton.cdiv(T, meta["BT"]), HAS_DOCS=doc_ids is not None, HAS_INIT=False,
-                WRITE_STATES=False, HAS_G=g is not None, **meta,
-            )
+            if state_form(B, H, D, E, NT, meta) == "parallel":  # batch 1: fill the GPU
+                carries = chunk_carries(T, meta["BT"], slopes32, docs, gc, doc_ids is not None,
+                                        B)
+                _state_sweep(k, v, slopes32, docs, gc, dummy, final, doc_ids is not None, meta,
+                             carries, reverse=False)
+            else:
+                _state_fwd[(triton.cdiv(D, meta["BK"]), triton.cdiv(E, meta["BV"]), B * H)](
+                    k, v, dummy, slopes32, docs, gc, dummy, final, T, H, D, E, NT,
+                    HAS_DOCS=doc_ids is not None, HAS_INIT=False, WRITE_STATES=False,
+                    HAS_G=g is not None, **meta,
+                )
         ctx.save_for_backward(k, v, slopes32, docs, g, final if g is not None else None)
         ctx.has_docs = doc_ids is not None
         return final

@@ -38,6 +38,7 @@ def test_smoke_mode_runs_every_section_and_writes_its_report(tmp_path):
         (k, d) for k in kernels for d in ("fp32", "bf16")
     }
     assert {r["seed"] for r in rows} == {0, 1}
+    assert {r["dtype"] for r in rows if r.get("form") == "parallel"} == {"fp32", "bf16"}
     for r in rows:  # every output and every input gradient was compared
         assert r["ok"] and r["worst"] <= r["tolerance"], r
         assert any(name.startswith("d") for name in r["errors"]), r
@@ -56,6 +57,9 @@ def test_smoke_mode_runs_every_section_and_writes_its_report(tmp_path):
         assert fam[0]["tokens_per_s"] > 0 and fam[0]["flops_per_token"] > 0
         assert 0 < fam[0]["mfu_gemm"]
 
+    table = md.split("### Every check")[1].split("###")[0]
+    assert table.count("| kernels |") == len(rows) and "| families |" in table
+    assert "parallel state" in table and "| train |" in table
     for heading in ("### Kernels", "### Lightning attention", "### configs/tiny.yaml",
                     "### One training step"):
         assert heading in md

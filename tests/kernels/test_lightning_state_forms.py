@@ -1,11 +1,12 @@
-"""Lightning's two state forms on the Triton path (under the interpreter): the sequential
-sweep (one program per state tile and head walks every chunk) and the chunk-parallel form
-(every chunk's own contribution at once, then an elementwise carry across chunks), forced
-with ``PLAIT_LIGHTNING_STATE_FORM``, give the same outputs, final state and gradients (fp32:
-rel 1e-6 of each other, dg 1e-5; bf16: 1e-2, the storage rounding), with documents that start inside
-and on chunk borders, an initial state, per-token decays, T not a multiple of the chunk.
-The wrapper picks the parallel form where the sweep would leave the GPU idle: at batch 1 and
-the 1B presets' 8K tokens it launches at least twice an H100's SM count."""
+"""Lightning's two state forms on the Triton path (under the interpreter): the sequential sweep
+(one program per state tile and head walks every chunk) and the chunk-parallel form (every
+chunk's own contribution at once, then an elementwise carry across chunks), forced with
+``PLAIT_LIGHTNING_STATE_FORM``, give the same outputs, final state and gradients (fp32: rel 1e-6
+of each other, dg 1e-5; bf16: 1e-2, the storage rounding), with documents that start inside and
+on chunk borders, an initial state, per-token decays, T not a multiple of the chunk; LASP-2's
+chunk state in both forms too. The wrapper picks the parallel form where the sweep would leave
+the GPU idle: at batch 1 and the 1B presets' 8K tokens it launches at least twice an H100's SM
+count."""
 
 import pytest
 import torch
@@ -55,6 +56,26 @@ def test_parallel_form_equals_sequential_bf16(monkeypatch):
     par = _run("parallel", monkeypatch, 2, 150, torch.bfloat16, True)
     for a, b in zip(par, seq):
         assert_rel_close(a.cpu(), b.cpu().double(), 1e-2, "bf16")
+
+
+@pytest.mark.parametrize("g", [False, True])
+def test_chunk_state_parallel_form_equals_sequential(monkeypatch, g):
+    """LASP-2's chunk state (``WRITE_STATES=False`` or the parallel form's final state):
+    the two forms agree (fp32, rel 1e-6); the backward is the same GEMMs for both."""
+    from plait.kernels.lightning.triton import lightning_chunk_state_triton
+
+    gen = torch.Generator().manual_seed(3)
+    dev = triton_device()
+    k = (torch.randn(1, 2, 150, 24, generator=gen) * 0.2).to(dev)
+    v = torch.randn(1, 2, 150, 40, generator=gen).to(dev)
+    gg = (-torch.rand(1, 2, 150, generator=gen)).to(dev) if g else None
+    docs = random_doc_ids(1, 150, 0.03, 3).to(dev)
+    out = {}
+    for form in ("sequential", "parallel"):
+        monkeypatch.setenv("PLAIT_LIGHTNING_STATE_FORM", form)
+        out[form] = lightning_chunk_state_triton(k, v, torch.tensor([0.05, 0.3], device=dev),
+                                                 docs, block=16, g_BHT=gg)
+    assert_rel_close(out["parallel"].cpu(), out["sequential"].cpu().double(), 1e-6, "state")
 
 
 def test_batch_one_long_context_fills_the_gpu():
