@@ -130,13 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                     rec["round"] = rnd
                     s = summary(rec)
                     print(f"round {rnd} {model} {setting}: {json.dumps(s)}", flush=True)
-                    results.parent.mkdir(parents=True, exist_ok=True)
-                    with results.open("a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    long_sequence.keep_record(results, rec)
     if args.write:
-        recs = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
         notes = Path(args.notes).read_text() if args.notes else ""
-        write_doc(recs, notes)
+        write_doc(long_sequence.load_records(results), notes)
     return 0
 
 

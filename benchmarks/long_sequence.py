@@ -279,14 +279,21 @@ def main(argv: list[str] | None = None) -> int:
         rec = run(T, cp, mode, args.steps, args.limit, args.timeout, args.preset,
                   args.cpu_heap)
         print(table([rec]).splitlines()[-1], flush=True)
-        results.parent.mkdir(parents=True, exist_ok=True)
-        with results.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        keep_record(results, rec)
     if args.write:
-        recs = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-        notes = Path(args.notes).read_text() if args.notes else ""
-        write_doc(recs, notes)
+        write_doc(load_records(results), Path(args.notes).read_text() if args.notes else "")
     return 0
+
+
+def keep_record(results: Path, rec: dict) -> None:
+    """Append one run's record to the results file (JSON lines)."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def load_records(results: Path) -> list[dict]:
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Launcher environments: torchrun / deepspeed launcher, Slurm srun, a plain process."""
+"""Launcher environments (torchrun / deepspeed launcher, Slurm srun, a plain process) and
+the CPU heap settings."""
 
 import ctypes
 
@@ -91,6 +92,26 @@ def test_cpu_allocator_tuning_applies_on_glibc(monkeypatch):
     assert tune_cpu_allocator() == applied  # idempotent
 
 
+def _probe(source: str) -> dict:
+    """Run ``source`` in a fresh interpreter without the user's glibc settings (the allocator
+    settings are a process's: in a process that ran other tests, a block freed earlier can
+    serve an allocation whatever the setting) and return the JSON of its last line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from plait.parallel.cpu_heap import GLIBC_MALLOC_ENV
+
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("glibc < 2.33: no mallinfo2")
+    env = {k: v for k, v in os.environ.items() if k not in GLIBC_MALLOC_ENV}
+    proc = subprocess.run([sys.executable, "-c", source], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 _ALLOCATOR_PROBE = r"""
 import ctypes, json, sys
 import torch
@@ -126,21 +147,7 @@ def test_cpu_allocator_keep_and_release():
     it gets its own mapping, returned when freed. Measured in a fresh interpreter: in a
     process that ran other tests, a large block freed earlier can serve the tensor from the
     heap whatever the setting (the test failed that way when it ran after others)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from plait.parallel.cpu_heap import GLIBC_MALLOC_ENV
-
-    libc = ctypes.CDLL("libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("glibc < 2.33: no mallinfo2")
-    env = {k: v for k, v in os.environ.items() if k not in GLIBC_MALLOC_ENV}
-    proc = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.splitlines()[-1])
+    got = _probe(_ALLOCATOR_PROBE)
     assert got["release"] and got["keep"]
     assert got["release_80mb"] >= 80 << 20
     assert got["release_1mb"] == 0  # under the threshold: the heap either way
@@ -203,21 +210,7 @@ def test_heap_bound_keeps_a_steady_heap_and_trims_growth():
     live high-water mark (a steady step reuses them: no trim), and are returned once the
     heap grows past it by more than the fraction (a block that did not fit the hole). In a
     fresh interpreter: the settings are the process's."""
-    import ctypes
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from plait.parallel.cpu_heap import GLIBC_MALLOC_ENV
-
-    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
-        pytest.skip("glibc < 2.33: no mallinfo2")
-    env = {k: v for k, v in os.environ.items() if k not in GLIBC_MALLOC_ENV}
-    proc = subprocess.run([sys.executable, "-c", _BOUND_PROBE], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.splitlines()[-1])
+    got = _probe(_BOUND_PROBE)
     assert not got["with_a"] and not got["hole_kept"]
     assert got["grown"] and got["trims"] == 1
     assert got["returned_mb"] > 150, got  # the 200 MB hole's pages went back
