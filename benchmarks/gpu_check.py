@@ -187,7 +187,7 @@ def kernel_cases(device: str, smoke: bool) -> list[dict]:
     if smoke:
         lt = [dict(B=1, H=2, T=40, D=20, E=12, docs=True, init=True),
               dict(B=1, H=2, T=40, D=20, E=12, docs=True, init=True, g=True),
-              dict(B=1, H=2, T=150, D=20, E=12, docs=True, init=True, form="parallel")]
+              dict(B=1, H=2, T=70, D=20, E=12, docs=True, init=True, form="parallel")]
         sw = [dict(B=1, H=2, T=40, D=16, window=7, docs=True)]
         sc = [dict(B=1, T=40, C=24, K=3, docs=True)]
         cs = [dict(B=1, H=2, T=40, D=20, E=12, docs=True),

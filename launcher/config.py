@@ -106,9 +106,10 @@ class TrainingConfig:
     32 MB mapped and returned when freed: a 25M model at 16K tokens spends a third of its
     step faulting in fresh pages); keep (every block from the heap, kept when freed:
     unbounded, h3-25m's 16K step outgrew a 24 GB machine); bounded (keep, with the heap
-    trimmed at a block's start whenever the resident set outgrows the most live memory seen
-    by 10%). No effect on CUDA, nor where glibc's own variables (MALLOC_*, GLIBC_TUNABLES)
-    are set."""
+    trimmed from a thread, every 50 ms, whenever the resident set outgrows the most live
+    memory seen by 10% or the machine, or the job's cgroup, has under 10% of its memory
+    available: keep's speed, and the 1M-token CP=4 run fits). No effect on CUDA, nor where
+    glibc's own variables (MALLOC_*, GLIBC_TUNABLES) are set."""
     time_limit: float = 0.0
     """Wall-clock seconds this process may train; the run saves and exits (with the requeue
     code) ``exit_margin`` seconds before. 0: no limit of its own. Under Slurm the job's end

@@ -2,14 +2,15 @@
 
 ``training.cpu_heap`` (launcher/config.py) picks one of three on CPU:
 
-- ``release``: blocks over 32 MB (glibc's highest mmap threshold) get their own mapping,
-  returned when freed. Every such block a step allocates is faulted in and zeroed afresh by
-  the kernel: at 16K tokens a 25M model's activations ([16384, 512] fp32) are such blocks,
-  and transnormer-25m's step spends a third of its time in the kernel.
+- ``release``: blocks over 32 MB (the top of glibc's own adaptive mmap threshold, which
+  plait fixes there) get their own mapping, returned when freed. Every such block a step
+  allocates is faulted in and zeroed afresh by the kernel: at 16K tokens a 25M model's
+  activations ([16384, 512] fp32) are such blocks, and transnormer-25m's step spends a
+  third of its time in the kernel.
 - ``keep``: no block gets its own mapping; freed blocks stay in the heap and the next step
-  reuses their pages (the step -22% at 16K). What the heap holds beyond the live blocks
-  (freed pages it keeps, and fragmentation) has no bound: h3-25m's 16K step outgrew a 24 GB
-  machine under it, and the 1M-token CP=4 run no longer fit.
+  reuses their pages (the 16K step 0.81-0.86x of release's). What the heap holds beyond the
+  live blocks (freed pages it keeps, and fragmentation) has no bound: h3-25m's 16K step
+  outgrew a 24 GB machine under it, and the 1M-token CP=4 run no longer fit.
 - ``bounded`` (the default): keep's settings, and ``HeapBound``: every 50 ms, when the
   process's resident memory exceeds the most live heap memory seen so far by more than
   10%, or the machine (or the job's cgroup) has less than 10% of its memory available, the
@@ -72,7 +73,7 @@ def tune_cpu_allocator(keep_large: bool = False) -> bool:
     if mallopt is None:
         return False
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
-    ok = mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
+    ok = mallopt(M_MMAP_THRESHOLD, 32 << 20)  # the top of glibc's adaptive threshold
     # keep_large: none above it either, no block gets its own mmap (65536: glibc's default)
     ok &= mallopt(M_MMAP_MAX, 0 if keep_large else 65536)
     ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30)
@@ -124,10 +125,12 @@ class HeapBound:
     - the heap outgrew the live blocks: resident set - ``base`` > (1 + ``fraction``) x
       peak live + ``slack``, where live is what malloc has handed out and not had back
       (mallinfo2's uordblks + hblkhd, every arena), peak live its maximum over the checks,
-      and ``base`` the resident memory outside malloc's heap (libraries, the interpreter's
-      own arenas) when the bound started. Between steps live memory falls but the resident
-      set need not: the pages kept for the next step are under the peak, so a steady run is
-      not trimmed, and fragmentation past the fraction is.
+      and ``base`` the anonymous resident memory outside malloc's heap (the interpreter's own
+      arenas, libraries' data) when the bound started, raised by what a trim could not
+      return. File-backed pages (a memory-mapped data shard) are not counted. Between steps
+      live memory falls but the resident set need not: the pages kept for the next step are
+      under the peak, so a steady run is not trimmed, and fragmentation past the fraction
+      is.
     - the machine runs short: available memory (MemAvailable, or the cgroup's limit less its
       use, whichever is less: a Slurm job's share) under ``reserve`` of the total. Live
       memory counts blocks whose pages are not yet touched, which glibc's mmap would not
@@ -166,8 +169,12 @@ class HeapBound:
         return cls(libc, **kw)
 
     def resident(self) -> int:
+        """Anonymous resident memory: the resident set less its file-backed and shared pages
+        (statm's third field), which the heap does not hold: a memory-mapped data shard's
+        pages read into the page cache must not count as the heap's growth."""
         with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * self._page
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * self._page
 
     def live(self) -> int:
         m = self._mallinfo2()
@@ -188,17 +195,24 @@ class HeapBound:
                 avail, total = limit - used, limit
         return avail, total
 
+    def _excess(self) -> int:
+        bound = (1 + self.fraction) * self.peak_live + self.slack
+        return int(self.resident() - self.base - bound)
+
     def check(self) -> bool:
         """Trim if over either bound; whether it did."""
-        live = self.live()
-        self.peak_live = max(self.peak_live, live)
-        grown = self.resident() - self.base > (1 + self.fraction) * self.peak_live + self.slack
+        self.peak_live = max(self.peak_live, self.live())
+        grown = self._excess() > 0
         if not grown:
             avail, total = self.available()
             if avail >= self.reserve * total:
                 return False
         self._libc.malloc_trim(0)
         self.trims += 1
+        if grown and (left := self._excess()) > 0:
+            # what a trim cannot return is not the heap's (the interpreter's own arenas, a
+            # library's data): counted as outside it, so it does not trim again every check
+            self.base += left
         return True
 
     def start(self, interval: float = 0.05) -> HeapBound:

@@ -200,6 +200,20 @@ for _ in range(200):
     time.sleep(0.01)
 out["thread_trims"] = bound.trims - out["trims"]
 bound.stop()
+# memory outside the heap: a file's pages read through a mapping are not counted; anonymous
+# pages malloc does not own are trimmed for once, then counted as outside the heap
+import mmap, tempfile
+n = bound.trims
+with tempfile.TemporaryFile() as f:
+    f.truncate(400 * MB)
+    m = mmap.mmap(f.fileno(), 400 * MB)
+    sum(m[i] for i in range(0, 400 * MB, 4096))  # resident, file-backed
+    out["file_pages_trim"] = bound.check()
+    m.close()
+anon = mmap.mmap(-1, 400 * MB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(0, 400 * MB, 4096):
+    anon[i] = 1
+out["anon_first"], out["anon_again"] = bound.check(), bound.check()
 print(json.dumps(out))
 """
 
@@ -215,6 +229,8 @@ def test_heap_bound_keeps_a_steady_heap_and_trims_growth():
     assert got["grown"] and got["trims"] == 1
     assert got["returned_mb"] > 150, got  # the 200 MB hole's pages went back
     assert got["thread_trims"] >= 1, got
+    assert not got["file_pages_trim"], got  # a mapped shard's pages are not the heap's
+    assert got["anon_first"] and not got["anon_again"], got  # trimmed once, then counted out
 
 
 @pytest.mark.skipif(not _glibc(), reason="glibc's allocator")
