@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in settings if s not in long_sequence._heap_settings()]
     if bad:
         ap.error(f"--settings: {bad} not in {list(long_sequence._heap_settings())}")
+    from plait.models.common.family import presets
+
+    unknown = [m for m in args.models.split(",") if m not in presets()]
+    if unknown:
+        ap.error(f"--models: {unknown} are not presets (plait.models.presets)")
     if not args.write:
         for rnd in range(args.rounds):
             for model in args.models.split(","):

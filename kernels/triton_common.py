@@ -81,6 +81,19 @@ def spill_key(kernel: str, arch: int, itemsize: int, named_args: dict, constexpr
             f"|{num_warps}/{num_stages}")
 
 
+def spill_named(name: str, decorator):
+    """``decorator`` (a triton.autotune) whose Autotuner is tagged with the name its
+    spill-table entries have: the pruner looks its configurations up under it, and
+    kernels/launches.py reads it to write the table."""
+
+    def tag(fn):
+        tuner = decorator(fn)
+        tuner.spill_name = name
+        return tuner
+
+    return tag
+
+
 def spilling(kernel: str, itemsize: int, named_args: dict, constexprs: dict, config) -> int:
     """Spill bytes per thread the table has for this launch under ``config`` on the current
     target (0: none known)."""

@@ -49,6 +49,7 @@ from plait.kernels.triton_common import (
     prepare_doc_ids,
     sm_count,
     smem_limit,
+    spill_named,
     spilling,
 )
 
@@ -94,18 +95,11 @@ def _pruner(kernel: str):
 
 
 def _autotune(kernel: str):
-    tuner = triton.autotune(
+    return spill_named(f"lightning.{kernel}", triton.autotune(
         configs=autotune_configs(),
         key=["D", "E", "BT", "BK", "BV", "HAS_DOCS", "HAS_G"],
         prune_configs_by={"early_config_prune": _pruner(kernel)},
-    )
-
-    def tag(fn):
-        t = tuner(fn)
-        t.spill_name = f"lightning.{kernel}"  # its spill-table entries (kernels/launches.py)
-        return t
-
-    return tag
+    ))
 
 
 # ---------------------------------------------------------------- device helpers
@@ -452,13 +446,14 @@ def chunk_carries(T: int, BT: int, slopes32, docs, gc, has_docs: bool, B: int) -
     return c.reshape(B * H, NT).contiguous()
 
 
-def _state_sweep(x, y, slopes32, docs, gc, start, end, has_docs, meta, carries, reverse):
+def _state_sweep(x, y, slopes32, docs, gc, start, end, has_docs, meta, reverse):
     """The chunk-parallel form of ``_state_fwd`` (reverse=False: x = K, y = V) or of
     ``_dstate_bwd`` (reverse=True: x = Q, y = dO): [B*H, NT, D, E] float32 states (the
     state entering each chunk, or the gradient leaving it), ``end`` written."""
     B, H, T, D = x.shape
     E = y.shape[-1]
     NT = triton.cdiv(T, meta["BT"])
+    carries = chunk_carries(T, meta["BT"], slopes32, docs, gc, has_docs, B)
     buf = torch.empty(B * H, NT, D, E, device=x.device, dtype=torch.float32)
     has_g = gc.numel() > 1
     _chunk_local[(triton.cdiv(D, meta["BK"]), triton.cdiv(E, meta["BV"]), B * H * NT)](
@@ -543,8 +538,7 @@ def _launch_forward(q, k, v, slopes32, docs, init, has_docs, meta, need_out=True
     if gc is None:
         gc = q.new_zeros(1, dtype=torch.float32)
     if state_form(B, H, D, E, NT, meta) == "parallel":
-        carries = chunk_carries(T, meta["BT"], slopes32, docs, gc, has_docs, B)
-        states = _state_sweep(k, v, slopes32, docs, gc, init, final, has_docs, meta, carries,
+        states = _state_sweep(k, v, slopes32, docs, gc, init, final, has_docs, meta,
                               reverse=False)
     else:
         _state_fwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
@@ -618,10 +612,9 @@ class _LightningTriton(torch.autograd.Function):
                 else q.new_zeros(1, dtype=torch.float32)
             )
             if state_form(B, H, D, E, NT, meta) == "parallel":
-                carries = chunk_carries(T, meta["BT"], slopes32, docs, gc, has_docs, B)
                 end = dinit if need_init else torch.empty(B, H, D, E, device=q.device)
                 dstates = _state_sweep(q, do, slopes32, docs, gc, dfinal, end, has_docs, meta,
-                                       carries, reverse=True)
+                                       reverse=True)
             else:
                 dstates = torch.empty(B * H, NT, D, E, device=q.device, dtype=torch.float32)
                 _dstate_bwd[(triton.cdiv(D, BK), triton.cdiv(E, BV), B * H)](
@@ -710,10 +703,8 @@ class _ChunkStateTriton(torch.autograd.Function):
         NT = triton.cdiv(T, meta["BT"])
         with on_device(k):
             if state_form(B, H, D, E, NT, meta) == "parallel":  # batch 1: fill the GPU
-                carries = chunk_carries(T, meta["BT"], slopes32, docs, gc, doc_ids is not None,
-                                        B)
                 _state_sweep(k, v, slopes32, docs, gc, dummy, final, doc_ids is not None, meta,
-                             carries, reverse=False)
+                             reverse=False)
             else:
                 _state_fwd[(triton.cdiv(D, meta["BK"]), triton.cdiv(E, meta["BV"]), B * H)](
                     k, v, dummy, slopes32, docs, gc, dummy, final, T, H, D, E, NT,

@@ -40,6 +40,7 @@ from plait.kernels.triton_common import (
     on_device,
     prepare_doc_ids,
     smem_limit,
+    spill_named,
     spilling,
 )
 
@@ -99,20 +100,8 @@ def _pruner(kernel: str):
     return prune
 
 
-def _named(name: str, decorator):
-    """``decorator`` (a triton.autotune) whose Autotuner is tagged with the name its
-    spill-table entries have (kernels/launches.py reads it to write the table)."""
-
-    def tag(fn):
-        tuner = decorator(fn)
-        tuner.spill_name = name
-        return tuner
-
-    return tag
-
-
 def _autotune(kernel: str):
-    return _named(f"swa.{kernel}", triton.autotune(
+    return spill_named(f"swa.{kernel}", triton.autotune(
         configs=autotune_configs(),
         key=["D", "E", "BM", "BN", "HAS_DOCS"],
         prune_configs_by={"early_config_prune": _pruner(kernel)},
